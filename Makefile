@@ -1,0 +1,43 @@
+# Every target sets up its own venv (idempotent: reinstalls only when pyproject.toml changes).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo test test-heavy bench lint summary clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@echo "[setup] installing distilpose into $(VENV) (pinned; torch==2.13.0 CPU build)"
+	@$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(BIN)/python -c "import torch, ray, zarr, webdataset, pycocotools, boto3, s3fs" \
+		|| (echo "[setup] install failed" && exit 1)
+	@$(BIN)/pip check
+	@touch $(STAMP)
+
+demo: venv
+	$(BIN)/python jobs/demo.py $(DEMO_ARGS)
+
+summary: venv
+	$(BIN)/python -m distilpose.models.summary
+
+test: venv
+	$(BIN)/python -m pytest -m "not heavy" $(PYTEST_ARGS)
+
+test-heavy: venv
+	$(BIN)/python -m pytest -m heavy $(PYTEST_ARGS)
+
+bench: venv
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""COCO data: instances and images (coco), crop views (transforms, views), synthetic data set (synthetic)."""

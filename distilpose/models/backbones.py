@@ -1,0 +1,26 @@
+"""Backbone factory: ModelConfig -> HRNet or StemNet, with the official from-scratch init."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import ModelConfig
+from .hrnet import HRNet, init_cnn_weights
+from .stemnet import StemNet
+
+
+def build_backbone(config: ModelConfig) -> nn.Module:
+    if config.backbone == "hrnet":
+        backbone = HRNet(
+            width=config.hrnet_width,
+            stage_modules=config.hrnet_modules,
+            num_blocks=config.hrnet_blocks,
+            stem_channels=config.stem_channels,
+            stage1_planes=config.stage1_planes,
+            stage1_blocks=config.stage1_blocks,
+        )
+    else:
+        backbone = StemNet(config.stem_channels, config.stage1_planes, config.stage1_blocks)
+    init_cnn_weights(backbone)
+    assert backbone.out_channels == config.feature_channels
+    return backbone

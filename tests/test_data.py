@@ -1,0 +1,487 @@
+"""COCO loading, image decoding and crop views (distilpose.data.coco / .transforms)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distilpose.data.coco import (
+    DataError,
+    ImageError,
+    Instance,
+    box_to_center_scale,
+    clip_box,
+    data_fingerprint,
+    load_instances,
+    read_image,
+)
+from distilpose.data.transforms import (
+    FLIP_PAIRS,
+    AugmentConfig,
+    ViewParams,
+    affine_matrix,
+    apply_view,
+    draw_view,
+    identity_view,
+    normalize,
+    normalize_batch,
+)
+
+INPUT = (256, 192)  # (H, W)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def keypoints(pairs: dict[int, tuple[float, float, int]]) -> list[float]:
+    flat = [0.0] * 51
+    for k, (x, y, v) in pairs.items():
+        flat[3 * k : 3 * k + 3] = [x, y, v]
+    return flat
+
+
+FULL_BODY = {k: (40.0 + 2 * k, 20.0 + 4 * k, 2) for k in range(17)}
+
+
+def person(ann_id: int, bbox, kps=None, **extra) -> dict:
+    kp = keypoints(FULL_BODY if kps is None else kps)
+    ann = {
+        "id": ann_id,
+        "image_id": 1,
+        "category_id": 1,
+        "iscrowd": 0,
+        "bbox": bbox,
+        "area": 100.0,
+        "keypoints": kp,
+        "num_keypoints": sum(1 for v in kp[2::3] if v > 0),
+    }
+    ann.update(extra)
+    return ann
+
+
+def write_coco(path: Path, annotations: list[dict], width: int = 120, height: int = 100) -> str:
+    data = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": width, "height": height}],
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "person", "keypoints": [str(k) for k in range(17)]}],
+    }
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def make_instance(joints: np.ndarray, center=(60.0, 50.0), scale=(60.0, 80.0)) -> Instance:
+    return Instance(
+        instance_id=1,
+        image_id=1,
+        image_file="a.jpg",
+        center=np.asarray(center, np.float32),
+        scale=np.asarray(scale, np.float32),
+        joints=joints.astype(np.float32),
+        box_score=1.0,
+        area=100.0,
+    )
+
+
+def full_joints(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    j = np.ones((17, 3), np.float32)
+    j[:, 0] = rng.uniform(30, 90, 17)
+    j[:, 1] = rng.uniform(10, 90, 17)
+    return j
+
+
+def noise_image(h: int = 100, w: int = 120, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------- coco instances
+
+
+def test_train_instances_skip_reasons_are_counted(tmp_path):
+    ann_file = write_coco(
+        tmp_path / "ann.json",
+        [
+            person(10, [20, 10, 40, 80]),
+            person(11, [0, 0, 50, 50], iscrowd=1),
+            person(12, [10, 10, 30, 30], kps={}),
+            person(13, [10, 10, 0, 30]),
+            person(14, [500, 10, 30, 30]),
+            person(15, [10, 10, 30, 30], category_id=2),
+            person(16, [-30, -20, 60, 70], kps={0: (5, 5, 1), 1: (8, 6, 2)}),
+        ],
+    )
+    instances, report = load_instances(ann_file)
+    assert [i.instance_id for i in instances] == [10, 16]
+    assert report.counts == {
+        "crowd": 1,
+        "no_labelled_joints": 1,
+        "zero_area_box": 1,
+        "box_outside_image": 1,
+        "not_person": 1,
+    }
+    assert report.examples["crowd"] == [11] and report.kept == 2 and report.total == 5
+    assert "skipped 5" in report.summary()
+    first = instances[0]
+    assert first.image_file == "a.jpg" and first.image_size == (100, 120) and first.box_score == 1.0
+    np.testing.assert_array_equal(first.joints[:, 2], np.ones(17))
+    assert first.joints.shape == (17, 3) and first.joints.dtype == np.float32
+    # v=1 and v=2 both become visible 1; a box sticking out is clipped as mmpose does.
+    np.testing.assert_array_equal(instances[1].joints[:2, 2], [1, 1])
+    np.testing.assert_allclose(instances[1].bbox, [0, 0, 59, 69])
+
+
+def test_center_scale_fits_input_aspect_with_padding():
+    center, scale = box_to_center_scale([10, 20, 30, 80], (256, 192))  # tall box: width grows
+    np.testing.assert_allclose(center, [25, 60])
+    np.testing.assert_allclose(scale, [80 * 0.75 * 1.25, 80 * 1.25])
+    _, scale = box_to_center_scale([0, 0, 90, 40], (256, 192))  # wide box: height grows
+    np.testing.assert_allclose(scale, [90 * 1.25, 120 * 1.25])
+    _, scale = box_to_center_scale([0, 0, 90, 40], (128, 128))  # aspect comes from input_size
+    np.testing.assert_allclose(scale, [90 * 1.25, 90 * 1.25])
+    assert center.dtype == np.float32 and scale.dtype == np.float32
+
+
+def test_clip_box_follows_mmpose():
+    assert clip_box([10, 5, 50, 20], 100, 100) == (10, 5, 49, 19)
+    assert clip_box([-10, 5, 50, 20], 100, 100) == (0, 5, 49, 19)  # moved inside, not cut
+    assert clip_box([90, 90, 30, 30], 100, 100) == (90, 90, 9, 9)
+    assert clip_box([99, 10, 5, 5], 100, 100) is None
+
+
+def test_detector_boxes_with_score_threshold(tmp_path):
+    ann_file = write_coco(tmp_path / "ann.json", [person(10, [20, 10, 40, 80])])
+    dets = [
+        {"image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 60], "score": 0.9},
+        {"image_id": 1, "category_id": 1, "bbox": [50, 20, 20, 40], "score": 0.2},
+        {"image_id": 1, "category_id": 1, "bbox": [60, 20, 30, 40], "score": 0.5},
+        {"image_id": 1, "category_id": 2, "bbox": [10, 10, 30, 60], "score": 0.9},
+        {"image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 0], "score": 0.9},
+        {"image_id": 1, "category_id": 1, "bbox": [-80, 10, 30, 30], "score": 0.9},
+    ]
+    det_file = tmp_path / "dets.json"
+    det_file.write_text(json.dumps(dets))
+    instances, report = load_instances(ann_file, "val", str(det_file), score_thr=0.3)
+    assert [i.box_score for i in instances] == [0.9, 0.5]
+    assert [i.instance_id for i in instances] == [0, 1]
+    assert report.counts == {"below_score_thr": 1, "not_person": 1, "zero_area_box": 1, "box_outside_image": 1}
+    np.testing.assert_allclose(instances[0].center, [25, 40])
+    np.testing.assert_allclose(instances[0].scale, [45 * 1.25, 60 * 1.25])
+    assert instances[0].area == 30 * 60 and not instances[0].joints.any()
+    everything, report = load_instances(ann_file, "val", str(det_file), score_thr=0.0)
+    assert len(everything) == 3 and "below_score_thr" not in report.counts
+    gt, _ = load_instances(ann_file, "val", "gt")
+    assert len(gt) == 1
+    with pytest.raises(ValueError, match="GT boxes"):
+        load_instances(ann_file, "train", str(det_file))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"annotations": []}), "no 'images' list"),
+    ],
+)
+def test_unparsable_or_wrong_annotation_file_raises(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as err:
+        load_instances(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_missing_annotation_file_raises(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_instances(str(tmp_path / "nope.json"))
+
+
+@pytest.mark.parametrize(
+    ("ann", "message"),
+    [
+        (person(7, [10, 10, 30, 30]) | {"keypoints": [1.0] * 48}, "expected 51 keypoint values"),
+        (person(7, [10, 10, -5, 30]), "w, h >= 0"),
+        (person(7, [10, 10, 30]), r"bbox must be \[x, y, w, h\]"),
+        (person(7, [10, 10, 30, 30]) | {"image_id": 99}, "image_id 99"),
+        (person(7, [10, 10, 30, 30], kps={0: (5, 5, 3)}), "visibility flags"),
+    ],
+)
+def test_malformed_annotation_raises_naming_file_and_id(tmp_path, ann, message):
+    ann_file = write_coco(tmp_path / "ann.json", [person(1, [10, 10, 30, 30]), ann])
+    with pytest.raises(DataError, match=message) as err:
+        load_instances(ann_file)
+    assert "annotation id 7" in str(err.value) and ann_file in str(err.value)
+
+
+def test_annotation_without_id_raises(tmp_path):
+    ann = person(1, [10, 10, 30, 30])
+    del ann["id"]
+    with pytest.raises(DataError, match="annotation #0"):
+        load_instances(write_coco(tmp_path / "ann.json", [ann]))
+
+
+def test_unparsable_detection_file_raises(tmp_path):
+    ann_file = write_coco(tmp_path / "ann.json", [person(10, [20, 10, 40, 80])])
+    det_file = tmp_path / "dets.json"
+    det_file.write_text("[{")
+    with pytest.raises(DataError, match="dets.json"):
+        load_instances(ann_file, "val", str(det_file))
+
+
+def test_data_fingerprint(tmp_path):
+    ann_file = write_coco(tmp_path / "ann.json", [person(10, [20, 10, 40, 80])])
+    fp = data_fingerprint(ann_file)
+    assert fp.sha256 == hashlib.sha256(Path(ann_file).read_bytes()).hexdigest()
+    assert (fp.num_images, fp.num_annotations) == (1, 1)
+    assert fp.to_dict()["sha256"] == fp.sha256
+
+
+# ----------------------------------------------------------------------------- read_image
+
+
+def _save(image: Image.Image, path: Path, **kwargs) -> None:
+    image.save(path, **kwargs)
+
+
+def test_read_image_converts_modes_to_rgb(tmp_path):
+    rgb = noise_image(30, 40)
+    _save(Image.fromarray(rgb), tmp_path / "rgb.png")
+    _save(Image.fromarray(rgb[..., 0]), tmp_path / "gray.jpg", quality=95)
+    _save(Image.fromarray(rgb).convert("CMYK"), tmp_path / "cmyk.jpg", quality=95)
+    _save(Image.fromarray(np.dstack([rgb, np.full((30, 40), 128, np.uint8)])), tmp_path / "rgba.png")
+    _save(Image.fromarray(rgb).convert("P"), tmp_path / "palette.png")
+    _save(Image.fromarray(rgb[..., 1].astype(np.uint16) << 8), tmp_path / "gray16.png")
+    for name in ("rgb.png", "gray.jpg", "cmyk.jpg", "rgba.png", "palette.png", "gray16.png"):
+        out = read_image(str(tmp_path), name)
+        assert out.shape == (30, 40, 3) and out.dtype == np.uint8, name
+    np.testing.assert_array_equal(read_image(str(tmp_path), "rgb.png"), rgb)
+    np.testing.assert_array_equal(read_image(str(tmp_path), "rgba.png"), rgb)
+    np.testing.assert_array_equal(read_image(str(tmp_path), "gray16.png")[..., 2], rgb[..., 1])
+    gray = read_image(str(tmp_path), "gray.jpg").astype(int)
+    assert np.abs(gray[..., 0] - gray[..., 2]).max() == 0
+    cmyk = read_image(str(tmp_path), "cmyk.jpg").astype(int)
+    assert np.abs(cmyk - rgb.astype(int)).mean() < 25  # lossy JPEG of noise, same colours
+
+
+def test_read_image_missing_and_corrupt_raise_image_error(tmp_path):
+    with pytest.raises(ImageError, match="missing.jpg") as err:
+        read_image(str(tmp_path), "missing.jpg")
+    assert err.value.image_file == "missing.jpg" and "not found" in err.value.reason
+    (tmp_path / "garbage.jpg").write_bytes(b"definitely not an image")
+    with pytest.raises(ImageError, match="garbage.jpg"):
+        read_image(str(tmp_path), "garbage.jpg")
+    buf = io.BytesIO()
+    Image.fromarray(noise_image()).save(buf, format="JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageError, match="truncated.jpg"):
+        read_image(str(tmp_path), "truncated.jpg")
+
+
+def test_read_image_from_s3(tmp_path, monkeypatch):
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    import s3fs
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for key, value in {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()  # a cached client would keep an old endpoint
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="bkt")
+        rgb = noise_image(20, 30)
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="PNG")
+        client.put_object(Bucket="bkt", Key="coco/images/a.png", Body=buf.getvalue())
+        np.testing.assert_array_equal(read_image("s3://bkt/coco/images/", "a.png"), rgb)
+        with pytest.raises(ImageError, match="b.png"):
+            read_image("s3://bkt/coco/images", "b.png")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def _mmpose_affine(center, box, rot, out_wh) -> np.ndarray:
+    """Three-point construction of mmpose get_affine_transform (for cross-checking)."""
+    src_w, (dst_w, dst_h) = box[0], out_wh
+    r = np.deg2rad(rot)
+
+    def rotate(p):
+        return np.array([p[0] * np.cos(r) - p[1] * np.sin(r), p[0] * np.sin(r) + p[1] * np.cos(r)])
+
+    def third(a, b):
+        d = a - b
+        return b + np.array([-d[1], d[0]])
+
+    src, dst = np.zeros((3, 2)), np.zeros((3, 2))
+    src[0], dst[0] = center, [dst_w * 0.5, dst_h * 0.5]
+    src[1], dst[1] = src[0] + rotate([0.0, -src_w * 0.5]), dst[0] + [0.0, -dst_w * 0.5]
+    src[2], dst[2] = third(src[0], src[1]), third(dst[0], dst[1])
+    return np.linalg.solve(np.hstack([src, np.ones((3, 1))]), dst).T
+
+
+def test_affine_matrix_matches_mmpose_construction():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        view = ViewParams(tuple(rng.uniform(0, 300, 2)), (90.0, 120.0), float(rng.uniform(-90, 90)))
+        expected = _mmpose_affine(np.array(view.center), view.scale, view.rotation, (192, 256))
+        np.testing.assert_allclose(affine_matrix(view, INPUT), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_warp_samples_at_integer_pixel_centres():
+    """A crop of a coordinate ramp returns the image coordinates affine_matrix predicts."""
+    ys, xs = np.mgrid[0:200, 0:250]
+    image = np.dstack([xs, ys, np.zeros_like(xs)]).clip(0, 255).astype(np.uint8)
+    view = ViewParams((120.3, 95.7), (60.0, 80.0), 20.0)
+    crop, _ = apply_view(image, np.zeros((17, 3)), view, (64, 48))
+    inv = np.linalg.inv(np.vstack([affine_matrix(view, (64, 48)), [0, 0, 1]]))[:2]
+    cy, cx = np.mgrid[0:64, 0:48]
+    expect_x = inv[0, 0] * cx + inv[0, 1] * cy + inv[0, 2]
+    expect_y = inv[1, 0] * cx + inv[1, 1] * cy + inv[1, 2]
+    assert np.abs(crop[..., 0] - expect_x).max() <= 1.0
+    assert np.abs(crop[..., 1] - expect_y).max() <= 1.0
+
+
+def test_joints_follow_the_pixels():
+    """A bright dot drawn at a joint ends up where apply_view says the joint is."""
+    image = np.zeros((100, 120, 3), np.uint8)
+    joints = np.zeros((17, 3), np.float32)
+    joints[5] = [70, 40, 1]  # left shoulder
+    image[38:43, 68:73] = 255
+    for flip in (False, True):
+        view = ViewParams((60.0, 50.0), (60.0, 80.0), 30.0, flip)
+        crop, jc = apply_view(image, joints, view, INPUT)
+        k = 6 if flip else 5  # flipped: the left shoulder is now labelled as the right one
+        assert jc[k, 2] == 1 and jc[11 - k, 2] == 0
+        ys, xs = np.nonzero(crop[..., 0] > 128)
+        assert abs(xs.mean() - jc[k, 0]) < 1.0 and abs(ys.mean() - jc[k, 1]) < 1.0
+
+
+def test_flip_twice_is_identity_and_swaps_left_right():
+    image, joints = noise_image(), full_joints()
+    view = ViewParams((60.0, 50.0), (60.0, 80.0), 12.5)
+    flipped = ViewParams(view.center, view.scale, view.rotation, flip=True)
+    crop, jc = apply_view(image, joints, view, INPUT)
+    crop_f, jc_f = apply_view(image, joints, flipped, INPUT)
+    np.testing.assert_array_equal(crop_f[:, ::-1], crop)
+    back = jc_f.copy()
+    back[:, 0] = INPUT[1] - 1 - back[:, 0]
+    for a, b in FLIP_PAIRS:
+        back[[a, b]] = back[[b, a]]
+    np.testing.assert_allclose(back, jc, atol=1e-4)
+    for left, right in FLIP_PAIRS:  # left joint k appears, mirrored, at its right partner's index
+        assert jc_f[right, 0] == pytest.approx(INPUT[1] - 1 - jc[left, 0], abs=1e-4)
+    np.testing.assert_allclose(jc_f[0, 0], INPUT[1] - 1 - jc[0, 0], atol=1e-4)  # nose stays
+    m, m_f = affine_matrix(view, INPUT), affine_matrix(flipped, INPUT)
+    np.testing.assert_allclose(m_f[0], [-m[0, 0], -m[0, 1], INPUT[1] - 1 - m[0, 2]], rtol=1e-6, atol=1e-4)
+
+
+def test_joint_weights_zero_for_unlabelled_and_outside():
+    joints = full_joints()
+    joints[3, 2] = 0
+    joints[4, :2] = [-500, 50]
+    _, jc = apply_view(noise_image(), joints, ViewParams((60.0, 50.0), (60.0, 80.0)), INPUT)
+    assert jc[3, 2] == 0 and jc[4, 2] == 0 and jc[[0, 1, 2, 5], 2].all()
+    assert jc[3, 0] == 0 and jc[3, 1] == 0
+    inside = (jc[:, 0] >= 0) & (jc[:, 0] <= 191) & (jc[:, 1] >= 0) & (jc[:, 1] <= 255)
+    np.testing.assert_array_equal(jc[:, 2] > 0, inside & (joints[:, 2] > 0))
+
+
+def test_view_roundtrip_through_float32_array_is_exact():
+    inst = make_instance(full_joints(), center=(60.123456789, 50.987654321), scale=(61.1, 81.3))
+    image = noise_image()
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        view = draw_view(inst, rng, AugmentConfig())
+        arr = view.to_array()
+        assert arr.dtype == np.float32 and arr.shape == (7,)
+        again = ViewParams.from_array(arr)
+        assert again == view and ViewParams.from_dict(view.to_dict()) == view
+        a_crop, a_j = apply_view(image, inst.joints, view, INPUT)
+        b_crop, b_j = apply_view(image, inst.joints, again, INPUT)
+        np.testing.assert_array_equal(a_crop, b_crop)
+        np.testing.assert_array_equal(a_j, b_j)
+        np.testing.assert_array_equal(affine_matrix(view, INPUT), affine_matrix(again, INPUT))
+    # Values that float32 cannot hold are rounded at construction: stored == applied.
+    view = ViewParams((0.1, 0.2), (1e-1 + 50, 70.0), 0.3)
+    assert view.center[0] == float(np.float32(0.1))
+
+
+def test_draw_then_apply_is_deterministic():
+    inst = make_instance(full_joints())
+    image = noise_image()
+    views = [draw_view(inst, np.random.default_rng([7, 1, v]), AugmentConfig()) for v in range(4)]
+    again = [draw_view(inst, np.random.default_rng([7, 1, v]), AugmentConfig()) for v in range(4)]
+    assert views == again
+    for view in views:
+        a = normalize(apply_view(image, inst.joints, view, INPUT)[0])
+        b = normalize(apply_view(image, inst.joints, view, INPUT)[0])
+        assert torch.equal(a, b)
+
+
+def test_draw_view_distribution_matches_config():
+    inst = make_instance(full_joints())
+    rng = np.random.default_rng(0)
+    views = [draw_view(inst, rng, AugmentConfig(half_body_prob=0.0)) for _ in range(2000)]
+    ratio = np.array([v.scale[0] / inst.scale[0] for v in views])
+    rot = np.array([v.rotation for v in views])
+    assert ratio.min() >= 0.65 - 1e-6 and ratio.max() <= 1.35 + 1e-6
+    assert np.abs(rot).max() <= 90 and 0.55 < (rot != 0).mean() < 0.65
+    assert 0.45 < np.mean([v.flip for v in views]) < 0.55
+    assert all(v.half_body == 0 and v.center == views[0].center for v in views)
+    assert identity_view(inst) == ViewParams(tuple(inst.center), tuple(inst.scale))
+
+
+def test_half_body_view():
+    joints = full_joints()
+    inst = make_instance(joints)
+    aug = AugmentConfig(flip_prob=0.0, half_body_prob=1.0, scale_factor=0.0, rot_prob=0.0)
+    parts = set()
+    for seed in range(20):
+        view = draw_view(inst, np.random.default_rng(seed), aug)
+        parts.add(view.half_body)
+        selected = joints[:11] if view.half_body == 1 else joints[11:]
+        np.testing.assert_allclose(view.center, selected[:, :2].mean(axis=0), rtol=1e-5)
+        w, h = np.ptp(selected[:, :2], axis=0)
+        assert view.scale[0] / view.scale[1] == pytest.approx(0.75, rel=1e-5)
+        assert view.scale[0] >= 1.5 * w - 1e-3 and view.scale[1] >= 1.5 * h - 1e-3
+    assert parts == {1, 2}
+    few = joints.copy()
+    few[8:, 2] = 0  # 8 labelled joints: half-body needs more than 8
+    views = [draw_view(make_instance(few), np.random.default_rng(s), aug) for s in range(10)]
+    assert all(v.half_body == 0 for v in views)
+
+
+def test_normalize():
+    crop = np.zeros((4, 3, 3), np.uint8)
+    crop[..., 0] = 255
+    x = normalize(crop)
+    assert x.shape == (3, 4, 3) and x.dtype == torch.float32
+    assert x[0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-6)
+    assert x[1, 0, 0].item() == pytest.approx(-0.456 / 0.224, rel=1e-6)
+    batch = normalize_batch(np.stack([crop, crop[::-1]]))
+    assert batch.shape == (2, 3, 4, 3) and torch.equal(batch[0], x)
+
+
+def test_apply_view_accepts_no_joints():
+    crop, jc = apply_view(
+        noise_image(), np.zeros((0, 3), np.float32), ViewParams((60.0, 50.0), (60.0, 80.0), 0, True), INPUT
+    )
+    assert crop.shape == (256, 192, 3) and jc.shape == (0, 3)
