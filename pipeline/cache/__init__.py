@@ -1,0 +1,79 @@
+"""Teacher-output cache: one writer/reader interface over Zarr v3 and WebDataset stores.
+
+writer = open_writer("s3://bucket/cache", spec, fmt="zarr")
+for i, rows in enumerate(batches):              # rows: dict of fp32 numpy arrays
+    if i not in writer.committed():
+        writer.write_shard(i, rows)
+writer.finalize(Manifest(teacher=..., data=..., views=4, seed=0), expected_shards=n)
+
+reader = open_reader("s3://bucket/cache")      # format comes from manifest.json
+check_compatible(reader.manifest, {"teacher": {"checkpoint_sha256": sha}})
+batch = reader.read_shard(0, fields=["gauss", "confidence"])
+"""
+
+from __future__ import annotations
+
+from pipeline.cache.base import MANIFEST_NAME, CacheReader, CacheWriter, read_commits, read_manifest
+from pipeline.cache.schema import (
+    FORMATS,
+    SCHEMA_VERSION,
+    CacheMismatchError,
+    CacheSpec,
+    DataInfo,
+    Manifest,
+    ShardInfo,
+    TeacherInfo,
+    check_compatible,
+    decode_fields,
+    encode_views,
+)
+from pipeline.cache.wds_store import WdsCacheReader, WdsCacheWriter
+from pipeline.cache.zarr_store import ZarrCacheReader, ZarrCacheWriter
+
+WRITERS: dict[str, type[CacheWriter]] = {"zarr": ZarrCacheWriter, "wds": WdsCacheWriter}
+READERS: dict[str, type[CacheReader]] = {"zarr": ZarrCacheReader, "wds": WdsCacheReader}
+
+
+def open_writer(uri: str, spec: CacheSpec, fmt: str = "zarr") -> CacheWriter:
+    """Writer for a new or partly written cache at ``uri`` ("zarr" or "wds")."""
+    if fmt not in WRITERS:
+        raise ValueError(f"unknown cache format {fmt!r}; choose one of {list(FORMATS)}")
+    return WRITERS[fmt](uri, spec)
+
+
+def open_reader(uri: str) -> CacheReader:
+    """Reader for a finalized cache; the format is taken from its manifest."""
+    manifest = read_manifest(uri)
+    if manifest is None:
+        committed = len(read_commits(uri))
+        raise FileNotFoundError(
+            f"no {MANIFEST_NAME} at {uri}: the cache is not finalized ({committed} shard(s) committed). "
+            "Finish (or re-run) the teacher caching job, or check the URI."
+        )
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise CacheMismatchError(
+            f"{uri} was written with cache schema version {manifest.schema_version}; this code reads "
+            f"version {SCHEMA_VERSION}. Rebuild the cache or use a matching distilpose version."
+        )
+    if manifest.format not in READERS:
+        raise ValueError(f"{uri}: manifest names unknown format {manifest.format!r}")
+    return READERS[manifest.format](uri, manifest)
+
+
+__all__ = [
+    "FORMATS",
+    "SCHEMA_VERSION",
+    "CacheMismatchError",
+    "CacheReader",
+    "CacheSpec",
+    "CacheWriter",
+    "DataInfo",
+    "Manifest",
+    "ShardInfo",
+    "TeacherInfo",
+    "check_compatible",
+    "decode_fields",
+    "encode_views",
+    "open_reader",
+    "open_writer",
+]

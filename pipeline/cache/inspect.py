@@ -1,0 +1,101 @@
+"""Print what a cache holds: ``python -m pipeline.cache.inspect URI``.
+
+Counts, stored bytes per field per view, encodings, teacher, data fingerprint, shards.
+Works on finalized caches and, from the commit records, on partly written ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.cache.base import read_commits, read_manifest
+from pipeline.cache.schema import HEATMAP_ENCODINGS, TOKEN_ENCODINGS, Manifest, ShardInfo
+
+SHARDS_SHOWN = 5  # first and last shards listed; the rest are summarized
+
+
+def _bytes_per_view(shards: list[ShardInfo]) -> dict[str, float]:
+    rows = sum(s.rows for s in shards) or 1
+    totals: dict[str, int] = {}
+    for shard in shards:
+        for name, size in shard.bytes_per_field.items():
+            totals[name] = totals.get(name, 0) + size
+    return {name: size / rows for name, size in totals.items()}
+
+
+def _field_table(shards: list[ShardInfo]) -> list[str]:
+    per_view = _bytes_per_view(shards)
+    total = sum(per_view.values())
+    lines = ["stored bytes per view:"]
+    for name, size in sorted(per_view.items(), key=lambda item: -item[1]):
+        lines.append(f"  {name:<14} {size:>12,.1f} B  {100 * size / max(total, 1):5.1f}%")
+    lines.append(f"  {'total':<14} {total:>12,.1f} B  ({sum(s.total_bytes for s in shards) / 2**20:,.1f} MiB)")
+    return lines
+
+
+def _shard_lines(shards: list[ShardInfo]) -> list[str]:
+    rows = [s.rows for s in shards]
+    lines = [f"shards: {len(shards)}, rows per shard min {min(rows)} / max {max(rows)}"]
+    shown = shards if len(shards) <= 2 * SHARDS_SHOWN else shards[:SHARDS_SHOWN] + shards[-SHARDS_SHOWN:]
+    for i, shard in enumerate(shown):
+        if len(shown) < len(shards) and i == SHARDS_SHOWN:
+            lines.append(f"  ... {len(shards) - len(shown)} more")
+        lines.append(
+            f"  {shard.name:<20} {shard.rows:>6} rows {shard.total_bytes / 2**20:>9.2f} MiB  sha256 {shard.sha256[:16]}"
+        )
+    return lines
+
+
+def _manifest_lines(manifest: Manifest) -> list[str]:
+    spec = manifest.spec
+    lines = [
+        f"schema version {manifest.schema_version}, created {manifest.created_at}, complete={manifest.complete}",
+        f"rows (views): {manifest.num_rows:,}  views per instance: {manifest.views}  seed: {manifest.seed}",
+        f"teacher: {manifest.teacher.preset}  checkpoint sha256 {manifest.teacher.checkpoint_sha256}",
+        f"data: split {manifest.data.split}, {manifest.data.num_images:,} images, "
+        f"annotation sha256 {manifest.data.ann_file_sha256}",
+    ]
+    if spec is not None:
+        lines += [
+            f"spec: K={spec.num_joints} heatmaps {spec.heatmap_size[0]}x{spec.heatmap_size[1]} "
+            f"D={spec.dim} P={spec.num_patches} crops={'yes' if spec.store_crops else 'no'}",
+            f"encodings: heatmaps {spec.heatmap_encoding} ({HEATMAP_ENCODINGS[spec.heatmap_encoding].error_bound})",
+            f"           tokens {spec.token_encoding} ({TOKEN_ENCODINGS[spec.token_encoding].error_bound})",
+        ]
+    return lines
+
+
+def describe_cache(uri: str) -> str:
+    """Human-readable summary of the cache at ``uri``."""
+    manifest = read_manifest(uri)
+    if manifest is not None:
+        lines = [f"cache {uri} [{manifest.format}]", *_manifest_lines(manifest)]
+        shards = list(manifest.shards)
+    else:
+        records = read_commits(uri)
+        if not records:
+            return f"{uri}: no manifest.json and no commit records (not a cache, or nothing written yet)"
+        shards = [ShardInfo.from_dict(records[i]["shard"]) for i in sorted(records)]
+        fmt = records[min(records)].get("format", "?")
+        lines = [
+            f"cache {uri} [{fmt}] NOT FINALIZED: {len(shards)} committed shard(s), "
+            f"{sum(s.rows for s in shards):,} rows so far"
+        ]
+    return "\n".join([*lines, *_field_table(shards), *_shard_lines(shards)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.cache.inspect", description=__doc__.split("\n")[0])
+    parser.add_argument("uri", help="cache root: local path or s3://bucket/prefix")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    print(describe_cache(args.uri))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

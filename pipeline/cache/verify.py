@@ -1,0 +1,172 @@
+"""Integrity check of a cache: recompute every shard's sha256 and compare it with the
+commit records and the manifest. Run it after copying a cache, or when a reader fails.
+
+Zarr reads a lost chunk object as fill values and a tar has no per-member checksum, so a
+silent bit flip or a partial copy is only found by hashing the stored bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pipeline import storage
+from pipeline.cache import wds_store, zarr_store
+from pipeline.cache.base import SHARDS_DIR, TMP_PREFIX, parse_shard_stem, read_commits, read_manifest
+from pipeline.cache.schema import ShardInfo
+
+OK, MISSING, TRUNCATED, CORRUPT = "ok", "missing", "truncated", "corrupt"
+DIGESTS: dict[str, Callable[[str], tuple[str, int] | None]] = {
+    zarr_store.FORMAT: zarr_store.stored_digest,
+    wds_store.FORMAT: wds_store.stored_digest,
+}
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    index: int
+    name: str
+    status: str  # ok | missing | truncated | corrupt
+    rows: int
+    expected_bytes: int
+    actual_bytes: int
+    expected_sha256: str
+    actual_sha256: str
+
+    def describe(self) -> str:
+        if self.status == OK:
+            return f"{self.name}: ok ({self.rows} rows)"
+        if self.status == MISSING:
+            return f"{self.name}: MISSING ({self.rows} rows lost)"
+        return (
+            f"{self.name}: {self.status.upper()} ({self.actual_bytes:,} of {self.expected_bytes:,} bytes, "
+            f"sha256 {self.actual_sha256[:12]} != {self.expected_sha256[:12]})"
+        )
+
+
+@dataclass
+class VerifyReport:
+    uri: str
+    format: str
+    finalized: bool
+    expected_rows: int
+    checks: list[ShardCheck] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # cache-level inconsistencies
+    leftovers: list[str] = field(default_factory=list)  # uncommitted shards, temp files
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(c.status == OK for c in self.checks)
+
+    @property
+    def rows_ok(self) -> int:
+        return sum(c.rows for c in self.checks if c.status == OK)
+
+    def by_status(self, status: str) -> list[ShardCheck]:
+        return [c for c in self.checks if c.status == status]
+
+    def summary(self) -> str:
+        counts = Counter(c.status for c in self.checks)
+        state = "finalized" if self.finalized else "NOT finalized (no manifest.json)"
+        lines = [
+            f"cache {self.uri} [{self.format or '?'}], {state}",
+            f"shards: {len(self.checks)} checked: "
+            + ", ".join(f"{counts.get(s, 0)} {s}" for s in (OK, CORRUPT, TRUNCATED, MISSING)),
+            f"rows: {self.rows_ok:,} verified of {self.expected_rows:,} expected",
+        ]
+        lines += [f"  {c.describe()}" for c in self.checks if c.status != OK]
+        lines += [f"  problem: {p}" for p in self.problems]
+        lines += [f"  leftover (not part of the cache): {name}" for name in self.leftovers]
+        lines.append("RESULT: OK" if self.ok else "RESULT: FAILED")
+        return "\n".join(lines)
+
+
+def _expected_shards(uri: str, report: VerifyReport) -> list[ShardInfo]:
+    """Shards the cache claims to hold, cross-checking manifest and commit records."""
+    manifest = read_manifest(uri)
+    records = read_commits(uri)
+    commits = {i: ShardInfo.from_dict(r["shard"]) for i, r in records.items()}
+    if manifest is None:
+        formats = {r.get("format") for r in records.values()}
+        report.format = formats.pop() if len(formats) == 1 else ""
+        if not commits:
+            report.problems.append("no manifest.json and no commit records: not a cache (or empty)")
+        elif not report.format:
+            report.problems.append(f"commit records disagree on the store format: {sorted(map(str, formats))}")
+        shards = [commits[i] for i in sorted(commits)]
+    else:
+        report.finalized = True
+        report.format = manifest.format
+        shards = list(manifest.shards)
+        if manifest.num_rows != sum(s.rows for s in shards):
+            report.problems.append(
+                f"manifest num_rows {manifest.num_rows} != sum of shard rows {sum(s.rows for s in shards)}"
+            )
+        for shard in shards:
+            commit = commits.get(shard.index)
+            if commit is None:
+                report.problems.append(f"{shard.name}: listed in the manifest but has no commit record")
+            elif commit != shard:
+                report.problems.append(f"{shard.name}: commit record differs from the manifest entry")
+        listed = {s.index for s in shards}
+        for index in sorted(set(commits) - listed):
+            report.problems.append(
+                f"{commits[index].name}: committed but not in the manifest (written after finalize?)"
+            )
+    report.expected_rows = sum(s.rows for s in shards)
+    return shards
+
+
+def check_shard(shard_uri: str, shard: ShardInfo, fmt: str) -> ShardCheck:
+    digest = DIGESTS[fmt](shard_uri)
+    expected = dict(
+        index=shard.index,
+        name=shard.name,
+        rows=shard.rows,
+        expected_bytes=shard.total_bytes,
+        expected_sha256=shard.sha256,
+    )
+    if digest is None:
+        return ShardCheck(status=MISSING, actual_bytes=0, actual_sha256="", **expected)
+    sha256, size = digest
+    if sha256 == shard.sha256:
+        status = OK
+    elif size < shard.total_bytes:
+        status = TRUNCATED
+    else:
+        status = CORRUPT
+    return ShardCheck(status=status, actual_bytes=size, actual_sha256=sha256, **expected)
+
+
+def verify_cache(uri: str) -> VerifyReport:
+    """Hash every shard the cache claims to hold and report what is wrong."""
+    uri = uri.rstrip("/")
+    report = VerifyReport(uri=uri, format="", finalized=False, expected_rows=0)
+    shards = _expected_shards(uri, report)
+    if report.format not in DIGESTS:
+        if report.format:
+            report.problems.append(f"unknown store format {report.format!r}")
+        return report
+    for shard in shards:
+        report.checks.append(check_shard(storage.join(uri, SHARDS_DIR, shard.name), shard, report.format))
+    known = {s.name for s in shards}
+    for name in storage.listdir(storage.join(uri, SHARDS_DIR)):
+        if name.startswith(TMP_PREFIX) or (parse_shard_stem(name) is not None and name not in known):
+            report.leftovers.append(name)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Verify the checksums of a teacher-output cache.")
+    parser.add_argument("uri", help="cache root: local path or s3://bucket/prefix")
+    args = parser.parse_args(argv)
+    report = verify_cache(args.uri)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Shared pytest fixtures.
+
+S3: a real HTTP endpoint (moto's server) on 127.0.0.1, started once per session in its own
+process, so that multi-process writers can reach it and it does not compete with the
+tests for the GIL.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.queues
+import multiprocessing.synchronize
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+# Ray reads these at import/init time; set them before any test module imports ray.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+MOTO_START_TIMEOUT_S = 60
+
+
+def _serve_moto(port_queue: multiprocessing.queues.Queue, stop: multiprocessing.synchronize.Event) -> None:
+    """Child process: run moto's S3 server on a free port until ``stop`` is set."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        port_queue.put(server.get_host_and_port()[1])
+        stop.wait()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Endpoint URL of a moto S3 server; AWS_* variables point at it for the session."""
+    # spawn: forking a pytest process that may already run s3fs/zarr event-loop threads
+    # can deadlock the child.
+    context = multiprocessing.get_context("spawn")
+    port_queue = context.Queue()
+    stop = context.Event()
+    process = context.Process(target=_serve_moto, args=(port_queue, stop), name="moto-s3", daemon=True)
+    process.start()
+    saved = {key: os.environ.get(key) for key in (*S3_TEST_ENV, "AWS_ENDPOINT_URL")}
+    try:
+        port = port_queue.get(timeout=MOTO_START_TIMEOUT_S)
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ.update(S3_TEST_ENV)
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+        yield endpoint
+    finally:
+        stop.set()
+        process.join(timeout=10)
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=5)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_TEST_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
+        region_name=S3_TEST_ENV["AWS_DEFAULT_REGION"],
+    )
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> Iterator[str]:
+    """A fresh, empty bucket as ``s3://<bucket>``; emptied and deleted afterwards."""
+    client = _s3_client(s3_server)
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield f"s3://{bucket}"
+    finally:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+        client.delete_bucket(Bucket=bucket)
