@@ -198,6 +198,10 @@ def read_many_bytes(uris: list[str]) -> dict[str, bytes]:
     return {by_path[path]: data for path, data in blobs.items()}
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` so that readers see either the old object or the whole new one.
 
@@ -218,6 +222,7 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

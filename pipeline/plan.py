@@ -1,0 +1,517 @@
+"""What a teacher cache and the student runs on it will cost, before anything runs.
+
+    python -m pipeline.plan --instances 149813 --views 8 --teacher tokenpose-w48 \\
+        [--students distilpose-s,distilpose-l] [--gpu-type h100|a100|l4] [--epochs 300] \\
+        [--format zarr|wds] [--shard-views 256] [--price-per-gpu-hour X] [--utilization 0.35]
+
+    plan = estimate(instances=149_813, views=8, teacher="tokenpose-w48")
+    print(plan.table())
+
+Everything is arithmetic on the cache schema and the models' sizes; every constant below is
+an assumption and is printed with the table. Compute estimates are compute-bound lower
+bounds: a job that waits on JPEG decoding or storage runs below ``utilization`` (measure a
+short run and pass the real figure).
+
+Bytes: per view, each stored array's encoded size from ``pipeline.cache.schema`` (dtype x
+shape), uncompressed, except the heatmaps, which are multiplied by a measured zstd ratio
+(an estimate: it depends on the teacher's noise floor). Tokens and small fields are counted
+uncompressed (zstd saves ~6-8% on int8/fp16 tokens), so the figure leans high. Container
+overhead follows each store's layout (tar headers and padding; Zarr metadata objects).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cache
+
+import numpy as np
+
+from pipeline.cache.schema import (
+    CROP_FIELD,
+    DEFAULT_HEATMAP_ENCODING,
+    DEFAULT_TOKEN_ENCODING,
+    FORMATS,
+    HEATMAP_ENCODINGS,
+    HEATMAP_FIELD,
+    TOKEN_ENCODINGS,
+    TOKEN_FIELDS,
+    CacheSpec,
+    stored_arrays,
+)
+
+
+@dataclass(frozen=True)
+class GpuType:
+    name: str
+    peak_tflops: float  # dense bf16/fp16 tensor-core peak (no sparsity)
+    price_per_hour: float  # default on-demand-like $/GPU-hour
+
+
+GPU_TYPES: dict[str, GpuType] = {
+    "h100": GpuType("NVIDIA H100 SXM", 989.0, 4.0),
+    "a100": GpuType("NVIDIA A100", 312.0, 2.5),
+    "l4": GpuType("NVIDIA L4", 121.0, 0.8),
+}
+DEFAULT_UTILIZATION = 0.35  # fraction of peak a real PyTorch job sustains (MFU)
+FWD_BWD_FACTOR = 3.0  # training step ~ forward + backward (~2x forward) = 3x forward
+FLOPS_PER_MAC = 2
+
+# S3 Standard, us-east-1 list prices; GB = 2^30 bytes as AWS bills it. In-region transfer
+# between EC2 and S3 is free, so no transfer cost is counted.
+S3_PRICE_PER_GB_MONTH = 0.023
+S3_PUT_PRICE_PER_1000 = 0.005  # PUT/COPY/POST/LIST class
+S3_GET_PRICE_PER_1000 = 0.0004  # GET/SELECT class
+GIB = 2**30
+# s3fs pipe_file: one PUT below 2 x 50 MiB, else a multipart upload of 50 MiB parts
+# (create + parts + complete, all billed as PUT-class requests).
+MULTIPART_THRESHOLD = 100 * 2**20
+MULTIPART_PART_SIZE = 50 * 2**20
+
+# Heatmap bytes after zstd-3 / raw encoded bytes (values + scales), measured with this
+# project's Zarr writer (16-view zstd-3 chunks) on 256 teacher-like views: 17 x 64 x 48 maps of
+# conf x Gaussian (conf 0.3-1, sigma 1.5-3 px) plus an N(0, 0.003) noise floor, as real teacher
+# output has (../shared/notes/storage.md section 3 used the same recipe). Noise-free maps
+# compress 2.5-7x better (u8-thresh 0.047, u8-joint-scale 0.052, fp16 0.128, fp16-thresh
+# 0.047), so these are the pessimistic figures. An encoding missing here is counted raw.
+HEATMAP_COMPRESSED_RATIO: dict[str, float] = {
+    "u8-thresh": 0.116,
+    "u8-joint-scale": 0.300,
+    "fp16": 0.925,
+    "fp16-thresh": 0.111,
+}
+# JPEG quality 95 of a natural-image crop: ~4 bits per pixel (assumption; depends on content).
+CROP_JPEG_BYTES_PER_PIXEL = 0.5
+
+# WebDataset: one tar member per group per view (small fields share one), each a 512 B
+# header + its .npy (128 B header + payload) padded to 512 B.
+TAR_BLOCK = 512
+NPY_HEADER = 128
+WDS_GROUPS_WITHOUT_CROPS = ("small", HEATMAP_FIELD, *TOKEN_FIELDS)
+# Zarr: a zarr.json per array (~1 KB with the sharding codec) and one for the group.
+ZARR_METADATA_BYTES = 1024
+
+# Fields a student epoch reads from the cache (pipeline.distill_data.BASE_FIELDS + the teacher
+# fields of the paper's loss: L_KT, L_VT, L_SH/L_CS).
+STUDENT_BASE_FIELDS = ("instance_id", "image_id", "view", "view_params", "joints", "joint_weights")
+STUDENT_TEACHER_FIELDS = ("kpt_tokens", "vis_tokens", HEATMAP_FIELD)
+
+
+# ------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    preset: str
+    input_size: tuple[int, int]
+    gmacs_paper: float  # the paper's convention (conv/linear MACs + norms; no attention matmuls)
+    gmacs_attention: float  # QK^T and AV matmuls, which that convention leaves out
+
+    @property
+    def forward_gflops(self) -> float:
+        return FLOPS_PER_MAC * (self.gmacs_paper + self.gmacs_attention)
+
+
+def attention_gmacs(config) -> float:
+    """MACs of the attention matmuls: per layer QK^T and AV, each T x T x D, T = K + P tokens."""
+    tokens = config.num_joints + config.num_patches
+    return config.depth * 2 * tokens * tokens * config.dim / 1e9
+
+
+@cache
+def model_cost(preset: str) -> ModelCost:
+    """GMACs of one forward pass at batch 1 (model built on the meta device: no memory, no maths)."""
+    import torch
+
+    from distilpose.models import build_model, get_config
+    from distilpose.models.summary import count_gflops
+
+    config = get_config(preset)
+    with torch.device("meta"):
+        model = build_model(config)
+    return ModelCost(preset, tuple(config.input_size), count_gflops(model), attention_gmacs(config))
+
+
+def gpu_hours(samples: float, gflops_per_sample: float, gpu: GpuType, utilization: float) -> float:
+    return samples * gflops_per_sample * 1e9 / (gpu.peak_tflops * 1e12 * utilization) / 3600
+
+
+# ------------------------------------------------------------------------- bytes
+
+
+def field_bytes_per_view(spec: CacheSpec, input_size: tuple[int, int]) -> dict[str, float]:
+    """Estimated stored payload bytes per view of each logical field (before container overhead)."""
+    sizes: dict[str, float] = {}
+    for array in stored_arrays(spec).values():
+        if array.field == CROP_FIELD:
+            nbytes = input_size[0] * input_size[1] * CROP_JPEG_BYTES_PER_PIXEL
+        else:
+            nbytes = np.dtype(array.dtype).itemsize * math.prod(array.shape)
+            if array.field == HEATMAP_FIELD:
+                nbytes *= heatmap_ratio(spec.heatmap_encoding)
+        sizes[array.field] = sizes.get(array.field, 0.0) + nbytes
+    return sizes
+
+
+def heatmap_ratio(encoding: str) -> float:
+    return HEATMAP_COMPRESSED_RATIO.get(encoding, 1.0)
+
+
+def _tar_member_bytes(payload: float) -> float:
+    return TAR_BLOCK + math.ceil((NPY_HEADER + payload) / TAR_BLOCK) * TAR_BLOCK
+
+
+def wds_view_bytes(fields: dict[str, float]) -> float:
+    """Bytes one view occupies in a tar: small fields packed in one member, the rest one each."""
+    small = sum(v for k, v in fields.items() if k not in (*WDS_GROUPS_WITHOUT_CROPS, CROP_FIELD))
+    total = _tar_member_bytes(small)
+    total += sum(_tar_member_bytes(fields[k]) for k in (HEATMAP_FIELD, *TOKEN_FIELDS))
+    if CROP_FIELD in fields:
+        total += TAR_BLOCK + math.ceil(fields[CROP_FIELD] / TAR_BLOCK) * TAR_BLOCK
+    return total
+
+
+def zarr_arrays(spec: CacheSpec) -> int:
+    """Zarr arrays per shard: one per stored array, crops as bytes + offsets."""
+    return len(stored_arrays(spec)) + (1 if spec.store_crops else 0)
+
+
+def objects_per_shard(spec: CacheSpec, fmt: str) -> int:
+    """Storage objects per shard, its commit record included (see zarr_store / wds_store)."""
+    if fmt == "zarr":
+        return 1 + 2 * zarr_arrays(spec) + 1  # group zarr.json, per array zarr.json + data, commit
+    return 1 + 1  # the tar, commit
+
+
+def put_requests(object_bytes: float) -> int:
+    if object_bytes < MULTIPART_THRESHOLD:
+        return 1
+    return 2 + math.ceil(object_bytes / MULTIPART_PART_SIZE)
+
+
+# ------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class StudentPlan:
+    preset: str
+    forward_gflops: float
+    gpu_hours_per_epoch: float
+    gpu_hours_total: float
+    cost_total: float
+    gets_per_epoch: int  # cache objects
+    image_gets_per_epoch: int  # source images, to rebuild crops (0 with stored crops)
+    online_teacher_gpu_hours_per_epoch: float
+    teacher_to_epoch_ratio: float  # caching the teacher costs this many student epochs
+
+
+@dataclass(frozen=True)
+class Plan:
+    instances: int
+    views: int
+    teacher: str
+    gpu_type: str
+    epochs: int
+    format: str
+    shard_views: int
+    utilization: float
+    price_per_gpu_hour: float
+    storage_months: float
+    spec: CacheSpec
+    views_total: int
+    views_per_shard: int
+    shards: int
+    objects_per_shard: int
+    objects_total: int
+    bytes_per_view_by_field: dict[str, float]
+    bytes_per_view: float
+    bytes_total: float
+    teacher_forward_gflops: float
+    teacher_gpu_hours: float
+    teacher_cost: float
+    storage_cost_per_month: float
+    put_requests: int
+    image_gets_teacher: int  # the teacher stage reads each instance's image once
+    students: tuple[StudentPlan, ...] = ()
+    request_cost: float = 0.0
+    total_cost: float = 0.0
+    assumptions: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["spec"] = self.spec.to_dict()
+        return d
+
+    def table(self) -> str:
+        return format_plan(self)
+
+
+def _gets_per_shard_epoch(spec: CacheSpec, fmt: str) -> int:
+    """GET requests to read one whole shard for a student epoch (all views: the loader keeps one)."""
+    if fmt == "wds":
+        return 1
+    fields = {*STUDENT_BASE_FIELDS, *STUDENT_TEACHER_FIELDS, CROP_FIELD}
+    arrays = sum(1 for a in stored_arrays(spec).values() if a.field in fields)
+    arrays += 1 if spec.store_crops else 0  # crop bytes + their offsets
+    # Group zarr.json, then per array its zarr.json and one GET of the whole shard object
+    # (zarr fetches a fully selected shard in one request).
+    return 1 + 2 * arrays
+
+
+def estimate(
+    instances: int,
+    views: int,
+    teacher: str,
+    students: Sequence[str] = ("distilpose-s", "distilpose-l"),
+    gpu_type: str = "h100",
+    epochs: int = 300,
+    fmt: str = "zarr",
+    shard_views: int = 256,
+    price_per_gpu_hour: float | None = None,
+    utilization: float = DEFAULT_UTILIZATION,
+    heatmap_encoding: str = DEFAULT_HEATMAP_ENCODING,
+    token_encoding: str = DEFAULT_TOKEN_ENCODING,
+    store_crops: bool = False,
+    storage_months: float = 1.0,
+) -> Plan:
+    """Bytes, objects, requests, GPU-hours and dollars of caching ``teacher`` over ``instances`` x
+    ``views`` and training each student for ``epochs`` epochs from the cache."""
+    _check_inputs(instances, views, gpu_type, epochs, fmt, shard_views, utilization)
+    gpu = GPU_TYPES[gpu_type]
+    price = gpu.price_per_hour if price_per_gpu_hour is None else float(price_per_gpu_hour)
+    from distilpose.models import get_config
+
+    teacher_config = get_config(teacher)
+    if teacher_config.kind != "teacher":
+        raise ValueError(f"{teacher!r} is a {teacher_config.kind} preset, not a teacher")
+    spec = CacheSpec.from_model_config(
+        teacher_config, heatmap_encoding=heatmap_encoding, token_encoding=token_encoding, store_crops=store_crops
+    )
+
+    # Whole instances per shard, as pipeline.teacher_stage.plan_shards cuts them.
+    instances_per_shard = max(1, shard_views // views)
+    views_per_shard = instances_per_shard * views
+    shards = math.ceil(instances / instances_per_shard)
+    views_total = instances * views
+
+    fields = field_bytes_per_view(spec, tuple(teacher_config.input_size))
+    if fmt == "wds":
+        bytes_per_view = wds_view_bytes(fields)
+        shard_overhead = 2 * TAR_BLOCK  # end-of-archive blocks
+        largest_object = views_per_shard * bytes_per_view
+    else:
+        bytes_per_view = sum(fields.values())
+        shard_overhead = (1 + zarr_arrays(spec)) * ZARR_METADATA_BYTES
+        largest_object = views_per_shard * max(fields.values())
+    bytes_total = views_total * bytes_per_view + shards * shard_overhead
+    per_shard_objects = objects_per_shard(spec, fmt)
+    objects_total = shards * per_shard_objects + 1  # + manifest.json
+    puts = shards * (per_shard_objects - 1 + put_requests(largest_object)) + 1  # the big object may be multipart
+
+    teacher_cost = model_cost(teacher)
+    teacher_hours = gpu_hours(views_total, teacher_cost.forward_gflops, gpu, utilization)
+    storage_cost = bytes_total / GIB * S3_PRICE_PER_GB_MONTH
+
+    student_plans = []
+    gets_per_epoch = shards * _gets_per_shard_epoch(spec, fmt)
+    for name in students:
+        cost = model_cost(name)
+        if tuple(cost.input_size) != tuple(teacher_config.input_size):
+            raise ValueError(f"student {name} input {cost.input_size} != teacher {teacher} {teacher_config.input_size}")
+        # One view per instance per epoch (pipeline.distill_data.select_views).
+        per_epoch = gpu_hours(instances, FWD_BWD_FACTOR * cost.forward_gflops, gpu, utilization)
+        online = gpu_hours(instances, teacher_cost.forward_gflops, gpu, utilization)
+        student_plans.append(
+            StudentPlan(
+                preset=name,
+                forward_gflops=cost.forward_gflops,
+                gpu_hours_per_epoch=per_epoch,
+                gpu_hours_total=per_epoch * epochs,
+                cost_total=per_epoch * epochs * price,
+                gets_per_epoch=gets_per_epoch,
+                image_gets_per_epoch=0 if store_crops else instances,
+                online_teacher_gpu_hours_per_epoch=online,
+                teacher_to_epoch_ratio=teacher_hours / per_epoch,
+            )
+        )
+    gets_total = instances + sum((s.gets_per_epoch + s.image_gets_per_epoch) * epochs for s in student_plans)
+    request_cost = puts / 1000 * S3_PUT_PRICE_PER_1000 + gets_total / 1000 * S3_GET_PRICE_PER_1000
+    total = teacher_hours * price + sum(s.cost_total for s in student_plans) + storage_cost * storage_months
+    total += request_cost
+    return Plan(
+        instances=instances,
+        views=views,
+        teacher=teacher,
+        gpu_type=gpu_type,
+        epochs=epochs,
+        format=fmt,
+        shard_views=shard_views,
+        utilization=utilization,
+        price_per_gpu_hour=price,
+        storage_months=storage_months,
+        spec=spec,
+        views_total=views_total,
+        views_per_shard=views_per_shard,
+        shards=shards,
+        objects_per_shard=per_shard_objects,
+        objects_total=objects_total,
+        bytes_per_view_by_field=fields,
+        bytes_per_view=bytes_per_view,
+        bytes_total=bytes_total,
+        teacher_forward_gflops=teacher_cost.forward_gflops,
+        teacher_gpu_hours=teacher_hours,
+        teacher_cost=teacher_hours * price,
+        storage_cost_per_month=storage_cost,
+        put_requests=puts,
+        image_gets_teacher=instances,
+        students=tuple(student_plans),
+        request_cost=request_cost,
+        total_cost=total,
+        assumptions=_assumptions(gpu, price, utilization, spec, store_crops),
+    )
+
+
+def _check_inputs(
+    instances: int, views: int, gpu_type: str, epochs: int, fmt: str, shard_views: int, utilization: float
+) -> None:
+    if instances < 1 or views < 1 or epochs < 0 or shard_views < 1:
+        raise ValueError(
+            f"need instances >= 1, views >= 1, epochs >= 0, shard_views >= 1; got {instances}, {views}, "
+            f"{epochs}, {shard_views}"
+        )
+    if gpu_type not in GPU_TYPES:
+        raise ValueError(f"unknown GPU type {gpu_type!r}; choose one of {list(GPU_TYPES)}")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown cache format {fmt!r}; choose one of {list(FORMATS)}")
+    if not 0 < utilization <= 1:
+        raise ValueError(f"utilization must be in (0, 1], got {utilization}")
+
+
+def _assumptions(gpu: GpuType, price: float, utilization: float, spec: CacheSpec, store_crops: bool) -> tuple[str, ...]:
+    ratio = heatmap_ratio(spec.heatmap_encoding)
+    measured = spec.heatmap_encoding in HEATMAP_COMPRESSED_RATIO
+    lines = [
+        f"GPU {gpu.name}: {gpu.peak_tflops:g} dense bf16/fp16 TFLOPs peak x {utilization:g} utilization; "
+        f"${price:g}/GPU-hour (h100 989/$4.0, a100 312/$2.5, l4 121/$0.8)",
+        "FLOPs = 2 x MACs; MACs = the paper's count (conv/linear + norms) + attention matmuls it omits; "
+        f"training = {FWD_BWD_FACTOR:g} x forward; compute-bound (input pipeline stalls not modelled)",
+        "teacher: one forward per cached view; student: one view per instance per epoch",
+        f"heatmaps {spec.heatmap_encoding}: raw bytes x {ratio:.3f} "
+        + (
+            "(measured zstd ratio with a noise floor; ESTIMATE, clean maps compress better)"
+            if measured
+            else "(no measured ratio for this encoding: counted uncompressed)"
+        )
+        + "; tokens and small fields counted uncompressed",
+        f"S3 Standard ${S3_PRICE_PER_GB_MONTH}/GB-month (GB = 2^30 B), PUT ${S3_PUT_PRICE_PER_1000}/1000, "
+        f"GET ${S3_GET_PRICE_PER_1000}/1000, in-region transfer free",
+        "a student epoch reads every shard whole (all views; the loader keeps one per instance): "
+        "Zarr = group + 2 GETs per array read, WDS = 1 GET per shard; without stored crops every instance's "
+        "image is read from S3 once by the teacher stage and once per student epoch (upper bound: the "
+        "loader's small image cache saves some)",
+    ]
+    if store_crops:
+        lines.append(f"crop JPEGs: {CROP_JPEG_BYTES_PER_PIXEL:g} B/pixel of the input crop")
+    return tuple(lines)
+
+
+# ------------------------------------------------------------------------- report
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.3f} GPU-h" if h < 10 else f"{h:,.1f} GPU-h"
+
+
+def format_plan(plan: Plan) -> str:
+    rows: list[tuple[str, str]] = [
+        ("cache", f"{plan.instances:,} instances x {plan.views} views = {plan.views_total:,} views, "
+                  f"teacher {plan.teacher}, format {plan.format}"),
+        ("spec", f"K={plan.spec.num_joints} heatmaps {plan.spec.heatmap_size[0]}x{plan.spec.heatmap_size[1]} "
+                 f"({plan.spec.heatmap_encoding}), tokens D={plan.spec.dim} P={plan.spec.num_patches} "
+                 f"({plan.spec.token_encoding}), crops {'jpeg' if plan.spec.store_crops else 'no'}"),
+        ("bytes per view", f"{plan.bytes_per_view:,.0f} B  (" + ", ".join(
+            f"{k} {v:,.0f}" for k, v in sorted(plan.bytes_per_view_by_field.items(), key=lambda kv: -kv[1])
+        ) + ")"),
+        ("cache size (estimate)", _bytes(plan.bytes_total)),
+        ("shards", f"{plan.shards:,} x {plan.views_per_shard} views"),
+        ("objects", f"{plan.shards:,} shards x {plan.objects_per_shard} objects + manifest = {plan.objects_total:,}"),
+        ("PUT requests (cache)", f"{plan.put_requests:,}"),
+        ("GET requests (teacher)", f"{plan.image_gets_teacher:,} image reads"),
+        ("teacher forward", f"{plan.teacher_forward_gflops:.2f} GFLOPs/view"),
+        ("teacher GPU-hours", f"{_hours(plan.teacher_gpu_hours)}  ${plan.teacher_cost:,.2f}  "
+                              f"({plan.gpu_type}, ${plan.price_per_gpu_hour:g}/h)"),
+        ("S3 storage", f"${plan.storage_cost_per_month:,.2f} / month"),
+    ]  # fmt: skip
+    for s in plan.students:
+        rows += [
+            (f"student {s.preset}", f"{s.forward_gflops:.2f} GFLOPs fwd; {_hours(s.gpu_hours_per_epoch)} per epoch, "
+                                    f"{_hours(s.gpu_hours_total)} for {plan.epochs} epochs = ${s.cost_total:,.2f}"),
+            ("  GET requests", f"{s.gets_per_epoch:,} cache + {s.image_gets_per_epoch:,} image per epoch, "
+                               f"{(s.gets_per_epoch + s.image_gets_per_epoch) * plan.epochs:,} per run"),
+            ("  teacher cost / epoch", f"{s.teacher_to_epoch_ratio:.2f} (building the cache costs as much compute "
+                                       f"as {s.teacher_to_epoch_ratio:.2f} epochs of this student)"),
+            ("  online teacher instead", f"+{_hours(s.online_teacher_gpu_hours_per_epoch)} per epoch "
+                                         f"(+{100 * s.online_teacher_gpu_hours_per_epoch / s.gpu_hours_per_epoch:.0f}% "
+                                         f"of the student's own compute), "
+                                         f"{_hours(s.online_teacher_gpu_hours_per_epoch * plan.epochs)} per run vs "
+                                         f"{_hours(plan.teacher_gpu_hours)} once for the cache"),
+        ]  # fmt: skip
+    rows += [
+        ("S3 requests", f"${plan.request_cost:,.2f}"),
+        ("estimated total", f"${plan.total_cost:,.2f}  (teacher + students x {plan.epochs} epochs + "
+                            f"{plan.storage_months:g} month(s) storage + requests)"),
+    ]  # fmt: skip
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{label:<{width}}  {value}" for label, value in rows]
+    lines.append("assumptions:")
+    lines += [f"  - {a}" for a in plan.assumptions]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.plan", description=__doc__.split("\n")[0])
+    p.add_argument("--instances", type=int, required=True, help="person instances in the split")
+    p.add_argument("--views", type=int, required=True, help="cached views per instance")
+    p.add_argument("--teacher", required=True, help="teacher preset, e.g. tokenpose-w48")
+    p.add_argument("--students", default="distilpose-s,distilpose-l", help="comma-separated student presets")
+    p.add_argument("--gpu-type", choices=list(GPU_TYPES), default="h100")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--format", choices=list(FORMATS), default="zarr")
+    p.add_argument("--shard-views", type=int, default=256)
+    p.add_argument("--price-per-gpu-hour", type=float, help="$ per GPU-hour (default per GPU type)")
+    p.add_argument("--utilization", type=float, default=DEFAULT_UTILIZATION, help="fraction of peak FLOPs")
+    p.add_argument("--heatmap-encoding", choices=list(HEATMAP_ENCODINGS), default=DEFAULT_HEATMAP_ENCODING)
+    p.add_argument("--token-encoding", choices=list(TOKEN_ENCODINGS), default=DEFAULT_TOKEN_ENCODING)
+    p.add_argument("--store-crops", action="store_true", help="cache JPEG crops too")
+    p.add_argument("--storage-months", type=float, default=1.0, help="months of S3 storage in the total")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    students = tuple(s for s in args.students.split(",") if s)
+    try:
+        plan = estimate(
+            args.instances, args.views, args.teacher, students, args.gpu_type, args.epochs, args.format,
+            args.shard_views, args.price_per_gpu_hour, args.utilization, args.heatmap_encoding,
+            args.token_encoding, args.store_crops, args.storage_months,
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(plan.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

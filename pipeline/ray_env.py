@@ -1,0 +1,59 @@
+"""Starting or joining Ray the same way from every job.
+
+A job run directly (`python jobs/x.py`) starts a local Ray; a job run through
+`ray job submit` (RAY_ADDRESS set) or with `--address` joins that cluster. Quiet by
+default: Ray's own progress bars and worker logs stay off unless asked for.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Ray 2.60 turns token auth on for new local clusters; the jobs only ever talk to their
+# own cluster, and a token file left in ~/.ray by an earlier run must not change
+# behaviour. A user who wants auth exports RAY_AUTH_MODE=token themselves.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# Environment forwarded to every Ray worker so S3 clients there see the same endpoint.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "RAY_AUTH_MODE",
+)
+
+
+def worker_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> None:
+    """Start a local Ray, or connect to `address` / RAY_ADDRESS when given."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(
+        runtime_env={"env_vars": worker_env()},
+        log_to_driver=verbose,
+        logging_level="INFO" if verbose else "ERROR",
+    )
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    quiet_ray_data(verbose)
+
+
+def quiet_ray_data(verbose: bool = False) -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose

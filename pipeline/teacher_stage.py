@@ -1,0 +1,584 @@
+"""The teacher stage: run the teacher once over a split and shard its outputs into the cache.
+
+Ray Data end to end:
+
+    shard specs (one row per shard, deterministic membership)
+      -> crop task:    decode each image, draw V seeded views per instance, warp the crops
+      -> teacher actors (map_batches, callable class): batched forward under inference_mode,
+                       Gaussian fit + confidence, encode to the cache schema
+      -> CacheSink:    one shard per Ray Data block, committed atomically by the store
+
+A shard is the unit of work *and* of resume: its members (instances, views) are fixed by
+the plan, so a rerun skips committed shards and rebuilds the same bytes for the others.
+Each shard is one Ray Data block from start to end (one input row per shard, whole-block
+batches), which is what lets the sink check that a shard arrived complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from distilpose.data.coco import Instance, load_instances
+from pipeline import storage
+from pipeline.cache import open_writer
+from pipeline.cache.schema import CacheSpec, DataInfo, Manifest, TeacherInfo, decode_field, encode_field, encode_views
+from pipeline.dataset_layout import DatasetLayout, resolve_layout
+from pipeline.progress import Poller
+
+
+@dataclass
+class CacheJobConfig:
+    data: str
+    teacher: str
+    out: str
+    checkpoint: str | None = None
+    format: str = "zarr"
+    views: int = 1
+    split: str = "train"
+    batch_size: int = 32
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    store_crops: str = "none"
+    shard_views: int = 256
+    seed: int = 0
+    heatmap_encoding: str = "u8-thresh"
+    token_encoding: str = "int8-token-scale"
+    ann_file: str | None = None
+    images: str | None = None
+    limit: int | None = None
+
+
+@dataclass
+class ShardSpec:
+    index: int
+    instances: list[Instance]
+
+
+@dataclass
+class CacheSummary:
+    out: str
+    instances: int
+    views: int
+    shards_total: int
+    shards_skipped_as_committed: int
+    rows: int
+    skipped: dict[str, int]
+    bytes_per_field: dict[str, float]
+    wall_s: float
+    views_per_s: float
+    complete: bool
+    extra: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        from distilpose.evaluation import format_table
+
+        lines = [
+            f"[cache] {'complete' if self.complete else 'INCOMPLETE'}: {self.out}",
+            f"  instances {self.instances}  views/instance {self.views}  rows {self.rows}  "
+            f"shards {self.shards_total} ({self.shards_skipped_as_committed} already committed, reused)",
+            f"  wall {self.wall_s:.1f} s  throughput {self.views_per_s:.1f} views/s (views computed this run)",
+            "  skipped: " + (", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"),
+        ]
+        total = sum(self.bytes_per_field.values())
+        rows = [{"field": k, "bytes/view": v} for k, v in sorted(self.bytes_per_field.items(), key=lambda kv: -kv[1])]
+        rows.append({"field": "TOTAL", "bytes/view": total})
+        return "\n".join(lines) + "\n" + format_table(rows, float_fmt=",.0f")
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_shards(instances: list[Instance], views: int, shard_views: int) -> list[ShardSpec]:
+    """Fixed shard membership: instances in id order, whole instances (all views) per shard."""
+    per_shard = max(1, shard_views // views)
+    ordered = sorted(instances, key=lambda inst: inst.instance_id)
+    return [
+        ShardSpec(index=i, instances=ordered[start : start + per_shard])
+        for i, start in enumerate(range(0, len(ordered), per_shard))
+    ]
+
+
+def file_sha256(uri: str) -> str:
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+
+
+def instance_to_json(inst: Instance) -> dict:
+    d = dataclasses.asdict(inst)
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+
+
+def instance_from_json(d: dict) -> Instance:
+    kwargs = dict(d)
+    for key in ("center", "scale", "joints"):
+        kwargs[key] = np.asarray(kwargs[key], dtype=np.float32)
+    return Instance(**kwargs)
+
+
+# ----------------------------------------------------------------------------- crop task
+
+
+def crop_shard(batch: dict, *, image_root: str, input_size, views: int, seed: int, store_crops: str) -> dict:
+    """One shard row in -> one row per (instance, view) out, with the crop the teacher sees."""
+    from distilpose.data.coco import read_image
+    from distilpose.data.transforms import affine_matrix, apply_view
+    from distilpose.data.views import view_for
+
+    rows: dict[str, list] = {k: [] for k in _CROP_COLUMNS}
+    h, w = input_size
+    for shard, payload in zip(batch["shard"], batch["instances"]):
+        instances = [instance_from_json(d) for d in json.loads(payload)]
+        total = len(instances) * views
+        for inst in instances:
+            try:
+                image = read_image(image_root, inst.image_file)
+                reason = ""
+            except Exception as exc:  # counted and reported, never silent
+                image, reason = None, f"image: {type(exc).__name__}"
+            for v in range(views):
+                view = view_for(inst, v, seed)
+                if image is not None:
+                    crop, joints = apply_view(image, inst.joints, view, input_size)
+                else:
+                    crop, joints = np.zeros((h, w, 3), np.uint8), np.zeros((len(inst.joints), 3), np.float32)
+                rows["shard"].append(int(shard))
+                rows["shard_rows"].append(total)
+                rows["valid"].append(image is not None)
+                rows["skip_reason"].append(reason)
+                rows["instance_id"].append(inst.instance_id)
+                rows["image_id"].append(inst.image_id)
+                rows["view"].append(v)
+                rows["view_params"].append(view.to_array())
+                rows["affine"].append(affine_matrix(view, input_size))
+                rows["joints"].append(joints[:, :2].astype(np.float32))
+                rows["joint_weights"].append(joints[:, 2].astype(np.float32))
+                rows["image"].append(crop)
+                rows["crop_jpeg"].append(_encode_jpeg(crop) if store_crops == "jpeg" and image is not None else b"")
+    out = {k: np.asarray(v) for k, v in rows.items() if k not in ("crop_jpeg", "skip_reason")}
+    out["skip_reason"] = np.asarray(rows["skip_reason"], dtype=object)
+    out["crop_jpeg"] = np.asarray(rows["crop_jpeg"], dtype=object)
+    return out
+
+
+_CROP_COLUMNS = (
+    "shard",
+    "shard_rows",
+    "valid",
+    "skip_reason",
+    "instance_id",
+    "image_id",
+    "view",
+    "view_params",
+    "affine",
+    "joints",
+    "joint_weights",
+    "image",
+    "crop_jpeg",
+)
+
+
+def _encode_jpeg(crop: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(crop).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- teacher actor
+
+
+class TeacherPredictor:
+    """Ray Data callable class: builds the teacher once per actor, then runs whole shards."""
+
+    def __init__(self, preset: str, checkpoint: str | None, spec: CacheSpec, batch_size: int, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = build_teacher(preset, checkpoint).to(self.device)
+        self.spec = spec
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        outputs = run_teacher(self.model, batch["image"][batch["valid"]], self.batch_size, self.device)
+        return encode_shard_rows(batch, outputs, self.spec)
+
+
+def build_teacher(preset: str, checkpoint: str | None):
+    """The teacher in eval mode. Without a checkpoint (smoke tests, benchmarks) the random
+    init is seeded, so every actor - and a later spot check - builds the same weights."""
+    import torch
+
+    from distilpose.models.checkpoints import load_teacher
+
+    if checkpoint is None:
+        torch.manual_seed(0)
+    return load_teacher(preset, storage.local_copy(checkpoint) if checkpoint else None).eval()
+
+
+def run_teacher(model, images: np.ndarray, batch_size: int, device) -> dict[str, np.ndarray]:
+    """Teacher forward + Gaussian fit on uint8 crops (N,H,W,3) -> fp32 numpy fields."""
+    import torch
+
+    from distilpose.data.transforms import normalize_batch
+    from distilpose.heatmaps import fit_gaussians
+
+    parts: dict[str, list[np.ndarray]] = {
+        "heatmaps": [],
+        "kpt_tokens": [],
+        "vis_tokens": [],
+        "gauss": [],
+        "confidence": [],
+    }
+    use_amp = device.type == "cuda"
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = normalize_batch(images[start : start + batch_size]).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = model(x)
+            heatmaps = out.heatmaps.float()
+            gauss, conf = fit_gaussians(heatmaps)
+            parts["heatmaps"].append(heatmaps.cpu().numpy())
+            parts["kpt_tokens"].append(out.kpt_tokens.float().cpu().numpy())
+            parts["vis_tokens"].append(out.vis_tokens.float().cpu().numpy())
+            parts["gauss"].append(gauss.float().cpu().numpy())
+            parts["confidence"].append(conf.float().cpu().numpy())
+    return {k: np.concatenate(v) if v else np.zeros((0,), np.float32) for k, v in parts.items()}
+
+
+def encode_shard_rows(batch: dict, outputs: dict, spec: CacheSpec) -> dict:
+    """Scatter teacher outputs back onto all rows (invalid rows get zeros) and encode."""
+    valid = batch["valid"].astype(bool)
+    n = len(valid)
+    full = {}
+    for key, value in outputs.items():
+        arr = np.zeros((n, *value.shape[1:]), np.float32) if value.ndim > 1 else np.zeros((n,), np.float32)
+        if value.size:
+            arr[valid] = value
+        full[key] = arr
+    record = {
+        k: batch[k] for k in ("instance_id", "image_id", "view", "view_params", "affine", "joints", "joint_weights")
+    }
+    record.update(full)
+    if spec.store_crops:
+        record["crop_jpeg"] = batch["crop_jpeg"]
+    encoded = encode_views(record, spec)
+    for k in ("shard", "shard_rows", "valid", "skip_reason"):
+        encoded[k] = batch[k]
+    return encoded
+
+
+# ----------------------------------------------------------------------------- sink
+
+
+def _sink_base():
+    from ray.data import Datasink
+
+    return Datasink
+
+
+class CacheSink(_sink_base()):
+    """Writes each shard that arrives complete; the store commits it atomically."""
+
+    def __init__(self, out: str, spec: CacheSpec, fmt: str):
+        self.out, self.spec, self.fmt = out, spec, fmt
+
+    def write(self, blocks, ctx) -> list[dict]:
+        from ray.data.block import BlockAccessor
+
+        columns: dict[str, list] = {}
+        for block in blocks:
+            for key, value in BlockAccessor.for_block(block).to_numpy().items():
+                columns.setdefault(key, []).append(value)
+        if not columns:
+            return []
+        rows = {k: np.concatenate(v) for k, v in columns.items()}
+        writer = open_writer(self.out, self.spec, self.fmt)
+        written = []
+        for shard in np.unique(rows["shard"]):
+            sel = rows["shard"] == shard
+            expected = int(rows["shard_rows"][sel][0])
+            if int(sel.sum()) != expected:
+                raise RuntimeError(
+                    f"shard {shard} arrived split across Ray Data blocks ({int(sel.sum())} of {expected} rows); "
+                    "raise DataContext.target_max_block_size"
+                )
+            keep = sel & rows["valid"].astype(bool)
+            skipped = Counter(str(r) for r in rows["skip_reason"][sel & ~rows["valid"].astype(bool)])
+            record = {k: v[keep] for k, v in rows.items() if k not in ("shard", "shard_rows", "valid", "skip_reason")}
+            info = writer.write_shard(int(shard), record, extra={"skipped": dict(skipped)})
+            print(f"[cache] shard {int(shard):05d} committed: {info.rows} views", flush=True)
+            written.append({"shard": int(shard), "rows": int(info.rows)})
+        return written
+
+
+# ----------------------------------------------------------------------------- driver
+
+JOB_FILE = "job.json"  # what identifies the cache being built; a rerun must match it
+
+
+def job_identity(cfg: CacheJobConfig, layout: DatasetLayout, teacher_config: dict, spec: CacheSpec) -> dict:
+    """Everything that determines the cache's content: a rerun that differs must not mix in."""
+    identity = {
+        "teacher": {
+            "preset": cfg.teacher,
+            "checkpoint_sha256": file_sha256(cfg.checkpoint) if cfg.checkpoint else "random-init",
+            "config": teacher_config,
+        },
+        "data": {"ann_file_sha256": file_sha256(layout.ann_file), "split": cfg.split, "limit": cfg.limit},
+        "views": cfg.views,
+        "seed": cfg.seed,
+        "shard_views": cfg.shard_views,
+        "format": cfg.format,
+        "spec": spec.to_dict(),
+    }
+    return json.loads(json.dumps(identity))  # the form it has when read back from job.json
+
+
+def claim_output(out: str, identity: dict) -> bool:
+    """Record what this cache is for, or check a partly built one matches. True when resuming."""
+    uri = storage.join(out, JOB_FILE)
+    if storage.exists(uri):
+        existing = json.loads(storage.read_bytes(uri))
+        diffs = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
+        if diffs:
+            details = "; ".join(
+                f"{k}: cache has {existing.get(k)!r:.120}, this run {identity.get(k)!r:.120}" for k in diffs
+            )
+            raise ValueError(
+                f"{out} holds a cache built with different settings ({details}). "
+                "Use another --out, or delete it to rebuild."
+            )
+        return True
+    storage.atomic_write_bytes(uri, json.dumps(identity, indent=2, sort_keys=True).encode())
+    return False
+
+
+def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
+
+    from distilpose.data.coco import data_fingerprint
+    from distilpose.models import get_config
+
+    t0 = time.perf_counter()
+    teacher_cfg = get_config(cfg.teacher)
+    if teacher_cfg.kind != "teacher":
+        raise ValueError(f"--teacher {cfg.teacher} is a {teacher_cfg.kind} preset, not a teacher")
+    layout = resolve_layout(cfg.data, cfg.split, cfg.ann_file, cfg.images)
+    instances, skip_report = load_instances(layout.ann_file, split_kind="train", input_size=teacher_cfg.input_size)
+    if cfg.limit:
+        instances = sorted(instances, key=lambda inst: inst.instance_id)[: cfg.limit]
+    if not instances:
+        raise ValueError(f"no usable instances in {layout.ann_file}: {skip_report.summary()}")
+    spec = CacheSpec.from_model_config(
+        teacher_cfg,
+        heatmap_encoding=cfg.heatmap_encoding,
+        token_encoding=cfg.token_encoding,
+        store_crops=cfg.store_crops == "jpeg",
+    )
+    identity = job_identity(cfg, layout, dataclasses.asdict(teacher_cfg), spec)
+    resuming = claim_output(cfg.out, identity)
+    shards = plan_shards(instances, cfg.views, cfg.shard_views)
+    writer = open_writer(cfg.out, spec, cfg.format)
+    committed = writer.committed()
+    todo = [s for s in shards if s.index not in committed]
+    print(
+        f"[cache] {len(instances)} instances x {cfg.views} views -> {len(shards)} shards at {cfg.out} "
+        f"({cfg.format}); annotations skipped: {skip_report.summary()}",
+        flush=True,
+    )
+    if resuming:
+        print(f"[cache] resuming: {len(shards) - len(todo)} of {len(shards)} shards already committed", flush=True)
+
+    if todo:
+        _run_pipeline(cfg, layout, teacher_cfg, spec, todo)
+
+    committed = writer.committed()
+    fingerprint = data_fingerprint(layout.ann_file)
+    manifest = Manifest(
+        teacher=TeacherInfo(
+            preset=cfg.teacher,
+            checkpoint_sha256=identity["teacher"]["checkpoint_sha256"],
+            config=dataclasses.asdict(teacher_cfg),
+        ),
+        data=DataInfo(
+            ann_file_sha256=fingerprint.sha256,
+            num_images=fingerprint.num_images,
+            split=cfg.split,
+            ann_file=layout.ann_file,
+            image_root=layout.image_root,
+        ),
+        views=cfg.views,
+        seed=cfg.seed,
+        extra={"annotation_skips": skip_report.to_dict(), "limit": cfg.limit, "shard_views": cfg.shard_views},
+    )
+    final = writer.finalize(manifest, expected_shards=len(shards))
+    wall = time.perf_counter() - t0
+    skipped = Counter(skip_report.counts)
+    for info in committed.values():
+        skipped.update(info.extra.get("skipped", {}))
+    totals = Counter()
+    for info in final.shards:
+        totals.update(info.bytes_per_field)
+    rows = final.num_rows
+    return CacheSummary(
+        out=cfg.out,
+        instances=len(instances),
+        views=cfg.views,
+        shards_total=len(shards),
+        shards_skipped_as_committed=len(shards) - len(todo),
+        rows=rows,
+        skipped=dict(skipped),
+        bytes_per_field={k: v / max(rows, 1) for k, v in totals.items()},
+        wall_s=wall,
+        views_per_s=sum(len(s.instances) for s in todo) * cfg.views / wall,
+        complete=final.complete,
+    )
+
+
+def _run_pipeline(cfg: CacheJobConfig, layout: DatasetLayout, teacher_cfg, spec: CacheSpec, todo: list[ShardSpec]):
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    # One shard = one block from start to end; never let Ray split it.
+    ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 1024 * 1024 * 1024)
+    total_cpus = ray.cluster_resources().get("CPU", 1)
+    cpus_per_actor = cfg.cpus_per_worker
+    if cfg.gpus_per_worker == 0 and cfg.workers * cpus_per_actor >= total_cpus:
+        # Leave room for the crop tasks upstream, or the pipeline deadlocks (notes/ray.md).
+        cpus_per_actor = max(0.25, (total_cpus - 1) / cfg.workers)
+        print(
+            f"[cache] {cfg.workers} teacher actors x {cfg.cpus_per_worker} CPU would starve the crop tasks on a "
+            f"{total_cpus:g}-CPU cluster; using {cpus_per_actor:.2f} CPU per actor",
+            flush=True,
+        )
+    items = [{"shard": s.index, "instances": json.dumps([instance_to_json(i) for i in s.instances])} for s in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        crop_shard,
+        batch_size=None,
+        batch_format="numpy",
+        fn_kwargs=dict(
+            image_root=layout.image_root,
+            input_size=tuple(teacher_cfg.input_size),
+            views=cfg.views,
+            seed=cfg.seed,
+            store_crops=cfg.store_crops,
+        ),
+        num_cpus=1,
+    )
+    ds = ds.map_batches(
+        TeacherPredictor,
+        batch_size=None,
+        batch_format="numpy",
+        fn_constructor_kwargs=dict(
+            preset=cfg.teacher,
+            checkpoint=cfg.checkpoint,
+            spec=spec,
+            batch_size=cfg.batch_size,
+            threads=max(1, round(cpus_per_actor)),
+        ),
+        compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+        num_cpus=cpus_per_actor,
+        num_gpus=cfg.gpus_per_worker,
+    )
+    with ShardProgress(open_writer(cfg.out, spec, cfg.format), todo, cfg.views):
+        ds.write_datasink(CacheSink(cfg.out, spec, cfg.format))
+
+
+class ShardProgress(Poller):
+    """Committed shards / views per second / ETA, read from the commit records, so it is
+    right on any cluster and costs one listing per interval."""
+
+    def __init__(self, writer, todo: list[ShardSpec], views: int, interval_s: float = 10.0):
+        super().__init__(self._report, interval_s)
+        self.writer = writer
+        self.todo = {s.index: len(s.instances) * views for s in todo}
+        self.t0 = time.perf_counter()
+
+    def _report(self) -> None:
+        done = [i for i in self.writer.committed() if i in self.todo]
+        views_done = sum(self.todo[i] for i in done)
+        total = sum(self.todo.values())
+        elapsed = time.perf_counter() - self.t0
+        rate = views_done / elapsed if elapsed > 0 else 0.0
+        eta = f", ETA {(total - views_done) / rate:.0f} s" if 0 < rate and views_done < total else ""
+        print(
+            f"[cache] {len(done)}/{len(self.todo)} shards, {views_done}/{total} views, {rate:.1f} views/s{eta}",
+            flush=True,
+        )
+
+
+# ----------------------------------------------------------------------------- spot check
+
+
+@dataclass
+class SpotCheck:
+    rows: list[int]
+    max_abs: dict[str, float]
+    tolerance: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        return all(self.max_abs[k] <= self.tolerance[k] for k in self.max_abs)
+
+    def summary(self) -> str:
+        parts = [f"{k} max|diff| {v:.4g} (tol {self.tolerance[k]:.3g})" for k, v in self.max_abs.items()]
+        verdict = "OK" if self.ok else "MISMATCH: the cache does not match this teacher (stale or wrong cache?)"
+        return f"[spot-check] {len(self.rows)} views re-run through the teacher: " + "; ".join(parts) + f" -> {verdict}"
+
+
+def spot_check(uri: str, n: int, checkpoint: str | None = None, seed: int = 0, batch_size: int = 16) -> SpotCheck:
+    """Re-run the teacher on n random cached views and compare with what the cache holds."""
+    import torch
+
+    from distilpose.data.coco import load_coco, read_image
+    from distilpose.data.transforms import ViewParams, apply_view
+    from pipeline.cache import open_reader
+
+    reader = open_reader(uri)
+    manifest = reader.manifest
+    if checkpoint and file_sha256(checkpoint) != manifest.teacher.checkpoint_sha256:
+        raise ValueError(
+            f"--checkpoint {checkpoint} is not the teacher this cache was built with "
+            f"(sha256 {manifest.teacher.checkpoint_sha256[:12]}...)"
+        )
+    if checkpoint is None and manifest.teacher.checkpoint_sha256 != "random-init":
+        raise ValueError("--spot-check needs --checkpoint: the teacher checkpoint the cache was built with")
+    rows = sorted(np.random.default_rng(seed).choice(len(reader), size=min(n, len(reader)), replace=False).tolist())
+    fields = ["image_id", "view_params", "heatmaps", "kpt_tokens", "vis_tokens"]
+    cached = reader.read_rows(np.asarray(rows), fields=fields)
+    _, images = load_coco(manifest.data.ann_file)
+    model = build_teacher(manifest.teacher.preset, checkpoint)
+    input_size = tuple(model.config.input_size)
+    crops = np.stack(
+        [
+            apply_view(
+                read_image(manifest.data.image_root, images[int(i)].file_name),
+                np.zeros((0, 3), np.float32),
+                ViewParams.from_array(v),
+                input_size,
+            )[0]
+            for i, v in zip(cached["image_id"], cached["view_params"])
+        ]
+    )
+    fresh = run_teacher(model, crops, batch_size, torch.device("cpu"))
+    # Compare in the cache's own encoding, so only a different teacher or input shows up,
+    # not the (documented) quantization error.
+    max_abs, tolerance = {}, {}
+    for name in ("heatmaps", "kpt_tokens", "vis_tokens"):
+        again = decode_field(name, encode_field(name, fresh[name], reader.spec), reader.spec)
+        max_abs[name] = float(np.abs(again - cached[name]).max())
+        # One quantization step of slack for values that sit on a rounding boundary.
+        tolerance[name] = float(np.abs(fresh[name]).max()) / 100 + 1e-4
+    return SpotCheck(rows=rows, max_abs=max_abs, tolerance=tolerance)
