@@ -428,6 +428,10 @@ def _bytes(n: float) -> str:
     return f"{n:,.0f} B"
 
 
+def _dollars(x: float) -> str:
+    return f"${x:,.2f}" if x >= 1 or x == 0 else f"${x:.4f}"
+
+
 def _hours(h: float) -> str:
     return f"{h:,.3f} GPU-h" if h < 10 else f"{h:,.1f} GPU-h"
 
@@ -448,14 +452,14 @@ def format_plan(plan: Plan) -> str:
         ("PUT requests (cache)", f"{plan.put_requests:,}"),
         ("GET requests (teacher)", f"{plan.image_gets_teacher:,} image reads"),
         ("teacher forward", f"{plan.teacher_forward_gflops:.2f} GFLOPs/view"),
-        ("teacher GPU-hours", f"{_hours(plan.teacher_gpu_hours)}  ${plan.teacher_cost:,.2f}  "
+        ("teacher GPU-hours", f"{_hours(plan.teacher_gpu_hours)}  {_dollars(plan.teacher_cost)}  "
                               f"({plan.gpu_type}, ${plan.price_per_gpu_hour:g}/h)"),
-        ("S3 storage", f"${plan.storage_cost_per_month:,.2f} / month"),
+        ("S3 storage", f"{_dollars(plan.storage_cost_per_month)} / month"),
     ]  # fmt: skip
     for s in plan.students:
         rows += [
             (f"student {s.preset}", f"{s.forward_gflops:.2f} GFLOPs fwd; {_hours(s.gpu_hours_per_epoch)} per epoch, "
-                                    f"{_hours(s.gpu_hours_total)} for {plan.epochs} epochs = ${s.cost_total:,.2f}"),
+                                    f"{_hours(s.gpu_hours_total)} for {plan.epochs} epochs = {_dollars(s.cost_total)}"),
             ("  GET requests", f"{s.gets_per_epoch:,} cache + {s.image_gets_per_epoch:,} image per epoch, "
                                f"{(s.gets_per_epoch + s.image_gets_per_epoch) * plan.epochs:,} per run"),
             ("  teacher cost / epoch", f"{s.teacher_to_epoch_ratio:.2f} (building the cache costs as much compute "
@@ -467,9 +471,10 @@ def format_plan(plan: Plan) -> str:
                                          f"{_hours(plan.teacher_gpu_hours)} once for the cache"),
         ]  # fmt: skip
     rows += [
-        ("S3 requests", f"${plan.request_cost:,.2f}"),
-        ("estimated total", f"${plan.total_cost:,.2f}  (teacher + students x {plan.epochs} epochs + "
-                            f"{plan.storage_months:g} month(s) storage + requests)"),
+        ("S3 requests", f"{_dollars(plan.request_cost)}"),
+        ("estimated total", f"{_dollars(plan.total_cost)}  (teacher"
+                            + (f" + {len(plan.students)} student(s) x {plan.epochs} epochs" if plan.students else "")
+                            + f" + {plan.storage_months:g} month(s) storage + requests)"),
     ]  # fmt: skip
     width = max(len(label) for label, _ in rows)
     lines = [f"{label:<{width}}  {value}" for label, value in rows]

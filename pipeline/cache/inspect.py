@@ -88,11 +88,19 @@ def describe_cache(uri: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.cache.inspect", description=__doc__.split("\n")[0])
     parser.add_argument("uri", help="cache root: local path or s3://bucket/prefix")
+    parser.add_argument("--render", metavar="ID", help="draw one view: global row number or INSTANCE_ID:VIEW")
+    parser.add_argument("--png", default="view.png", help="with --render: output PNG (default view.png)")
+    parser.add_argument("--data", help="with --render: data set root, to rebuild the crop from its image")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.render is not None:
+        from pipeline.cache.render import render_cli
+
+        print(render_cli(args.uri, args.render, args.png, args.data))
+        return 0
     print(describe_cache(args.uri))
     return 0
 

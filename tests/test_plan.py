@@ -1,0 +1,130 @@
+"""Cache / training cost planner (pipeline.plan): scaling, object counts against the real stores."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from pipeline.cache import CacheSpec, open_writer
+from pipeline.cache.schema import FIELDS, field_names
+from pipeline.plan import (
+    GPU_TYPES,
+    attention_gmacs,
+    estimate,
+    main,
+    model_cost,
+    objects_per_shard,
+)
+
+TINY = dict(teacher="tokenpose-tiny", students=("distilpose-tiny",))
+COCO_TRAIN_INSTANCES = 149_813
+
+
+def test_bytes_hours_and_requests_scale_linearly_with_instances_and_views() -> None:
+    # Instances and views that fill whole shards, so nothing is rounded.
+    base = estimate(instances=512, views=2, shard_views=256, **TINY)
+    more_instances = estimate(instances=1024, views=2, shard_views=256, **TINY)
+    more_views = estimate(instances=512, views=4, shard_views=256, **TINY)
+    for bigger, factor in ((more_instances, 2), (more_views, 2)):
+        assert bigger.views_total == factor * base.views_total
+        assert bigger.bytes_total == pytest.approx(factor * base.bytes_total)
+        assert bigger.shards == factor * base.shards
+        assert bigger.objects_total - 1 == factor * (base.objects_total - 1)  # - the manifest
+        assert bigger.teacher_gpu_hours == pytest.approx(factor * base.teacher_gpu_hours)
+        assert bigger.storage_cost_per_month == pytest.approx(factor * base.storage_cost_per_month)
+    # A student epoch sees one view per instance: it scales with instances, not views.
+    assert more_instances.students[0].gpu_hours_per_epoch == pytest.approx(2 * base.students[0].gpu_hours_per_epoch)
+    assert more_views.students[0].gpu_hours_per_epoch == pytest.approx(base.students[0].gpu_hours_per_epoch)
+
+
+def test_gpu_hours_follow_the_stated_formula() -> None:
+    plan = estimate(instances=1000, views=3, gpu_type="a100", utilization=0.5, **TINY)
+    teacher = model_cost("tokenpose-tiny")
+    expected = 1000 * 3 * teacher.forward_gflops * 1e9 / (GPU_TYPES["a100"].peak_tflops * 1e12 * 0.5) / 3600
+    assert plan.teacher_gpu_hours == pytest.approx(expected)
+    assert plan.teacher_cost == pytest.approx(expected * GPU_TYPES["a100"].price_per_hour)
+    student = plan.students[0]
+    assert student.gpu_hours_per_epoch == pytest.approx(
+        1000 * 3 * model_cost("distilpose-tiny").forward_gflops * 1e9 / (312e12 * 0.5) / 3600
+    )
+    assert student.teacher_to_epoch_ratio == pytest.approx(plan.teacher_gpu_hours / student.gpu_hours_per_epoch)
+    assert estimate(instances=1000, views=3, price_per_gpu_hour=1.0, **TINY).teacher_cost == pytest.approx(
+        estimate(instances=1000, views=3, **TINY).teacher_gpu_hours
+    )
+
+
+def test_attention_macs_match_the_spec_figure() -> None:
+    from distilpose.models import get_config
+
+    # Spec 2.5: QK^T and AV for 273 tokens x 12 layers = 0.343 G, not in the paper's count.
+    assert attention_gmacs(get_config("tokenpose-w48")) == pytest.approx(0.343, abs=1e-3)
+
+
+def _write_one_shard(uri: str, spec: CacheSpec, fmt: str, rows: int = 4) -> None:
+    rng = np.random.default_rng(0)
+    batch = {}
+    for name in field_names(spec):
+        fdef = FIELDS[name]
+        if name == "crop_jpeg":
+            batch[name] = [b"\xff\xd8fake" for _ in range(rows)]
+        elif fdef.dtype == "float32":
+            batch[name] = rng.random((rows, *fdef.shape(spec)), dtype=np.float32) + 0.5
+        else:
+            batch[name] = np.arange(rows).astype(fdef.dtype)
+    open_writer(uri, spec, fmt).write_shard(0, batch)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+@pytest.mark.parametrize("store_crops", [False, True])
+def test_object_count_per_shard_matches_the_real_store(tmp_path, fmt: str, store_crops: bool) -> None:
+    spec = CacheSpec(num_joints=17, heatmap_size=(32, 24), dim=64, num_patches=64, store_crops=store_crops)
+    root = tmp_path / "cache"
+    _write_one_shard(str(root), spec, fmt)
+    files = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
+    assert len(files) == objects_per_shard(spec, fmt), sorted(os.path.relpath(f, root) for f in files)
+
+
+def test_token_and_small_field_bytes_are_the_schema_sizes() -> None:
+    plan = estimate(instances=10, views=1, **TINY)
+    fields = plan.bytes_per_view_by_field
+    assert fields["kpt_tokens"] == 17 * 64 + 17 * 2  # int8 values + fp16 scale per token
+    assert fields["vis_tokens"] == 64 * 64 + 64 * 2
+    assert fields["gauss"] == 17 * 4 * 4
+    assert 0 < fields["heatmaps"] < 17 * 32 * 24  # compressed uint8: an estimate below raw
+
+
+def test_wds_packs_fewer_objects_and_gets_than_zarr() -> None:
+    zarr = estimate(instances=2560, views=1, fmt="zarr", **TINY)
+    wds = estimate(instances=2560, views=1, fmt="wds", **TINY)
+    assert wds.objects_total < zarr.objects_total
+    assert wds.students[0].gets_per_epoch == wds.shards
+    assert zarr.students[0].gets_per_epoch > wds.students[0].gets_per_epoch
+
+
+def test_bad_inputs_are_refused() -> None:
+    with pytest.raises(ValueError, match="GPU type"):
+        estimate(instances=10, views=1, gpu_type="tpu", **TINY)
+    with pytest.raises(ValueError, match="not a teacher"):
+        estimate(instances=10, views=1, teacher="distilpose-tiny")
+    with pytest.raises(ValueError, match="utilization"):
+        estimate(instances=10, views=1, utilization=0, **TINY)
+
+
+def test_coco_scale_plan_and_cli(capsys) -> None:
+    plan = estimate(instances=COCO_TRAIN_INSTANCES, views=8, teacher="tokenpose-w48")
+    assert plan.shards == -(-COCO_TRAIN_INSTANCES // 32)  # 32 instances x 8 views per 256-view shard
+    assert 30 * 2**30 < plan.bytes_total < 200 * 2**30  # tens of GiB: tokens dominate
+    assert plan.teacher_forward_gflops == pytest.approx(2 * (17.028 + 0.343), rel=1e-3)
+    assert [s.preset for s in plan.students] == ["distilpose-s", "distilpose-l"]
+    # A student epoch is much cheaper than caching 8 views: the cache pays back across epochs and runs.
+    assert plan.students[0].teacher_to_epoch_ratio > 8
+    table = plan.table()
+    for text in ("cache size (estimate)", "teacher GPU-hours", "distilpose-l", "assumptions:", "estimate"):
+        assert text in table
+    # The CLI in-process: the model costs computed above are cached.
+    assert main(["--instances", str(COCO_TRAIN_INSTANCES), "--views", "8", "--teacher", "tokenpose-w48",
+                 "--gpu-type", "l4", "--format", "wds"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "NVIDIA L4" in out and "format wds" in out
