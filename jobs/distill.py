@@ -45,8 +45,40 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
     p.add_argument("--log-every", type=int, default=10, help="steps between step-metric rows")
+    p.add_argument(
+        "--placement-strategy",
+        choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+        default="PACK",
+        help="how Ray places the workers on nodes (SPREAD: one per node where possible)",
+    )
+    p.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="refuse a cache whose manifest differs, e.g. teacher.checkpoint_sha256=<sha> (repeatable)",
+    )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--verbose", action="store_true")
+    # Test hooks (fault-injection tests): not part of the user interface.
+    p.add_argument("--pid-dir", help=argparse.SUPPRESS)
+    p.add_argument("--step-sleep-s", type=float, default=0.0, help=argparse.SUPPRESS)
+
+
+def parse_expect(items: list[str]) -> dict:
+    """["teacher.preset=tokenpose-w48", "views=8"] -> dotted-key dict (values parsed as JSON when they can be)."""
+    import json
+
+    expected = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--expect {item!r}: use KEY=VALUE, e.g. teacher.preset=tokenpose-w48")
+        try:
+            expected[key] = json.loads(value)
+        except json.JSONDecodeError:
+            expected[key] = value
+    return expected
 
 
 def config_from_args(args):
@@ -83,6 +115,10 @@ def config_from_args(args):
         seed=args.seed,
         max_failures=args.max_failures,
         log_every=args.log_every,
+        placement_strategy=args.placement_strategy,
+        expect_teacher=parse_expect(args.expect),
+        pid_dir=args.pid_dir,
+        step_sleep_s=args.step_sleep_s,
     )
 
 

@@ -38,7 +38,9 @@ def main(argv=None) -> int:
 
     overrides = {}
     for item in args.set:
-        key, _, value = item.partition("=")
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--set {item!r}: use FIELD=VALUE, e.g. --set epochs=8")
         overrides[key] = yaml.safe_load(value)
     for key in ("val", "data"):
         if getattr(args, key):

@@ -30,6 +30,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sigma", type=float, default=2.0, help="heatmap Gaussian sigma (heatmap px)")
+    p.add_argument("--aug", choices=["spec", "light", "none"], default="spec", help="augmentation preset")
+    p.add_argument(
+        "--backbone-init",
+        choices=["kaiming", "official"],
+        default="kaiming",
+        help="backbone conv init (official = mmpose N(0, 0.001); kaiming learns faster in short runs)",
+    )
     p.add_argument("--out", default="runs/teacher", help="run directory (checkpoint, logs, eval.json)")
     p.add_argument("--time-budget-s", type=float, help="stop training after this many seconds of training")
     p.add_argument("--workers-dataloader", type=int, default=1, help="DataLoader worker processes")
@@ -55,6 +62,8 @@ def main(argv=None) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         sigma=args.sigma,
+        aug=args.aug,
+        backbone_init=args.backbone_init,
         time_budget_s=args.time_budget_s,
         workers=args.workers_dataloader,
         threads=args.threads,

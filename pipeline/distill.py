@@ -10,6 +10,13 @@ A checkpoint (model, optimizer, scheduler, epoch, step, RNG states) is committed
 from it, and a killed worker makes Ray Train restart the worker group from it.
 `online_teacher` runs the teacher in the loop on the same views (the official code's way,
 the baseline the cache is measured against); `no_distill` trains with L_reg alone.
+
+Storage writes: Ray Train uploads checkpoints itself (pyarrow `copy_files`; on S3 every
+request is retried by the AWS SDK's retry strategy, which `build_trainer` sets to
+`S3_RETRY_ATTEMPTS`; an upload that still fails fails the report, and the worker group
+restarts from the last committed checkpoint). Everything this module writes (metrics logs,
+run record, exported students) goes through `pipeline.storage`, which retries transient S3
+errors.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import io
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,6 +38,21 @@ from pipeline import storage
 from pipeline.progress import Poller
 
 CHECKPOINT_FILE = "state.pt"
+RUN_FILE = "run.json"  # what the run is; a resume must match it
+S3_RETRY_ATTEMPTS = 10  # per S3 request of Ray's checkpoint uploads (the SDK default is 3)
+LOCAL_PATH_FIELDS = ("storage", "cache", "data", "val", "teacher_checkpoint", "init_backbone", "pid_dir")
+# Config fields that change what a run trains; resuming a run with other values would mix two runs.
+IDENTITY_FIELDS = (
+    "student",
+    "no_distill",
+    "alpha_kt",
+    "alpha_vt",
+    "alpha_sh",
+    "alpha_cs",
+    "sh_weighting",
+    "online_teacher",
+    "seed",
+)
 
 
 @dataclass
@@ -64,8 +87,10 @@ class DistillConfig:
     seed: int = 0
     max_failures: int = 2
     log_every: int = 10
+    placement_strategy: str = "PACK"  # "SPREAD": one worker per node where the cluster allows
     expect_teacher: dict = field(default_factory=dict)  # manifest keys the cache must match
-    # Test hooks: a worker writes its pid here so fault tests can kill it.
+    # Test hooks: a worker writes its pid (rank<r>.pid) and where it started training
+    # (start-rank<r>-<pid>.json) here so fault tests can kill it and check the restart.
     pid_dir: str | None = None
     step_sleep_s: float = 0.0
 
@@ -79,9 +104,29 @@ class DistillConfig:
             return tuple(self.lr_steps)
         return (round(self.epochs * 2 / 3), round(self.epochs * 13 / 15))
 
+    def teacher_fields(self) -> tuple[str, ...]:
+        """Teacher fields the enabled loss terms read (from the cache or the online teacher)."""
+        from distilpose.losses import DistillLoss
+
+        return tuple(DistillLoss(**self.alphas(), sh_weighting=self.sh_weighting).needed_teacher_fields)
+
 
 def run_dir(cfg: DistillConfig) -> str:
     return storage.join(cfg.storage, cfg.name)
+
+
+def resolve_paths(cfg: DistillConfig) -> DistillConfig:
+    """A copy with local paths made absolute. Ray workers do not share the driver's working
+    directory (and Tune trials chdir into their trial folder), so a relative path would
+    point somewhere else there."""
+    changes = {}
+    for name in LOCAL_PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value and storage.is_local(value):
+            changes[name] = storage.local_path(value)
+    if cfg.val_boxes != "gt" and storage.is_local(cfg.val_boxes):
+        changes["val_boxes"] = storage.local_path(cfg.val_boxes)
+    return dataclasses.replace(cfg, **changes)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -102,23 +147,29 @@ def lr_lambda_factory(warmup_iters: int, milestones_steps: tuple[int, ...]):
 def _rng_state() -> dict:
     import torch
 
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": random.getstate()[1]}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        # The whole generator state (key, position, cached gaussian), not only the key.
+        "numpy": [keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": [int(version), list(mt), gauss_next],
+    }
 
 
 def _set_rng_state(state: dict) -> None:
     import torch
 
     torch.set_rng_state(state["torch"])
-    np_state = np.random.get_state()
-    np.random.set_state((np_state[0], np.asarray(state["numpy"], dtype=np.uint32), *np_state[2:]))
-    py_state = random.getstate()
-    random.setstate((py_state[0], tuple(state["python"]), py_state[2]))
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, mt, gauss_next = state["python"]
+    random.setstate((version, tuple(mt), gauss_next))
 
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
-    import torch.distributed as dist
     from ray.train.torch import prepare_model
 
     from distilpose.losses import DistillLoss
@@ -130,9 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.pid_dir:
-        os.makedirs(cfg.pid_dir, exist_ok=True)
-        with open(os.path.join(cfg.pid_dir, f"rank{rank}.pid"), "w") as f:
-            f.write(str(os.getpid()))
+        _write_pid(cfg.pid_dir, rank)
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
@@ -142,7 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     reader = open_reader(cfg.cache)
     loss_fn = DistillLoss(**cfg.alphas(), sh_weighting=cfg.sh_weighting)
-    teacher_fields = () if cfg.online_teacher else tuple(loss_fn.needed_teacher_fields)
+    needed = tuple(loss_fn.needed_teacher_fields)
     layout = _image_layout(cfg, reader)
     student = build_model(cfg.student)
     if cfg.init_backbone:
@@ -154,13 +203,13 @@ def train_loop_per_worker(config: dict) -> None:
         image_root=layout["image_root"],
         image_files=layout["image_files"],
         input_size=student.config.input_size,
-        teacher_fields=teacher_fields,
+        teacher_fields=() if cfg.online_teacher else needed,  # columnar: only what the loss reads
         rank=rank,
         world_size=world,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
     )
-    teacher = _online_teacher(cfg, device) if cfg.online_teacher and loss_fn.needed_teacher_fields else None
+    teacher = _online_teacher(cfg, device) if cfg.online_teacher and needed else None
 
     model = prepare_model(student)
     core = model.module if hasattr(model, "module") else model
@@ -181,7 +230,9 @@ def train_loop_per_worker(config: dict) -> None:
         best = json.loads(state["best"])
         _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         if rank == 0:
-            print(f"[distill] resumed from epoch {state['epoch'] + 1} checkpoint (step {step})", flush=True)
+            print(_resume_line(start_epoch, step, cfg.epochs), flush=True)
+    if cfg.pid_dir:
+        _record_start(cfg.pid_dir, rank, start_epoch)
 
     logger = MetricsLogger(run_dir(cfg), completed_epochs=start_epoch) if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
@@ -201,19 +252,17 @@ def train_loop_per_worker(config: dict) -> None:
             scheduler.step()
             step += 1
             seen += len(batch["image"])
-            for k, v in {"loss": total, **terms}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            losses = {k: float(v.detach()) for k, v in {"loss": total, **terms}.items()}
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
             if logger and step % cfg.log_every == 0:
-                logger.step(
-                    step,
-                    epoch,
-                    {k: float(v.detach()) for k, v in {"loss": total, **terms}.items()},
-                    scheduler.get_last_lr()[0],
-                )
+                logger.step(step, epoch, losses, scheduler.get_last_lr()[0])
             if cfg.step_sleep_s:
                 time.sleep(cfg.step_sleep_s)
         elapsed = time.perf_counter() - t0
-        metrics = {f"train/{k}": v / max(1, stream.steps) for k, v in sums.items()}
+        # Every rank saw a different part of the data: report the mean over all of them.
+        means = _mean_over_ranks({k: v / max(1, stream.steps) for k, v in sums.items()}, device)
+        metrics = {f"train/{k}": v for k, v in means.items()}
         metrics.update(
             {
                 "epoch": epoch + 1,
@@ -229,12 +278,14 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update(_evaluate(core, cfg, device))
             if "AP" in metrics and metrics["AP"] >= best.get("AP", -1.0):
                 best = {"AP": metrics["AP"], "epoch": epoch + 1}
+                # Written now: with num_to_keep checkpoints the best epoch's may be gone later.
+                save_student(
+                    storage.join(run_dir(cfg), "export", "student_best.pt"),
+                    core,
+                    _export_extra(cfg, epoch + 1, metrics, needed),
+                )
         metrics["best_AP"] = best.get("AP", -1.0)
-        if dist.is_available() and dist.is_initialized():
-            rng_states = [None] * world
-            dist.all_gather_object(rng_states, _rng_state())
-        else:
-            rng_states = [_rng_state()]
+        rng_states = _gather_rng_states(world)
         if rank == 0:
             logger.epoch(metrics)
             print(_epoch_line(metrics), flush=True)
@@ -251,6 +302,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "config": json.dumps(dataclasses.asdict(cfg)),
                         "student_config": json.dumps(dataclasses.asdict(core.config)),
                         "metrics": json.dumps(metrics),
+                        "teacher_fields": json.dumps(list(needed)),
                     },
                     os.path.join(d, CHECKPOINT_FILE),
                 )
@@ -261,6 +313,63 @@ def train_loop_per_worker(config: dict) -> None:
                 )
         else:
             ray.train.report(metrics)
+    if logger:
+        logger.close()
+
+
+def _write_pid(pid_dir: str, rank: int) -> None:
+    os.makedirs(pid_dir, exist_ok=True)
+    path = os.path.join(pid_dir, f"rank{rank}.pid")
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)  # a reader never sees an empty file
+
+
+def _record_start(pid_dir: str, rank: int, start_epoch: int) -> None:
+    """Test hook: which process started training where (fault tests read these)."""
+    import ray
+
+    record = {
+        "rank": rank,
+        "pid": os.getpid(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "start_epoch": start_epoch,
+        "time": time.time(),
+    }
+    path = os.path.join(pid_dir, f"start-rank{rank}-{os.getpid()}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+
+
+def _resume_line(start_epoch: int, step: int, epochs: int) -> str:
+    if start_epoch >= epochs:
+        return f"[distill] resumed: all {epochs} epochs are already trained (step {step}); nothing to do"
+    return (
+        f"[distill] resuming at epoch {start_epoch + 1}/{epochs} from the epoch {start_epoch} checkpoint (step {step})"
+    )
+
+
+def _mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)  # every rank has the same loss terms
+    totals = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, totals.tolist())}
+
+
+def _gather_rng_states(world: int) -> list:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        states = [None] * world
+        dist.all_gather_object(states, _rng_state())
+        return states
+    return [_rng_state()]
 
 
 def _epoch_line(metrics: dict) -> str:
@@ -279,6 +388,8 @@ def _image_layout(cfg: DistillConfig, reader) -> dict:
     """Image root and image-id -> file map for rebuilding views (not needed with stored crops)."""
     from distilpose.data.coco import load_coco
 
+    if reader.spec.store_crops:
+        return {"image_root": None, "image_files": {}}
     data = reader.manifest.data
     ann_file, image_root = data.ann_file, data.image_root
     if cfg.data:
@@ -286,8 +397,6 @@ def _image_layout(cfg: DistillConfig, reader) -> dict:
 
         layout = resolve_layout(cfg.data, data.split)
         ann_file, image_root = layout.ann_file, layout.image_root
-    if reader.spec.store_crops:
-        return {"image_root": None, "image_files": {}}
     _, images = load_coco(ann_file)
     return {"image_root": image_root, "image_files": {i: info.file_name for i, info in images.items()}}
 
@@ -296,11 +405,13 @@ def _online_teacher(cfg: DistillConfig, device):
     """The teacher in the loop: a callable batch -> dict of teacher fields (no grad)."""
     import torch
 
-    from distilpose.models.checkpoints import load_teacher
+    from pipeline.teacher_stage import build_teacher
 
-    teacher = load_teacher(
-        cfg.online_teacher, storage.local_copy(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else None
-    )
+    # build_teacher seeds a checkpoint-less (random) teacher exactly like the cache job does,
+    # so every rank - and the cache - has the same teacher; fork_rng keeps that seeding
+    # from touching this worker's own RNG stream.
+    with torch.random.fork_rng():
+        teacher = build_teacher(cfg.online_teacher, cfg.teacher_checkpoint)
     teacher.to(device).eval()
 
     def run(images):
@@ -326,7 +437,29 @@ def _evaluate(model, cfg: DistillConfig, device) -> dict:
         model, layout.ann_file, layout.image_root, boxes=cfg.val_boxes, flip_test=cfg.flip_test, device=device
     )
     model.train(was_training)
-    return {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
+    return {k: float(v) for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _export_extra(cfg: DistillConfig, epoch: int, metrics: dict, teacher_fields) -> dict:
+    return {
+        "run": cfg.name,
+        "epoch": int(epoch),
+        "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        "teacher_fields": list(teacher_fields),
+        "online_teacher": cfg.online_teacher or "",
+    }
+
+
+def save_student(uri: str, model, extra: dict) -> None:
+    """The student in our checkpoint format (distilpose.models.checkpoints) at a local or S3 URI."""
+    from distilpose.models.checkpoints import save_checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        local = os.path.join(d, "student.pt")
+        save_checkpoint(local, model, extra=extra)
+        with open(local, "rb") as f:
+            data = f.read()
+    storage.atomic_write_bytes(uri, data)
 
 
 class MetricsLogger:
@@ -360,11 +493,12 @@ class MetricsLogger:
 
     def step(self, step: int, epoch: int, losses: dict, lr: float) -> None:
         row = {"step": step, "epoch": epoch + 1, "lr": lr, **losses}
-        self.rows["steps.csv"].append(row)
-        if len(self.rows["steps.csv"]) == 1:
-            self._write("steps.csv")  # header
+        rows = self.rows["steps.csv"]
+        rows.append(row)
+        if len(rows) == 1 or list(rows[-2]) != list(row):
+            self._write("steps.csv")  # (new) header
         else:
-            with open(os.path.join(self.local, "steps.csv"), "a", newline="") as f:  # fixed columns: append
+            with open(os.path.join(self.local, "steps.csv"), "a", newline="") as f:  # same columns: append
                 csv.DictWriter(f, fieldnames=list(row)).writerow(row)
         for k, v in losses.items():
             self.tb.add_scalar(f"step/{k}", v, step)
@@ -376,11 +510,18 @@ class MetricsLogger:
             if isinstance(v, int | float):
                 self.tb.add_scalar(f"epoch/{k}", v, metrics["epoch"])
         self.tb.flush()
+        self._upload()
+
+    def _upload(self) -> None:
         for root, _, files in os.walk(self.local):
             for name in files:
                 rel = os.path.relpath(os.path.join(root, name), self.local)
                 with open(os.path.join(root, name), "rb") as f:
                     storage.atomic_write_bytes(storage.join(self.remote, *rel.split(os.sep)), f.read())
+
+    def close(self) -> None:
+        self.tb.close()
+        shutil.rmtree(self.local, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -395,25 +536,156 @@ class DistillResult:
     wall_s: float
 
 
-def check_cache_for_run(cfg: DistillConfig) -> None:
-    """Refuse early (on the driver) a cache that is incomplete or made for another teacher/data."""
+def check_cache_for_run(cfg: DistillConfig):
+    """Refuse early (on the driver) a cache that is incomplete, made for another
+    teacher/data, or whose teacher does not fit the student. Returns the cache's manifest."""
     from pipeline.cache import open_reader
     from pipeline.cache.schema import check_compatible
+    from pipeline.distill_data import steps_per_epoch
 
-    reader = open_reader(cfg.cache)
+    reader = open_reader(cfg.cache)  # no manifest yet: "not finalized" error naming the commits
     if not reader.manifest.complete:
         raise ValueError(f"cache {cfg.cache} is not complete; finish it with jobs/cache_teacher.py (it resumes)")
     if cfg.expect_teacher:
         check_compatible(reader.manifest, cfg.expect_teacher, uri=cfg.cache)
+    check_student_fits(cfg, reader.manifest)
+    if cfg.data:
+        check_data_matches(cfg, reader.manifest)
+    steps_per_epoch(reader, cfg.workers, cfg.batch_size)  # raises when a worker would get no batch
+    return reader.manifest
+
+
+def check_student_fits(cfg: DistillConfig, manifest) -> None:
+    """The student's crops, joints and tokens must line up with the teacher's, or the loss
+    would compare unrelated tensors (or fail deep inside a worker)."""
+    from distilpose.models import get_config
+    from pipeline.cache.schema import CacheMismatchError
+
+    student = get_config(cfg.student)
+    if student.kind != "student":
+        raise ValueError(f"--student {cfg.student!r} is a {student.kind} preset, not a student")
+    fields = cfg.teacher_fields()
+    if cfg.online_teacher:
+        source, teacher = f"online teacher {cfg.online_teacher!r}", get_config(cfg.online_teacher)
+        have = {
+            "input size": tuple(teacher.input_size),
+            "joints": teacher.num_joints,
+            "heatmap size": tuple(teacher.heatmap_size),
+            "token dim": teacher.dim,
+            "visual tokens": teacher.num_patches,
+        }
+    else:
+        spec = manifest.spec
+        source = f"teacher cache {cfg.cache} (teacher {manifest.teacher.preset!r})"
+        have = {
+            "input size": tuple(manifest.teacher.config.get("input_size", student.input_size)),
+            "joints": spec.num_joints,
+            "heatmap size": tuple(spec.heatmap_size),
+            "token dim": spec.dim,
+            "visual tokens": spec.num_patches,
+        }
+    want = {
+        "input size": tuple(student.input_size),  # cached joints / crops are in this crop's pixels
+        "joints": student.num_joints,
+        "heatmap size": tuple(student.heatmap_size) if "heatmaps" in fields else have["heatmap size"],
+        "token dim": student.dim if {"kpt_tokens", "vis_tokens"} & set(fields) else have["token dim"],
+        "visual tokens": student.num_patches if "vis_tokens" in fields else have["visual tokens"],
+    }
+    differences = [f"{key}: {have[key]} vs student {want[key]}" for key in want if have[key] != want[key]]
+    if differences:
+        raise CacheMismatchError(
+            f"student {cfg.student!r} does not fit the {source}:\n  - "
+            + "\n  - ".join(differences)
+            + "\nUse a cache made by a matching teacher, or pick a student preset of the same size."
+        )
+
+
+def check_data_matches(cfg: DistillConfig, manifest) -> None:
+    """Views are rebuilt from --data's images: its annotation file must be the cached one."""
+    from distilpose.data.coco import data_fingerprint
+    from pipeline.cache.schema import CacheMismatchError
+    from pipeline.dataset_layout import resolve_layout
+
+    layout = resolve_layout(cfg.data, manifest.data.split)
+    found = data_fingerprint(layout.ann_file).sha256
+    if found != manifest.data.ann_file_sha256:
+        raise CacheMismatchError(
+            f"--data {cfg.data}: {layout.ann_file} (sha256 {found[:12]}...) is not the annotation file the "
+            f"cache {cfg.cache} was built from (sha256 {manifest.data.ann_file_sha256[:12]}..., "
+            f"{manifest.data.ann_file}); the cached views would be cut from the wrong images"
+        )
+
+
+def run_identity(cfg: DistillConfig, manifest) -> dict:
+    identity = {k: getattr(cfg, k) for k in IDENTITY_FIELDS}
+    identity["cache_teacher"] = f"{manifest.teacher.preset}:{manifest.teacher.checkpoint_sha256}"
+    identity["cache_data"] = manifest.data.ann_file_sha256
+    return json.loads(json.dumps(identity))
+
+
+def check_run_record(cfg: DistillConfig, manifest, resumed: bool) -> None:
+    """Write `<run>/run.json` on a fresh start; on resume refuse a different student, loss
+    or teacher cache (the checkpoint would be continued with another objective)."""
+    uri = storage.join(run_dir(cfg), RUN_FILE)
+    identity = run_identity(cfg, manifest)
+    if resumed and storage.exists(uri):
+        recorded = json.loads(storage.read_bytes(uri))
+        differences = [
+            f"{k}: run has {recorded.get(k)!r}, this command {v!r}" for k, v in identity.items() if recorded.get(k) != v
+        ]
+        if differences:
+            raise ValueError(
+                f"run '{cfg.name}' at {run_dir(cfg)} was started with another configuration:\n  - "
+                + "\n  - ".join(differences)
+                + "\nUse a new --name to start a separate run (or the original settings to resume it)."
+            )
+        return
+    storage.atomic_write_bytes(uri, (json.dumps(identity, indent=2) + "\n").encode())
+
+
+def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
+    """Driver-side checks before a fit: absolute paths, cache, resume or fresh start.
+    Returns the resolved config and whether the run resumes."""
+    cfg = resolve_paths(cfg)
+    manifest = check_cache_for_run(cfg)
+    resumed = is_resume(cfg)
+    check_run_record(cfg, manifest, resumed)
+    if resumed:
+        print(
+            f"[distill] run '{cfg.name}' exists at {run_dir(cfg)}: resuming from its last checkpoint "
+            "(use a new --name to start fresh)",
+            flush=True,
+        )
+    else:
+        print(f"[distill] starting new run '{cfg.name}' at {run_dir(cfg)}", flush=True)
+    warn_if_cluster_too_small(cfg)
+    return cfg, resumed
+
+
+def warn_if_cluster_too_small(cfg: DistillConfig) -> None:
+    """Ray Train waits, silently and forever, for resources that never come."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    have = ray.cluster_resources()
+    need = {"CPU": cfg.workers * cfg.cpus_per_worker, "GPU": cfg.workers if cfg.gpu else 0}
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v and have.get(k, 0.0) < v}
+    if short:
+        text = ", ".join(f"{k} {v:g} needed, {h:g} in the cluster" for k, (v, h) in short.items())
+        print(f"[distill] WARNING: {text}; training waits until the cluster grows (autoscaler)", flush=True)
 
 
 def build_trainer(cfg: DistillConfig, callbacks=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    cfg = resolve_paths(cfg)
+    storage_path, filesystem = ray_storage(cfg.storage)
     run_config = RunConfig(
         name=cfg.name,
-        storage_path=_ray_storage_path(cfg.storage),
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         callbacks=callbacks,
@@ -424,14 +696,38 @@ def build_trainer(cfg: DistillConfig, callbacks=None):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(cfg),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=cfg.gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.placement_strategy,
+        ),
         run_config=run_config,
     )
 
 
-def _ray_storage_path(uri: str) -> str:
-    # Ray Train wants an absolute local path or a URI it can hand to pyarrow.
-    return uri if "://" in uri else os.path.abspath(uri)
+def ray_storage(uri: str):
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig.
+
+    Local: an absolute path. S3: `bucket/prefix` plus a pyarrow S3FileSystem with a stronger
+    per-request retry strategy for checkpoint uploads; endpoint and region come from the same
+    environment as `pipeline.storage`, credentials from the AWS chain on each node (the
+    filesystem is pickled to the workers without them).
+    """
+    if storage.is_local(uri):
+        return storage.local_path(uri), None
+    import pyarrow.fs
+
+    options = {"retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS)}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.rpartition("://")
+        options.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["region"] = region
+    _, path = storage.open_fs(uri)
+    return path, pyarrow.fs.S3FileSystem(**options)
 
 
 def is_resume(cfg: DistillConfig) -> bool:
@@ -439,16 +735,7 @@ def is_resume(cfg: DistillConfig) -> bool:
 
 
 def run_distill(cfg: DistillConfig) -> DistillResult:
-    check_cache_for_run(cfg)
-    resumed = is_resume(cfg)
-    if resumed:
-        print(
-            f"[distill] run '{cfg.name}' exists at {run_dir(cfg)}: resuming from its last checkpoint "
-            "(use a new --name to start fresh)",
-            flush=True,
-        )
-    else:
-        print(f"[distill] starting new run '{cfg.name}' at {run_dir(cfg)}", flush=True)
+    cfg, resumed = prepare_run(cfg)
     t0 = time.perf_counter()
     with EpochProgress(run_dir(cfg)):
         result = build_trainer(cfg).fit()
@@ -460,29 +747,25 @@ def run_distill(cfg: DistillConfig) -> DistillResult:
 
 
 def export_checkpoints(cfg: DistillConfig, result) -> dict[str, str]:
-    """Latest (and best-by-AP when evaluated) student in our checkpoint format."""
+    """Latest student in our checkpoint format, plus the best-by-AP one when evaluated
+    (written by rank 0 when it was reached)."""
     import torch
 
     from distilpose.models import build_model
-    from distilpose.models.checkpoints import save_checkpoint
 
-    exported = {}
+    if result.checkpoint is None:
+        raise RuntimeError(f"run '{cfg.name}' finished without a committed checkpoint in {run_dir(cfg)}")
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
     model = build_model(cfg.student)
     model.load_state_dict(state["model"])
-    extra = {"run": cfg.name, "epoch": state["epoch"] + 1, "metrics": json.loads(state["metrics"])}
-    with tempfile.TemporaryDirectory() as d:
-        local = os.path.join(d, "student.pt")
-        save_checkpoint(local, model, extra=extra)
-        with open(local, "rb") as f:
-            data = f.read()
-    exported["latest"] = storage.join(run_dir(cfg), "export", "student_latest.pt")
-    storage.atomic_write_bytes(exported["latest"], data)
-    best = json.loads(state["best"])
-    if best and best.get("epoch") == state["epoch"] + 1:
-        exported["best"] = storage.join(run_dir(cfg), "export", "student_best.pt")
-        storage.atomic_write_bytes(exported["best"], data)
+    fields = json.loads(state.get("teacher_fields", "[]"))
+    extra = _export_extra(cfg, state["epoch"] + 1, json.loads(state["metrics"]), fields)
+    exported = {"latest": storage.join(run_dir(cfg), "export", "student_latest.pt")}
+    save_student(exported["latest"], model, extra)
+    best_uri = storage.join(run_dir(cfg), "export", "student_best.pt")
+    if json.loads(state["best"]) and storage.exists(best_uri):
+        exported["best"] = best_uri
     return exported
 
 
@@ -493,7 +776,7 @@ class EpochProgress(Poller):
         super().__init__(self._report, interval_s)
         self.epochs_uri = storage.join(run_uri, "logs", "epochs.csv")
         self.steps_uri = storage.join(run_uri, "logs", "steps.csv")
-        self.seen_epochs = self._rows(self.epochs_uri)
+        self.seen_epochs = len(self._rows(self.epochs_uri))
         self.last_step = None
 
     @staticmethod
@@ -504,12 +787,13 @@ class EpochProgress(Poller):
 
     def _report(self) -> None:
         epochs = self._rows(self.epochs_uri)
-        for row in epochs[len(self.seen_epochs) :]:
+        # A resumed run first drops the rows of epochs that were never committed.
+        for row in epochs[min(self.seen_epochs, len(epochs)) :]:
             metrics = {k: float(v) for k, v in row.items() if v not in ("", None)}
             print(_epoch_line(metrics), flush=True)
-        self.seen_epochs = epochs
+        self.seen_epochs = len(epochs)
         steps = self._rows(self.steps_uri)
-        if steps and steps[-1].get("step") != self.last_step and len(epochs) == len(self.seen_epochs):
+        if steps and steps[-1].get("step") != self.last_step:
             last = steps[-1]
             self.last_step = last.get("step")
             print(f"[distill]   step {last['step']} (epoch {last['epoch']}) loss {float(last['loss']):.5f}", flush=True)

@@ -33,6 +33,7 @@ class ShardAssignment:
 
 
 def assign_shards(shard_rows: list[int], rank: int, world_size: int) -> ShardAssignment:
+    """Shard positions (in manifest order) owned by `rank`, and how many instances they hold."""
     mine = [i for i in range(len(shard_rows)) if i % world_size == rank]
     return ShardAssignment(shards=mine, rows=sum(shard_rows[i] for i in mine))
 
@@ -45,6 +46,12 @@ def instances_per_shard(reader) -> list[int]:
 def steps_per_epoch(reader, world_size: int, batch_size: int) -> int:
     """Batches every rank runs per epoch: the smallest rank's share decides (DDP lockstep)."""
     counts = instances_per_shard(reader)
+    if len(counts) < world_size:
+        raise ValueError(
+            f"the cache has {len(counts)} shard(s) for {world_size} workers: a worker would get no data "
+            "(shards are the unit each worker reads); use fewer --workers or rebuild the cache with a "
+            "smaller --shard-views"
+        )
     per_rank = [assign_shards(counts, r, world_size).rows for r in range(world_size)]
     steps = min(per_rank) // batch_size
     if steps == 0:
@@ -98,7 +105,9 @@ class CachedViewStream:
 
     def epoch(self, epoch: int):
         rng = np.random.default_rng([self.seed, epoch, 104729])
-        order = list(rng.permutation(self.assignment.shards))
+        # Positions in the manifest -> shard indices (indices need not be 0..n-1).
+        shard_ids = [self.reader.manifest.shards[i].index for i in self.assignment.shards]
+        order = list(rng.permutation(shard_ids))
         fields = BASE_FIELDS + self.teacher_fields + (("crop_jpeg",) if self.use_crops else ())
         emitted = 0
         buffer: list[dict] = []
@@ -115,16 +124,11 @@ class CachedViewStream:
                     return
                 yield self._make_batch({k: v[start : start + self.batch_size] for k, v in pool.items()})
                 emitted += 1
+            # Fewer rows than a batch are carried into the next group of shards; this rank's
+            # share is at least steps x batch_size rows, so all `steps` batches come out.
             leftover = {k: v[usable:] for k, v in pool.items()}
             if len(leftover["instance_id"]):
                 buffer.append(leftover)
-        if buffer and emitted < self.steps:
-            pool = buffer[0]
-            for start in range(0, len(pool["instance_id"]) - self.batch_size + 1, self.batch_size):
-                if emitted == self.steps:
-                    return
-                yield self._make_batch({k: v[start : start + self.batch_size] for k, v in pool.items()})
-                emitted += 1
 
     def _load_shard(self, shard: int, fields: tuple[str, ...], epoch: int) -> dict[str, np.ndarray]:
         rows = self.reader.read_shard(shard, fields=list(fields))

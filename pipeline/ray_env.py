@@ -47,7 +47,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # "local" always starts a new cluster; a bare ray.init() would join whatever cluster
+        # /tmp/ray/ray_current_cluster names (any earlier `ray start` on this machine).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     quiet_ray_data(verbose)
 
 

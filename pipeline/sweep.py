@@ -13,8 +13,13 @@ A sweep space is a YAML file:
 
 Each trial is one distillation run (a Ray Train TorchTrainer inside a Tune function
 trainable, the Train V2 way) with its own run directory under
-`<storage>/<sweep>/runs/<trial>`; rerunning the same sweep command restores the Tune
-experiment and each unfinished trial resumes from its own last checkpoint.
+`<storage>/<sweep>/runs/<trial>` (checkpoints, logs, exported student); rerunning the same
+sweep command restores the Tune experiment: finished trials are kept as they are and each
+unfinished trial resumes from its own last checkpoint. `<storage>/<sweep>/results.csv` ranks
+the trials by val AP (with `val`), else by training loss.
+
+Paths: Tune runs every trial with its trial folder as working directory, so local paths
+(cache, storage, overrides such as `val`) are made absolute on the driver.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import csv
 import dataclasses
 import io
 import itertools
-import os
 from dataclasses import dataclass
 
 import yaml
@@ -31,7 +35,8 @@ import yaml
 from pipeline import storage
 from pipeline.distill import DistillConfig
 
-RESULT_COLUMNS = ("trial", "student", "AP", "AP50", "AP75", "APM", "APL", "AR", "train/loss", "epochs")
+RESULT_COLUMNS = ("trial", "student", "AP", "AP50", "AP75", "APM", "APL", "AR", "train/loss", "epoch")
+TRIAL_CPUS = 0.01  # the trial's own driver only waits on its TorchTrainer; the workers hold the CPUs
 
 
 @dataclass
@@ -74,43 +79,93 @@ def load_space(path: str) -> list[dict]:
     return expanded
 
 
-def _trial_fn(config: dict) -> None:
-    """Tune function trainable: one distillation run; Train metrics are forwarded to Tune."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pipeline.distill import build_trainer
-
+def trial_config(config: dict) -> DistillConfig:
+    """The DistillConfig of one trial: the space's fields, then the sweep-wide overrides."""
     trial = dict(config["trial"])
-    trial_name = trial["name"]
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     kwargs = {k: v for k, v in trial.items() if k in fields}
-    kwargs.update(cache=config["cache"], storage=config["runs_storage"], name=trial_name)
+    kwargs.update(cache=config["cache"], storage=config["runs_storage"], name=trial["name"])
     kwargs.update(config.get("overrides") or {})
-    cfg = DistillConfig(**kwargs)
+    return DistillConfig(**kwargs)
+
+
+def _trial_fn(config: dict) -> None:
+    """Tune function trainable: one distillation run; Train metrics are forwarded to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.distill import build_trainer, export_checkpoints, prepare_run
+
+    # A retried or restored trial finds its Train run's snapshot and resumes from it.
+    cfg, _ = prepare_run(trial_config(config))
     result = build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
     if result.error:
         raise result.error
+    exported = export_checkpoints(cfg, result)
+    # The final metrics once more, from this process: a trial whose Train run had already
+    # finished (sweep killed before Tune recorded it) reports nothing through the callback.
+    tune.report({**(result.metrics or {}), "exported_student": exported["latest"]})
+
+
+def _absolute(uri: str) -> str:
+    return uri if storage.is_s3(uri) else storage.local_path(uri)
+
+
+def warn_if_cluster_too_small(trials: list[dict], overrides: dict) -> None:
+    """Each trial needs its Train workers' CPUs plus the trial driver's; Ray waits forever otherwise."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    have = ray.cluster_resources().get("CPU", 0.0)
+    for trial in trials:
+        t = {**trial, **overrides}
+        need = t.get("workers", 1) * t.get("cpus_per_worker", 1.0) + TRIAL_CPUS
+        if need > have:
+            print(
+                f"[sweep] WARNING: trial {t['name']} needs {need:g} CPUs, the cluster has {have:g}: it waits "
+                "until the cluster grows (lower workers/cpus_per_worker with --set to fit)",
+                flush=True,
+            )
+
+
+def resolve_overrides(overrides: dict) -> dict:
+    """Check sweep-wide overrides name DistillConfig fields; make their local paths absolute."""
+    from pipeline.distill import resolve_paths
+
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown DistillConfig fields in the sweep overrides: {sorted(unknown)}")
+    resolved = resolve_paths(DistillConfig(**{"cache": "", "student": "", **overrides}))
+    return {k: getattr(resolved, k) for k in overrides}
 
 
 def run_sweep(cfg: SweepConfig) -> list[dict]:
     from ray import tune
 
+    from pipeline.distill import check_cache_for_run
+
     trials = load_space(cfg.space)
     if cfg.trials:
         trials = trials[: cfg.trials]
+    # Tune runs each trial in its own folder as working directory: only absolute paths work.
+    overrides = resolve_overrides(cfg.overrides or {})
     sweep_root = storage.join(cfg.storage, cfg.name)
-    runs_storage = storage.join(sweep_root, "runs")
-    tune_storage = cfg.storage if "://" in cfg.storage else os.path.abspath(cfg.storage)
     param_space = {
         "trial": tune.grid_search(trials),
-        "cache": cfg.cache,
-        "runs_storage": runs_storage if "://" in runs_storage else os.path.abspath(runs_storage),
-        "overrides": cfg.overrides or {},
+        "cache": _absolute(cfg.cache),
+        "runs_storage": _absolute(storage.join(sweep_root, "runs")),
+        "overrides": overrides,
     }
-    trainable = tune.with_resources(_trial_fn, {"cpu": 0.01})
+    for trial in trials:  # refuse a bad cache / student before any trial starts
+        check_cache_for_run(trial_config({**param_space, "trial": trial}))
+    warn_if_cluster_too_small(trials, overrides)
+    trainable = tune.with_resources(_trial_fn, {"cpu": TRIAL_CPUS})
+    tune_storage = _absolute(cfg.storage)
     experiment = storage.join(tune_storage, cfg.name)
     if tune.Tuner.can_restore(experiment):
-        print(f"[sweep] resuming sweep '{cfg.name}' from {experiment}", flush=True)
+        print(f"[sweep] resuming sweep '{cfg.name}' from {experiment}: finished trials are kept", flush=True)
         tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True, param_space=param_space)
     else:
         print(f"[sweep] starting sweep '{cfg.name}': {len(trials)} trials -> {experiment}", flush=True)
@@ -123,26 +178,37 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
             ),
         )
     grid = tuner.fit()
-    rows = []
-    for result in grid:
-        trial = result.config["trial"] if result.config else {}
-        metrics = result.metrics or {}
-        rows.append(
-            {
-                "trial": trial.get("name", "?"),
-                "student": trial.get("student", ""),
-                **{k: metrics.get(k) for k in RESULT_COLUMNS[2:]},
-                "error": repr(result.error)[:200] if result.error else "",
-            }
-        )
-    rows.sort(key=lambda r: -(r["AP"] if isinstance(r["AP"], int | float) else -1.0))
+    rows = [result_row(result) for result in grid]
+    rows.sort(key=rank_key)
     write_results_csv(storage.join(sweep_root, "results.csv"), rows)
     return rows
 
 
+def result_row(result) -> dict:
+    trial = result.config["trial"] if result.config else {}
+    metrics = result.metrics or {}
+    return {
+        "trial": trial.get("name", "?"),
+        "student": trial.get("student", ""),
+        **{k: metrics.get(k) for k in RESULT_COLUMNS[2:]},
+        "error": repr(result.error)[:200] if result.error else "",
+    }
+
+
+def rank_key(row: dict) -> tuple:
+    """Best first: highest AP; without AP (no --val, or failed) lowest train loss; failures last."""
+    ap, loss = row.get("AP"), row.get("train/loss")
+    number = (int, float)
+    return (
+        bool(row.get("error")),
+        -(ap if isinstance(ap, number) else -1.0),
+        loss if isinstance(loss, number) else float("inf"),
+    )
+
+
 def write_results_csv(uri: str, rows: list[dict]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else list(RESULT_COLUMNS))
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [*RESULT_COLUMNS, "error"])
     writer.writeheader()
     writer.writerows(rows)
     storage.atomic_write_bytes(uri, buf.getvalue().encode())

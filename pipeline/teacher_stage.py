@@ -396,6 +396,20 @@ def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
         f"({cfg.format}); annotations skipped: {skip_report.summary()}",
         flush=True,
     )
+    from pipeline.plan import estimate
+
+    plan = estimate(
+        len(instances),
+        cfg.views,
+        cfg.teacher,
+        students=(),
+        fmt=cfg.format,
+        shard_views=cfg.shard_views,
+        heatmap_encoding=cfg.heatmap_encoding,
+        token_encoding=cfg.token_encoding,
+        store_crops=cfg.store_crops == "jpeg",
+    )
+    print("[cache] estimate before starting:\n" + plan.table(), flush=True)
     if resuming:
         print(f"[cache] resuming: {len(shards) - len(todo)} of {len(shards)} shards already committed", flush=True)
 
@@ -453,13 +467,16 @@ def _run_pipeline(cfg: CacheJobConfig, layout: DatasetLayout, teacher_cfg, spec:
     # One shard = one block from start to end; never let Ray split it.
     ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 1024 * 1024 * 1024)
     total_cpus = ray.cluster_resources().get("CPU", 1)
-    cpus_per_actor = cfg.cpus_per_worker
+    cpus_per_actor, side_cpus = cfg.cpus_per_worker, 1.0
     if cfg.gpus_per_worker == 0 and cfg.workers * cpus_per_actor >= total_cpus:
-        # Leave room for the crop tasks upstream, or the pipeline deadlocks (notes/ray.md).
-        cpus_per_actor = max(0.25, (total_cpus - 1) / cfg.workers)
+        # CPU-only and the actors would hold every CPU: the crop tasks upstream and the
+        # write tasks downstream could then never be scheduled (a Ray Data deadlock, see
+        # notes/ray.md; per node, fractional leftovers do not help). Give the actors the
+        # cluster and run the light crop/write tasks as zero-CPU tasks, bounded in number.
+        cpus_per_actor, side_cpus = total_cpus / cfg.workers, 0.0
         print(
-            f"[cache] {cfg.workers} teacher actors x {cfg.cpus_per_worker} CPU would starve the crop tasks on a "
-            f"{total_cpus:g}-CPU cluster; using {cpus_per_actor:.2f} CPU per actor",
+            f"[cache] CPU-only: {cfg.workers} teacher actors x {cpus_per_actor:.2f} CPU; crop and write tasks run "
+            f"beside them (at most {cfg.workers} at a time)",
             flush=True,
         )
     items = [{"shard": s.index, "instances": json.dumps([instance_to_json(i) for i in s.instances])} for s in todo]
@@ -475,7 +492,8 @@ def _run_pipeline(cfg: CacheJobConfig, layout: DatasetLayout, teacher_cfg, spec:
             seed=cfg.seed,
             store_crops=cfg.store_crops,
         ),
-        num_cpus=1,
+        num_cpus=side_cpus,
+        compute=ray.data.TaskPoolStrategy(size=cfg.workers) if side_cpus == 0 else None,
     )
     ds = ds.map_batches(
         TeacherPredictor,
@@ -493,7 +511,7 @@ def _run_pipeline(cfg: CacheJobConfig, layout: DatasetLayout, teacher_cfg, spec:
         num_gpus=cfg.gpus_per_worker,
     )
     with ShardProgress(open_writer(cfg.out, spec, cfg.format), todo, cfg.views):
-        ds.write_datasink(CacheSink(cfg.out, spec, cfg.format))
+        ds.write_datasink(CacheSink(cfg.out, spec, cfg.format), ray_remote_args={"num_cpus": min(side_cpus, 0.5)})
 
 
 class ShardProgress(Poller):

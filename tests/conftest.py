@@ -101,3 +101,9 @@ def s3_bucket(s3_server: str) -> Iterator[str]:
             if keys:
                 client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
         client.delete_bucket(Bucket=bucket)
+
+
+# ----------------------------------------------------------------------------- distillation
+# Session fixtures of the distillation / fault / sweep tests (tests/pipeline_fixtures.py),
+# defined here so that all their modules share one tiny data set and one tiny cache.
+from pipeline_fixtures import tiny_cache, tiny_data, tiny_teacher  # noqa: E402, F401

@@ -17,19 +17,49 @@ INFRA = Path(__file__).resolve().parents[1] / "infra"
 # Field names of the KubeRay v1 CRDs (ray.io_rayclusters.yaml / ray.io_rayjobs.yaml,
 # ray-project/kuberay ray-operator/config/crd/bases), for the levels our manifests use.
 RAYJOB_SPEC = {
-    "activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint",
-    "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "metadata",
-    "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes", "submissionMode", "submitterConfig",
-    "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished",
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "clusterSelector",
+    "deletionStrategy",
+    "entrypoint",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "entrypointResources",
+    "jobId",
+    "managedBy",
+    "metadata",
+    "rayClusterSpec",
+    "runtimeEnvYAML",
+    "shutdownAfterJobFinishes",
+    "submissionMode",
+    "submitterConfig",
+    "submitterPodTemplate",
+    "suspend",
+    "ttlSecondsAfterFinished",
 }
 RAYCLUSTER_SPEC = {
-    "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions", "headGroupSpec",
-    "headServiceAnnotations", "managedBy", "rayVersion", "suspend", "workerGroupSpecs",
+    "autoscalerOptions",
+    "enableInTreeAutoscaling",
+    "gcsFaultToleranceOptions",
+    "headGroupSpec",
+    "headServiceAnnotations",
+    "managedBy",
+    "rayVersion",
+    "suspend",
+    "workerGroupSpecs",
 }
 HEAD_GROUP = {"enableIngress", "headService", "rayStartParams", "serviceType", "template"}
 WORKER_GROUP = {
-    "groupName", "idleTimeoutSeconds", "maxReplicas", "minReplicas", "numOfHosts", "rayStartParams",
-    "replicas", "scaleStrategy", "suspend", "template",
+    "groupName",
+    "idleTimeoutSeconds",
+    "maxReplicas",
+    "minReplicas",
+    "numOfHosts",
+    "rayStartParams",
+    "replicas",
+    "scaleStrategy",
+    "suspend",
+    "template",
 }
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 

@@ -1,0 +1,439 @@
+"""Train a heatmap teacher (TokenPose) on a COCO-format data set (spec section 3).
+
+Recipe: JointsMSE with target weights on unit-peak Gaussian heatmaps, Adam, linear warm-up
+then step decay x0.1 at 2/3 and 13/15 of training (the official 200 / 260 of 300 epochs,
+scaled to the run), teacher augmentation (flip 0.5, half-body 0.3, scale 0.5, rotation 40).
+
+Run directory (`out`):
+    teacher.pt       our checkpoint format (`save_checkpoint`); `extra` holds epoch,
+                     iteration, elapsed time, the train config and the loss history (no
+                     optimizer state, so the file stays a clean teacher for caching)
+    train_state.pt   optimizer state of the same epoch, only used to resume
+    train_log.csv    one row per epoch
+    eval.json        final metrics on val (GT boxes, detections if present) + baseline
+
+Re-running with the same `out` resumes from `teacher.pt` (at an epoch boundary; an epoch
+cut short by the time budget is redone). With `time_budget_s` the run stops when the
+training time (summed over resumed runs) reaches the budget, and the learning-rate
+schedule follows whichever is further along, the epochs or the budget, so a budgeted run
+still warms up and decays.
+
+Bad images are skipped (zero-weight samples) and counted; the summary names the count.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from distilpose.data.coco import data_fingerprint, load_instances
+from distilpose.data.dataset import TopDownDataset
+from distilpose.data.transforms import AugmentConfig
+from distilpose.evaluation import format_table
+from distilpose.models import build_model, get_config
+from distilpose.models.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from distilpose.validation import detections_file, evaluate_model, mean_pose_baseline, split_files
+
+CHECKPOINT_FILE = "teacher.pt"
+TRAIN_STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.csv"
+EVAL_FILE = "eval.json"
+# Teacher augmentation of spec section 3 (the student recipe uses scale 0.35 / rotation 45).
+TEACHER_AUG = AugmentConfig(flip_prob=0.5, half_body_prob=0.3, scale_factor=0.5, rot_factor=40.0, rot_prob=0.6)
+WARMUP_START = 0.001  # warm-up starts at 0.001 x lr (mmcv linear warm-up ratio)
+AUG_PRESETS = {
+    "spec": TEACHER_AUG,
+    # Milder crops for minutes-long runs: strong rotation/scale jitter slows early learning
+    # more than it helps generalisation at that length.
+    "light": AugmentConfig(flip_prob=0.5, half_body_prob=0.0, scale_factor=0.25, rot_factor=15.0, rot_prob=0.6),
+    "none": AugmentConfig(flip_prob=0.0, half_body_prob=0.0, scale_factor=0.0, rot_factor=0.0, rot_prob=0.0),
+}
+BACKBONE_INITS = ("official", "kaiming")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class TeacherTrainConfig:
+    data: str
+    teacher: str = "tokenpose-tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields
+    out: str = "runs/teacher"
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    # Official: 500 of ~176k iterations (300 epochs x 585); short runs cap it at warmup_frac.
+    warmup_iters: int = 500
+    warmup_frac: float = 0.05
+    # Fractions of training at which lr x0.1 (official 200 / 260 of 300 epochs).
+    lr_decay_at: tuple[float, ...] = (2 / 3, 13 / 15)
+    sigma: float = 2.0  # heatmap Gaussian sigma in heatmap px
+    aug: AugmentConfig = TEACHER_AUG
+    # "official": mmpose's N(0, 0.001) convs (what build_model does); "kaiming": He-normal
+    # (fan_out) convs, see reinit_backbone.
+    backbone_init: str = "kaiming"
+    time_budget_s: float | None = None
+    workers: int = 1  # DataLoader worker processes
+    threads: int = 2  # torch intra-op threads
+    seed: int = 0
+    device: str = "cpu"
+    resume: bool = True
+    log_every_s: float = 10.0
+    evaluate: bool = True
+    eval_flip_test: bool = True
+    eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.aug, str):
+            self.aug = AUG_PRESETS[self.aug]
+        if isinstance(self.aug, dict):
+            self.aug = AugmentConfig(**self.aug)
+        if self.backbone_init not in BACKBONE_INITS:
+            raise ValueError(f"backbone_init must be one of {BACKBONE_INITS}, got {self.backbone_init!r}")
+        self.lr_decay_at = tuple(self.lr_decay_at)
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError("time_budget_s must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """["dim=96", "hrnet_modules=[1,1]"] -> {"dim": 96, "hrnet_modules": [1, 1]} (JSON values,
+    bare words as strings); ModelConfig turns lists back into tuples."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"model override {item!r} must look like field=value")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+# --------------------------------------------------------------------------- loss, schedule
+
+
+def joints_mse_loss(pred: Tensor, target: Tensor, target_weight: Tensor) -> Tensor:
+    """mmpose v0.22 JointsMSELoss(use_target_weight=True): per joint
+    MSE(pred_k * w_k, target_k * w_k) averaged over batch and pixels, then summed over joints
+    and divided by K (no 0.5 factor) - i.e. the mean over everything of ((pred - target) * w)^2."""
+    weight = target_weight[:, :, None, None]
+    return ((pred - target) * weight).pow(2).mean()
+
+
+def lr_factor(iteration: int, progress: float, warmup_iters: int, decay_at: Sequence[float]) -> float:
+    """Multiplier of the base lr: linear warm-up from WARMUP_START, then x0.1 per milestone passed."""
+    decay = 0.1 ** sum(progress >= m for m in decay_at)
+    if warmup_iters and iteration < warmup_iters:
+        return decay * (WARMUP_START + (1 - WARMUP_START) * iteration / warmup_iters)
+    return decay
+
+
+def reinit_backbone(model: nn.Module, scheme: str) -> None:
+    """Re-draw the backbone's conv weights for `scheme` ("official" leaves them as built).
+
+    Why "kaiming" exists: every backbone conv is followed by BatchNorm, so a conv's output
+    does not depend on its weights' scale, and its effective learning rate under Adam is
+    lr / |w|. With the official N(0, 0.001) init an lr-1e-3 Adam step is as large as the
+    weights themselves, and the first ~1000 iterations are spent growing them; harmless over
+    300 epochs, but most of a minutes-long CPU run. He-normal weights (torchvision's ResNet
+    init) start at a scale where a step is a ~1 % change.
+    """
+    if scheme == "official":
+        return
+    for module in model.backbone.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # completed epochs
+    iteration: int = 0
+    elapsed_s: float = 0.0  # training time so far, over all resumed runs
+    stopped_by_budget: bool = False
+    bad_images: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str
+    state: TrainState
+    metrics: dict[str, dict[str, Any]]  # row name -> evaluate_model / baseline dict
+    wall_s: float
+
+    def table(self) -> str:
+        return metrics_table(self.metrics)
+
+
+def metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
+    columns = ["AP", "AP50", "AP75", "APM", "APL", "AR", "num_instances"]
+    return format_table([{"model": name, **{k: row.get(k) for k in columns}} for name, row in metrics.items()])
+
+
+def _model_config_dict(cfg: TeacherTrainConfig) -> dict[str, Any]:
+    return asdict(get_config(cfg.teacher, **cfg.model_overrides))
+
+
+def _save(cfg: TeacherTrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> Path:
+    out = Path(cfg.out)
+    # Optimizer first: a checkpoint never points to an optimizer state older than itself.
+    _atomic_torch_save({"epoch": state.epoch, "optimizer": optimizer.state_dict()}, out / TRAIN_STATE_FILE)
+    path = out / CHECKPOINT_FILE
+    extra = {"train_config": cfg.to_dict(), **asdict(state)}
+    save_checkpoint(path, model, extra=json.loads(json.dumps(extra)))  # plain JSON types only
+    return path
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _resume(
+    cfg: TeacherTrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, log: Callable[[str], None]
+) -> TrainState:
+    """Load `out/teacher.pt` (+ optimizer) into model/optimizer when resuming; else fresh state."""
+    path = Path(cfg.out) / CHECKPOINT_FILE
+    if not cfg.resume or not path.exists():
+        return TrainState()
+    saved, extra = load_checkpoint(path)
+    if asdict(saved.config) != _model_config_dict(cfg):
+        raise CheckpointError(
+            f"{path}: holds a different model ({saved.config.name}, other sizes) than requested; "
+            "use another --out or --no-resume"
+        )
+    model.load_state_dict(saved.state_dict())
+    known = set(TrainState.__dataclass_fields__)
+    state = TrainState(**{k: v for k, v in (extra or {}).items() if k in known})
+    opt_path = Path(cfg.out) / TRAIN_STATE_FILE
+    opt_state = torch.load(opt_path, map_location="cpu", weights_only=True) if opt_path.exists() else None
+    if opt_state is not None and opt_state.get("epoch") == state.epoch:
+        optimizer.load_state_dict(opt_state["optimizer"])
+        log(f"resuming from {path}: {state.epoch}/{cfg.epochs} epochs done, {state.elapsed_s:.0f} s trained")
+    else:
+        log(f"resuming from {path} ({state.epoch} epochs done) with a fresh optimizer: no matching {TRAIN_STATE_FILE}")
+    return state
+
+
+def _append_log(cfg: TeacherTrainConfig, row: dict[str, float]) -> None:
+    path = Path(cfg.out) / LOG_FILE
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+# --------------------------------------------------------------------------- training
+
+
+class Trainer:
+    """One training run; `run()` trains (or resumes), evaluates and returns a TrainResult."""
+
+    def __init__(self, cfg: TeacherTrainConfig, log: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.log = log or (lambda msg: print(f"[teacher] {msg}", flush=True))
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.device = torch.device(cfg.device)
+        self.model = build_model(cfg.teacher, **cfg.model_overrides)
+        reinit_backbone(self.model, cfg.backbone_init)  # a resumed run then loads its weights
+        # channels_last: ~25 % faster conv backward in oneDNN on CPU (and the layout AMP wants on GPU).
+        self.model.to(self.device, memory_format=torch.channels_last)
+        self.config = self.model.config
+        self.train_files = split_files(cfg.data, "train")
+        instances, report = load_instances(self.train_files.ann_file, "train", input_size=self.config.input_size)
+        self.log(report.summary())
+        if not instances:
+            raise ValueError(f"{self.train_files.ann_file}: no usable training instances")
+        self.instances = instances
+        self.dataset = TopDownDataset(
+            instances,
+            self.train_files.image_root,
+            self.config.input_size,
+            train=True,
+            aug=cfg.aug,
+            seed=cfg.seed,
+            heatmap_size=self.config.heatmap_size,
+            sigma=cfg.sigma,
+            skip_bad_images=True,
+        )
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.iters_per_epoch = max(1, len(self.dataset) // cfg.batch_size)
+        total = self.iters_per_epoch * cfg.epochs
+        self.total_iters = total
+        self.warmup_iters = min(cfg.warmup_iters, int(math.ceil(cfg.warmup_frac * total)))
+
+    def progress(self, state: TrainState) -> float:
+        by_iters = state.iteration / self.total_iters
+        if self.cfg.time_budget_s is None:
+            return by_iters
+        return max(by_iters, state.elapsed_s / self.cfg.time_budget_s)
+
+    def _loader(self, epoch: int) -> DataLoader:
+        self.dataset.set_epoch(epoch)  # before the loader forks its workers
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.cfg.batch_size,
+            sampler=RandomSampler(self.dataset, generator=generator),
+            num_workers=self.cfg.workers,
+            drop_last=len(self.dataset) >= self.cfg.batch_size,  # no size-1 BatchNorm batches
+        )
+
+    def _step(self, batch: dict, state: TrainState) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_factor(
+                state.iteration, self.progress(state), self.warmup_iters, self.cfg.lr_decay_at
+            )
+        images = batch["image"].to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        heatmaps = batch["heatmap"].to(self.device, non_blocking=True)
+        weights = batch["target_weight"].to(self.device, non_blocking=True)
+        loss = joints_mse_loss(self.model(images).heatmaps, heatmaps, weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def _out_of_time(self, state: TrainState) -> bool:
+        return self.cfg.time_budget_s is not None and state.elapsed_s >= self.cfg.time_budget_s
+
+    def _train_epoch(self, state: TrainState) -> dict[str, float] | None:
+        """One epoch (or until the budget runs out); None if the budget cut it short."""
+        self.model.train()
+        losses: list[float] = []
+        seen = 0
+        epoch_start = tick = report_time = time.perf_counter()
+        report_seen = 0
+        for batch in self._loader(state.epoch):
+            losses.append(self._step(batch, state))
+            state.iteration += 1
+            seen += len(batch["image"])
+            state.bad_images += int((~batch["valid"]).sum())
+            now = time.perf_counter()
+            state.elapsed_s += now - tick  # the step plus the wait for its batch
+            tick = now
+            if now - report_time >= self.cfg.log_every_s:
+                self._report(state, losses, (seen - report_seen) / (now - report_time))
+                report_time, report_seen = now, seen
+            if self._out_of_time(state):
+                state.stopped_by_budget = True
+                self.log(f"time budget {self.cfg.time_budget_s:.0f} s reached in epoch {state.epoch + 1}")
+                return None
+        state.epoch += 1
+        return {
+            "epoch": state.epoch,
+            "iteration": state.iteration,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "samples_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9),
+            "elapsed_s": state.elapsed_s,
+        }
+
+    def _report(self, state: TrainState, losses: list[float], rate: float) -> None:
+        self.log(
+            f"epoch {state.epoch + 1}/{self.cfg.epochs} iter {state.iteration}/{self.total_iters} "
+            f"loss {np.mean(losses[-20:]):.3e} lr {self.optimizer.param_groups[0]['lr']:.2e} "
+            f"{rate:.0f} samples/s, {state.elapsed_s:.0f} s trained"
+        )
+
+    def train(self) -> TrainState:
+        cfg = self.cfg
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        state = _resume(cfg, self.model, self.optimizer, self.log)
+        if state.iteration == 0:
+            (Path(cfg.out) / LOG_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
+        self.log(
+            f"{self.config.name}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M params, "
+            f"{len(self.dataset)} instances, {self.iters_per_epoch} iters/epoch x {cfg.epochs} epochs, "
+            f"batch {cfg.batch_size}, lr {cfg.lr:g}, warm-up {self.warmup_iters} iters"
+            + (f", time budget {cfg.time_budget_s:.0f} s" if cfg.time_budget_s else "")
+        )
+        while state.epoch < cfg.epochs and not self._out_of_time(state):
+            row = self._train_epoch(state)
+            if row is None:
+                break
+            state.history.append(row)
+            _append_log(cfg, row)
+            self.log(
+                f"epoch {row['epoch']}/{cfg.epochs} done: loss {row['loss']:.3e}, "
+                f"{row['samples_per_s']:.0f} samples/s, {row['elapsed_s']:.0f} s trained"
+            )
+            _save(cfg, self.model, self.optimizer, state)
+        if state.stopped_by_budget or not state.history:
+            _save(cfg, self.model, self.optimizer, state)  # keep the partial epoch's progress
+        if state.bad_images:
+            self.log(f"skipped {state.bad_images} samples whose image could not be read")
+        return state
+
+    def evaluate(self) -> dict[str, dict[str, Any]]:
+        """Val metrics with GT boxes (and detections if the data set has them), beside the
+        mean-pose baseline with the same boxes."""
+        cfg = self.cfg
+        val = split_files(cfg.data, "val")
+        box_sets = {"gt": "gt"}
+        dets = detections_file(cfg.data)
+        if dets:
+            box_sets["det"] = dets
+        metrics: dict[str, dict[str, Any]] = {}
+        for name, boxes in box_sets.items():
+            metrics[f"{self.config.name} ({name} boxes)"] = evaluate_model(
+                self.model,
+                val.ann_file,
+                val.image_root,
+                boxes=boxes,
+                flip_test=cfg.eval_flip_test,
+                batch_size=cfg.eval_batch_size,
+                device=self.device,
+            )
+            metrics[f"mean-pose baseline ({name} boxes)"] = mean_pose_baseline(
+                self.instances, val.ann_file, boxes=boxes, input_size=self.config.input_size
+            )
+        return metrics
+
+    def run(self) -> TrainResult:
+        start = time.perf_counter()
+        state = self.train()
+        metrics = self.evaluate() if self.cfg.evaluate else {}
+        if metrics:
+            self.log("evaluation on val:\n" + metrics_table(metrics))
+            summary = {
+                "metrics": metrics,
+                "train": asdict(state),
+                "config": self.cfg.to_dict(),
+                "model_config": asdict(self.config),
+                "data": data_fingerprint(self.train_files.ann_file).to_dict(),
+            }
+            (Path(self.cfg.out) / EVAL_FILE).write_text(json.dumps(summary, indent=2))
+        checkpoint = str(Path(self.cfg.out) / CHECKPOINT_FILE)
+        return TrainResult(checkpoint, state, metrics, time.perf_counter() - start)
+
+
+def train_teacher(cfg: TeacherTrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train (or resume) a teacher per `cfg`, evaluate it, and return the result."""
+    return Trainer(cfg, log).run()

@@ -1,0 +1,324 @@
+"""Fixtures and helpers shared by the distillation, fault and sweep tests.
+
+The session fixtures (`tiny_data`, `tiny_cache`) are re-exported at the end of
+tests/conftest.py so that every module shares one instance. The cache is built by the real
+job (`jobs/cache_teacher.py`, random-init seeded teacher) in a subprocess with its own
+local Ray, so no Ray state leaks into the test process.
+
+Ray safety on a shared machine: in-process clusters start with `address="local"` (a plain
+`ray.init()` would join a cluster another user started with `ray start` on this host), and
+subprocess jobs get a private RAY_TMPDIR (no `ray_current_cluster` file to follow; their
+session files are removed with it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+CACHE_JOB_TIMEOUT_S = 300
+TRAIN_IMAGES, VAL_IMAGES = 24, 8
+CACHE_VIEWS, CACHE_SHARD_VIEWS = 2, 32  # 47 instances x 2 views -> 3 shards
+TEACHER = "tokenpose-tiny"
+
+
+# ----------------------------------------------------------------------------- data + cache
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    """Synthetic COCO data set: 24 train images (47 persons), 8 val images."""
+    from distilpose.data.synthetic import make_synthetic_coco
+
+    root = tmp_path_factory.mktemp("tiny-data")
+    make_synthetic_coco(str(root), TRAIN_IMAGES, VAL_IMAGES, seed=0)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> str:
+    """A tokenpose-tiny checkpoint whose outputs depend on the input.
+
+    The faithful random init (convs with std 0.001, BatchNorm at its initial running stats)
+    shrinks activations to ~1e-9 in eval mode, so a random-init teacher gives the same
+    outputs for every crop. A few train-mode passes over noise calibrate the BatchNorm
+    statistics; nothing is trained.
+    """
+    import torch
+
+    from distilpose.models import build_model
+    from distilpose.models.checkpoints import save_checkpoint
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model(TEACHER)
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average over the calibration passes
+        model.train()
+        with torch.no_grad():
+            for _ in range(2):
+                model(torch.randn(8, 3, *model.config.input_size))
+    path = str(tmp_path_factory.mktemp("tiny-teacher") / "teacher.pt")
+    save_checkpoint(path, model.eval(), extra={"note": "BatchNorm-calibrated random init (tests)"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_data, tiny_teacher, tmp_path_factory) -> str:
+    """Teacher cache of the tiny train split, built by jobs/cache_teacher.py (tokenpose-tiny
+    from `tiny_teacher`, 2 views per instance, 3 shards)."""
+    out = str(tmp_path_factory.mktemp("tiny-cache") / "cache")
+    args = ["--data", tiny_data, "--teacher", TEACHER, "--checkpoint", tiny_teacher, "--out", out]
+    args += ["--views", str(CACHE_VIEWS), "--shard-views", str(CACHE_SHARD_VIEWS)]
+    result = run_job("cache_teacher.py", args, timeout_s=CACHE_JOB_TIMEOUT_S)
+    assert result.returncode == 0, f"cache job failed:\n{result.stdout[-4000:]}"
+    return out
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 3) -> Iterator[None]:
+    """A private, quiet local Ray for the test process (workers get the S3 env)."""
+    import ray
+
+    from pipeline.ray_env import worker_env
+
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+        runtime_env={"env_vars": worker_env()},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def private_ray_tmpdir() -> str:
+    # Short: Ray's unix socket paths live below it (108-byte limit).
+    return tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+
+
+def job_env(ray_tmpdir: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(RAY_TMPDIR=ray_tmpdir, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_job(script: str, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Run jobs/<script> to completion in its own session with a private Ray; whatever it
+    leaves behind (a killed job's Ray) is killed by pid afterwards."""
+    ray_tmp = private_ray_tmpdir()
+    proc = subprocess.Popen(
+        [PYTHON, str(ROOT / "jobs" / script), *args],
+        cwd=ROOT,
+        env=job_env(ray_tmp),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_session(proc.pid)
+        out, _ = proc.communicate()
+        raise AssertionError(f"jobs/{script} timed out after {timeout_s} s:\n{out[-4000:]}") from None
+    finally:
+        kill_session(proc.pid)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, None)
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids of the live processes in session `sid` (a job started with start_new_session,
+    and the Ray processes it spawned)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        state, session = fields[0], int(fields[3])
+        if session == sid and state != "Z":
+            members.append(int(entry))
+    return members
+
+
+def kill_session(sid: int, timeout_s: float = 20.0) -> list[int]:
+    """SIGKILL every process of session `sid` (started by this test) by pid; returns them."""
+    killed = session_members(sid)
+    for pid in killed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while session_members(sid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return killed
+
+
+# ----------------------------------------------------------------------------- run outputs
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def epochs_of(run: str | Path) -> list[int]:
+    return [int(float(r["epoch"])) for r in read_csv(Path(run) / "logs" / "epochs.csv")]
+
+
+def read_starts(pid_dir: str | Path) -> list[dict]:
+    """The workers' start records (rank, pid, node_id, start_epoch, time), oldest first."""
+    records = [json.loads(p.read_text()) for p in Path(pid_dir).glob("start-rank*.json")]
+    return sorted(records, key=lambda r: (r["time"], r["rank"]))
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+# ----------------------------------------------------------------------------- flaky S3
+
+
+class FlakyS3Proxy:
+    """HTTP proxy in front of an S3 endpoint that answers `503 SlowDown` to the first
+    `failures_per_key` PUTs of every object whose key contains one of `match`.
+
+    Bodies and headers are passed through byte for byte (signatures stay valid: moto does
+    not check the Host header against them). `injected` counts the refusals per key.
+    """
+
+    def __init__(self, upstream: str, match: tuple[str, ...], failures_per_key: int = 1):
+        self.upstream = upstream.split("://", 1)[1]
+        self.match, self.failures_per_key = match, failures_per_key
+        self.injected: dict[str, int] = {}
+        self.forwarded = 0
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="flaky-s3")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FlakyS3Proxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def should_fail(self, method: str, path: str) -> bool:
+        key = path.split("?", 1)[0]
+        if method != "PUT" or not any(m in key for m in self.match):
+            return False
+        with self._lock:
+            count = self.injected.get(key, 0)
+            if count >= self.failures_per_key:
+                return False
+            self.injected[key] = count + 1
+            return True
+
+    def _handler_class(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    raw = b""
+                    while True:
+                        line = self.rfile.readline()
+                        raw += line
+                        size = int(line.split(b";")[0].strip(), 16)
+                        if size == 0:
+                            while True:  # trailers, then an empty line
+                                trailer = self.rfile.readline()
+                                raw += trailer
+                                if trailer in (b"\r\n", b"\n", b""):
+                                    return raw
+                        raw += self.rfile.read(size + 2)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self) -> None:
+                body = self._body()
+                if proxy.should_fail(self.command, self.path):
+                    error = (
+                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                        b"<Message>Please reduce your request rate.</Message><RequestId>flaky</RequestId></Error>"
+                    )
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                try:
+                    conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                    for name, value in self.headers.items():
+                        if name.lower() not in ("connection", "keep-alive", "proxy-connection", "expect"):
+                            conn.putheader(name, value)
+                    conn.endheaders(body or None)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                with proxy._lock:
+                    proxy.forwarded += 1
+                self.send_response(resp.status, resp.reason)
+                for name, value in resp.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(name, value)
+                # HEAD answers carry the object's length but no body.
+                length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        return Handler

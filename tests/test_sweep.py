@@ -1,0 +1,133 @@
+"""Student sweeps (Ray Tune around Ray Train): sweep spaces, ranking, and a real 2-trial
+sweep through `jobs/sweep.py` that is then re-run and must not train again."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline_fixtures import ROOT, read_csv, read_starts, run_job
+
+from pipeline.distill import DistillConfig
+from pipeline.sweep import load_space, rank_key
+
+ABLATION = ROOT / "sweeps" / "ablation.yaml"
+PAPER_ROWS = {  # Table 4 of the paper: which loss terms each row uses
+    "none": set(),
+    "cs": {"cs"},
+    "sh": {"sh"},
+    "cs+sh": {"cs", "sh"},
+    "kt": {"kt"},
+    "vt": {"vt"},
+    "kt+vt": {"kt", "vt"},
+    "all": {"kt", "vt", "sh", "cs"},
+}
+
+
+def _write(path: Path, doc: dict) -> str:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(path)
+
+
+def test_ablation_yaml_is_the_papers_8_rows() -> None:
+    trials = load_space(str(ABLATION))
+    assert [t["name"] for t in trials] == list(PAPER_ROWS)
+    for trial in trials:
+        cfg = DistillConfig(cache="c", **{k: v for k, v in trial.items()})
+        enabled = {k.removeprefix("alpha_") for k, v in cfg.alphas().items() if v > 0}
+        assert enabled == PAPER_ROWS[trial["name"]], trial["name"]
+        assert cfg.student == "distilpose-s" and cfg.epochs == 300  # the paper's schedule by default
+    assert trials[0]["no_distill"] is True
+
+
+def test_load_space_expands_grid_and_rejects_unknown_fields(tmp_path) -> None:
+    space = {
+        "base": {"student": "distilpose-tiny", "epochs": 2},
+        "trials": [{"name": "a"}, {"name": "b", "alpha_kt": 0.0}],
+        "grid": {"lr": [0.001, 0.0005], "batch_size": [8]},
+    }
+    trials = load_space(_write(tmp_path / "s.yaml", space))
+    assert [t["name"] for t in trials] == [
+        "a-lr0.001-batch_size8",
+        "a-lr0.0005-batch_size8",
+        "b-lr0.001-batch_size8",
+        "b-lr0.0005-batch_size8",
+    ]
+    expected = {"student": "distilpose-tiny", "epochs": 2, "alpha_kt": 0.0, "lr": 0.001, "batch_size": 8}
+    assert trials[2] == {**expected, "name": "b-lr0.001-batch_size8"}
+    assert [t["name"] for t in load_space(_write(tmp_path / "d.yaml", {"base": {"epochs": 1}}))] == ["default"]
+    bad = [
+        ({"trials": [{"name": "a", "alpha_xx": 1}]}, "unknown fields \\['alpha_xx'\\]"),
+        ({"grid": {"learning_rate": [1]}}, "unknown fields \\['learning_rate'\\]"),
+        ({"trials": [{"lr": 1}]}, "every trial needs a name"),
+        ({"trials": [{"name": "a"}, {"name": "a"}]}, "names must be unique"),
+        ({"trails": []}, "unknown top-level keys \\['trails'\\]"),
+    ]
+    for i, (doc, message) in enumerate(bad):
+        with pytest.raises(ValueError, match=message):
+            load_space(_write(tmp_path / f"bad{i}.yaml", doc))
+
+
+def test_results_rank_by_ap_then_loss_failures_last() -> None:
+    rows = [
+        {"trial": "low", "AP": 0.1, "train/loss": 0.1, "error": ""},
+        {"trial": "failed", "AP": None, "train/loss": None, "error": "RuntimeError()"},
+        {"trial": "high", "AP": 0.5, "train/loss": 0.9, "error": ""},
+        {"trial": "tie-worse-loss", "AP": 0.1, "train/loss": 0.2, "error": ""},
+        {"trial": "no-val", "AP": None, "train/loss": 0.01, "error": ""},
+    ]
+    assert [r["trial"] for r in sorted(rows, key=rank_key)] == ["high", "low", "tie-worse-loss", "no-val", "failed"]
+
+
+@pytest.mark.timeout(480)
+def test_two_trial_sweep_ranks_by_ap_and_rerun_trains_nothing(tiny_cache, tiny_data, tmp_path) -> None:
+    space = _write(
+        tmp_path / "space.yaml",
+        {
+            "base": {"student": "distilpose-tiny", "epochs": 1, "batch_size": 8, "warmup_iters": 2, "log_every": 1},
+            "trials": [{"name": "none", "no_distill": True}, {"name": "all"}],
+        },
+    )
+    pid_dir = tmp_path / "pids"
+    args = [
+        *("--cache", tiny_cache, "--space", space, "--storage", str(tmp_path / "sweeps"), "--name", "abl"),
+        *("--val", tiny_data, "--set", f"pid_dir={pid_dir}", "--set", "flip_test=false"),
+    ]
+    first = run_job("sweep.py", args, timeout_s=360)
+    assert first.returncode == 0, first.stdout[-4000:]
+    assert "starting sweep 'abl': 2 trials" in first.stdout
+    results = tmp_path / "sweeps" / "abl" / "results.csv"
+    rows = read_csv(results)
+    assert {r["trial"] for r in rows} == {"none", "all"} and not any(r["error"] for r in rows)
+    aps = [float(r["AP"]) for r in rows]  # --val: every trial is scored on COCO AP
+    assert aps == sorted(aps, reverse=True)
+    assert [r["trial"] for r in rows] == [r["trial"] for r in sorted(rows, key=_csv_rank_key)]
+    assert all(int(r["epoch"]) == 1 for r in rows)
+    runs = tmp_path / "sweeps" / "abl" / "runs"
+    for trial in ("none", "all"):  # each trial is a full distillation run with its exported student
+        assert (runs / trial / "export" / "student_latest.pt").exists()
+        assert (runs / trial / "export" / "student_best.pt").exists()
+    starts = len(read_starts(pid_dir))
+    assert starts == 2
+
+    again = run_job("sweep.py", args, timeout_s=240)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert "resuming sweep 'abl'" in again.stdout
+    assert len(read_starts(pid_dir)) == starts, "a finished trial was trained again"
+    assert read_csv(results) == rows
+
+
+def _csv_rank_key(row: dict) -> tuple:
+    number = {k: (float(row[k]) if row.get(k) not in (None, "") else None) for k in ("AP", "train/loss")}
+    return rank_key({**row, **number})
+
+
+def test_sweep_overrides_are_checked() -> None:
+    from pipeline.sweep import resolve_overrides
+
+    assert resolve_overrides({"val": "data", "epochs": 3}) == {"val": str(Path("data").resolve()), "epochs": 3}
+    with pytest.raises(ValueError, match="unknown DistillConfig fields.*'epoch'"):
+        resolve_overrides({"epoch": 3})
+    assert {f.name for f in dataclasses.fields(DistillConfig)} >= {"pid_dir", "placement_strategy"}

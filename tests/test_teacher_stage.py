@@ -1,0 +1,335 @@
+"""The teacher caching stage end to end: real Ray Data, real files, real S3 (moto).
+
+One local Ray serves the in-process tests of this module; the resume, job-submit and
+multi-node tests start their own clusters and tear them down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distilpose.data.coco import load_coco, load_instances, read_image
+from distilpose.data.synthetic import make_synthetic_coco
+from distilpose.data.transforms import apply_view
+from distilpose.data.views import view_for
+from pipeline import storage
+from pipeline.cache import CacheMismatchError, check_compatible, open_reader
+from pipeline.cache.schema import decode_field, encode_field
+from pipeline.teacher_stage import CacheJobConfig, build_teacher, run_cache_job, run_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = "tokenpose-tiny"
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    make_synthetic_coco(root, num_train=12, num_val=4, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shutdown_ray_after_module():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(s3_server):
+    """The module's local Ray (started on first use; the own-cluster tests shut it down).
+    s3_server first: its AWS_* variables must be in the environment the workers get."""
+    from pipeline.ray_env import init_ray
+
+    init_ray(num_cpus=2)
+
+
+def _config(synth: Path, out: str, **kw) -> CacheJobConfig:
+    base = dict(data=str(synth), teacher=TEACHER, out=out, views=2, shard_views=16, batch_size=8)
+    base.update(kw)
+    return CacheJobConfig(**base)
+
+
+def _shard_hashes(uri: str) -> dict[str, str]:
+    return {s.name: s.sha256 for s in open_reader(uri).manifest.shards}
+
+
+def test_cache_job_zarr_fields_match_a_direct_teacher_run(synth, ray_local, tmp_path):
+    out = str(tmp_path / "cache")
+    summary = run_cache_job(_config(synth, out))
+    assert summary.complete and summary.rows == summary.instances * 2
+    assert summary.skipped.get("crowd", 0) >= 0 and summary.wall_s > 0
+    assert "TOTAL" in summary.table()
+
+    reader = open_reader(out)
+    fields = [
+        "instance_id",
+        "image_id",
+        "view",
+        "view_params",
+        "affine",
+        "heatmaps",
+        "gauss",
+        "confidence",
+        "kpt_tokens",
+        "vis_tokens",
+        "joints",
+        "joint_weights",
+    ]
+    rows = np.arange(len(reader))
+    cached = reader.read_rows(rows, fields=fields)
+    layout_ann = str(synth / "annotations" / "person_keypoints_train.json")
+    instances = {i.instance_id: i for i in load_instances(layout_ann, input_size=(128, 96))[0]}
+    _, images = load_coco(layout_ann)
+    teacher = build_teacher(TEACHER, None)
+    crops, joints = [], []
+    for iid, img_id, v in zip(cached["instance_id"], cached["image_id"], cached["view"]):
+        inst = instances[int(iid)]
+        view = view_for(inst, int(v), seed=0)
+        crop, jc = apply_view(
+            read_image(str(synth / "images" / "train"), images[int(img_id)].file_name), inst.joints, view, (128, 96)
+        )
+        crops.append(crop)
+        joints.append(jc)
+        np.testing.assert_array_equal(view.to_array(), cached["view_params"][len(crops) - 1])
+    joints = np.stack(joints)
+    np.testing.assert_array_equal(joints[..., :2], cached["joints"])
+    np.testing.assert_array_equal(joints[..., 2], cached["joint_weights"])
+    fresh = run_teacher(teacher, np.stack(crops), 8, torch.device("cpu"))
+    for name in ("heatmaps", "kpt_tokens", "vis_tokens"):
+        expected = decode_field(name, encode_field(name, fresh[name], reader.spec), reader.spec)
+        np.testing.assert_allclose(cached[name], expected, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(cached["gauss"], fresh["gauss"], atol=1e-5)
+    np.testing.assert_allclose(cached["confidence"], fresh["confidence"], atol=1e-5)
+    # Each instance has views 0..V-1, and view 0 is the un-augmented crop.
+    assert sorted(set(cached["view"].tolist())) == [0, 1]
+    assert np.all(cached["view_params"][cached["view"] == 0][:, 4:] == 0)
+
+
+def test_cache_job_same_bytes_local_and_s3_both_formats(synth, ray_local, tmp_path, s3_bucket):
+    for fmt in ("zarr", "wds"):
+        local = str(tmp_path / fmt)
+        remote = f"{s3_bucket}/cache-{fmt}"
+        run_cache_job(_config(synth, local, format=fmt, store_crops="jpeg"))
+        run_cache_job(_config(synth, remote, format=fmt, store_crops="jpeg"))
+        assert _shard_hashes(local) == _shard_hashes(remote)
+        a, b = open_reader(local), open_reader(remote)
+        assert a.manifest.format == fmt and len(a) == len(b)
+        rows_a, rows_b = a.read_shard(0), b.read_shard(0)
+        assert set(rows_a) == set(rows_b)
+        for key in rows_a:
+            np.testing.assert_array_equal(np.asarray(rows_a[key]), np.asarray(rows_b[key]), err_msg=key)
+        assert len(rows_a["crop_jpeg"][0]) > 100  # stored JPEG crops
+
+
+def test_rerun_reuses_committed_shards_and_refuses_other_settings(synth, ray_local, tmp_path):
+    out = str(tmp_path / "cache")
+    first = run_cache_job(_config(synth, out))
+    again = run_cache_job(_config(synth, out))
+    assert again.shards_skipped_as_committed == again.shards_total == first.shards_total
+    assert _shard_hashes(out) == {s: h for s, h in _shard_hashes(out).items()}
+    with pytest.raises(ValueError, match="views"):
+        run_cache_job(_config(synth, out, views=3))
+    manifest = open_reader(out).manifest
+    with pytest.raises(CacheMismatchError, match="checkpoint_sha256"):
+        check_compatible(manifest, {"teacher": {"checkpoint_sha256": "0" * 64}})
+
+
+def test_bad_inputs_are_counted_not_fatal(synth, ray_local, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    ann = data / "annotations" / "person_keypoints_train.json"
+    doc = json.loads(ann.read_text())
+    broken = doc["images"][0]["file_name"]
+    (data / "images" / "train" / broken).write_bytes(b"not a jpeg")
+    person = next(a for a in doc["annotations"] if not a["iscrowd"])
+    person["keypoints"] = [0] * 51
+    person["num_keypoints"] = 0
+    ann.write_text(json.dumps(doc))
+    summary = run_cache_job(_config(data, str(tmp_path / "cache")))
+    assert summary.complete
+    assert summary.skipped["no_labelled_joints"] >= 1
+    assert any(k.startswith("image") and v >= 2 for k, v in summary.skipped.items()), summary.skipped
+    assert "image" in summary.table()
+
+
+def test_verify_cli_detects_a_flipped_byte(synth, ray_local, tmp_path):
+    out = tmp_path / "cache"
+    run_cache_job(_config(synth, str(out), format="wds"))
+    job = [sys.executable, str(ROOT / "jobs" / "cache_teacher.py"), "--verify", str(out)]
+    assert subprocess.run(job, capture_output=True, timeout=120).returncode == 0
+    shard = sorted((out / "shards").glob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = subprocess.run(job, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "corrupt" in result.stdout.lower()
+
+
+# ----------------------------------------------------------------------------- own clusters
+
+
+def _job_cmd(synth: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "jobs" / "cache_teacher.py"),
+        "--data",
+        str(synth),
+        "--teacher",
+        TEACHER,
+        "--out",
+        str(out),
+        "--views",
+        "2",
+        "--shard-views",
+        "4",
+        "--batch-size",
+        "4",
+        *extra,
+    ]
+
+
+def _env() -> dict:
+    # The venv first on PATH: a submitted job's `python` must be the one with our packages,
+    # as it is in the cluster image.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", PATH=path)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_sigkill_mid_run_then_rerun_gives_identical_cache(synth, tmp_path):
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(_job_cmd(synth, clean), check=True, capture_output=True, timeout=300, env=_env())
+    # Own session: the kill takes the driver and the local Ray it started, like a lost machine.
+    proc = subprocess.Popen(
+        _job_cmd(synth, killed),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=_env(),
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list((killed / "commits").glob("*.json"))) < 2:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job finished before it could be killed; make the data set larger"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert not (killed / "manifest.json").exists()
+    rerun = subprocess.run(_job_cmd(synth, killed), capture_output=True, text=True, timeout=300, env=_env())
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming" in rerun.stdout
+    assert _shard_hashes(str(killed)) == _shard_hashes(str(clean))
+
+
+def test_two_node_cluster(synth, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # this test brings its own cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        from pipeline.ray_env import init_ray
+
+        init_ray(address=cluster.address)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 3
+        summary = run_cache_job(_config(synth, str(tmp_path / "cache"), workers=2, shard_views=8))
+        assert summary.complete and summary.rows == summary.instances * 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_local_head(synth, tmp_path):
+    gcs, dash = _free_port(), _free_port()
+    env = _env()
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+    )
+    try:
+        out = tmp_path / "cache"
+        submit = [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dash}",
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "jobs/cache_teacher.py",
+            "--data",
+            str(synth),
+            "--teacher",
+            TEACHER,
+            "--out",
+            str(out),
+            "--views",
+            "1",
+            "--shard-views",
+            "16",
+        ]
+        deadline, result = time.time() + 120, None
+        while time.time() < deadline:  # the jobs API comes up a few seconds after the head
+            result = subprocess.run(submit, capture_output=True, text=True, timeout=300, env=env)
+            if result.returncode == 0 or "Connection" not in (result.stdout + result.stderr):
+                break
+            time.sleep(2)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        assert "succeeded" in result.stdout + result.stderr
+        assert open_reader(str(out)).manifest.complete
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+
+
+def test_storage_layout_has_no_pickle(synth, ray_local, tmp_path):
+    out = str(tmp_path / "cache")
+    run_cache_job(_config(synth, out, format="wds"))
+    names = storage.find_files(out)
+    assert not any(n.endswith((".pkl", ".pickle", ".pyd", ".pth")) for n in names), names

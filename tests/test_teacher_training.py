@@ -1,0 +1,147 @@
+"""Teacher training: loss, schedule, layouts, a smoke run that checkpoints and resumes, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from distilpose.data.synthetic import make_synthetic_coco
+from distilpose.models.checkpoints import CheckpointError, load_checkpoint
+from distilpose.teacher_training import (
+    CHECKPOINT_FILE,
+    EVAL_FILE,
+    LOG_FILE,
+    TRAIN_STATE_FILE,
+    TeacherTrainConfig,
+    joints_mse_loss,
+    lr_factor,
+    parse_overrides,
+    train_teacher,
+)
+from distilpose.validation import detections_file, split_files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("teacherdata") / "synth"
+    make_synthetic_coco(root, 6, 3, seed=2, image_size=(160, 160))
+    return root
+
+
+def _config(data: Path, out: Path, **kwargs) -> TeacherTrainConfig:
+    base = dict(data=str(data), out=str(out), epochs=1, batch_size=4, workers=0, threads=1, evaluate=False)
+    return TeacherTrainConfig(**{**base, **kwargs})
+
+
+def test_joints_mse_matches_the_per_joint_mmpose_formula():
+    torch.manual_seed(0)
+    pred, target = torch.randn(3, 17, 8, 6), torch.rand(3, 17, 8, 6)
+    weight = (torch.rand(3, 17) > 0.3).float()
+    per_joint = [
+        torch.nn.functional.mse_loss(pred[:, k] * weight[:, k, None, None], target[:, k] * weight[:, k, None, None])
+        for k in range(17)
+    ]
+    torch.testing.assert_close(joints_mse_loss(pred, target, weight), sum(per_joint) / 17)
+    assert joints_mse_loss(pred, target, torch.zeros(3, 17)) == 0
+
+
+def test_lr_schedule_warms_up_then_steps_down():
+    assert lr_factor(0, 0.0, 10, (0.5, 0.8)) == pytest.approx(0.001)
+    assert lr_factor(5, 0.0, 10, (0.5, 0.8)) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert lr_factor(10, 0.4, 10, (0.5, 0.8)) == 1.0
+    assert lr_factor(50, 0.5, 10, (0.5, 0.8)) == pytest.approx(0.1)
+    assert lr_factor(90, 0.9, 10, (0.5, 0.8)) == pytest.approx(0.01)
+
+
+def test_parse_overrides():
+    assert parse_overrides(["dim=96", "hrnet_modules=[1,1]", "name=x"]) == {
+        "dim": 96,
+        "hrnet_modules": [1, 1],
+        "name": "x",
+    }
+    with pytest.raises(ValueError, match="field=value"):
+        parse_overrides(["dim"])
+
+
+def test_split_files_understands_both_layouts(data, tmp_path):
+    files = split_files(str(data), "train")
+    assert files.ann_file.endswith("annotations/person_keypoints_train.json")
+    assert detections_file(str(data)).endswith("val_detections.json")
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    shutil.copy(files.ann_file, coco / "annotations" / "person_keypoints_train2017.json")
+    (coco / "train2017").symlink_to(data / "images" / "train")
+    assert split_files(str(coco), "train").image_root.endswith("train2017")
+    assert detections_file(str(coco)) is None
+    with pytest.raises(FileNotFoundError, match="no 'val' split"):
+        split_files(str(coco), "val")
+
+
+def test_smoke_train_checkpoints_resumes_and_evaluates(data, tmp_path):
+    out = tmp_path / "run"
+    messages: list[str] = []
+    first = train_teacher(_config(data, out), log=messages.append)
+    assert first.state.epoch == 1 and first.state.iteration > 0
+    assert (out / CHECKPOINT_FILE).is_file() and (out / TRAIN_STATE_FILE).is_file()
+    model, extra = load_checkpoint(out / CHECKPOINT_FILE, "tokenpose-tiny")
+    assert extra["epoch"] == 1 and extra["train_config"]["batch_size"] == 4
+    assert len(extra["history"]) == 1 and extra["history"][0]["loss"] > 0
+
+    messages.clear()
+    second = train_teacher(_config(data, out, epochs=2, evaluate=True), log=messages.append)
+    assert any("resuming from" in m and "1/2 epochs done" in m for m in messages)
+    assert second.state.epoch == 2 and second.state.iteration == 2 * first.state.iteration
+    assert len((out / LOG_FILE).read_text().strip().splitlines()) == 3  # header + 2 epochs
+    summary = json.loads((out / EVAL_FILE).read_text())
+    rows = summary["metrics"]
+    assert set(rows) == {
+        "tokenpose-tiny (gt boxes)",
+        "mean-pose baseline (gt boxes)",
+        "tokenpose-tiny (det boxes)",
+        "mean-pose baseline (det boxes)",
+    }
+    assert all("AP" in row and "num_instances" in row for row in rows.values())
+    assert "AP50" in second.table()
+
+    # Finished: a third call only evaluates, training nothing more.
+    third = train_teacher(_config(data, out, epochs=2), log=messages.append)
+    assert third.state.iteration == second.state.iteration
+
+
+def test_time_budget_stops_early_and_keeps_the_progress(data, tmp_path):
+    cfg = _config(data, tmp_path / "run", epochs=50, time_budget_s=0.5)
+    result = train_teacher(cfg, log=lambda m: None)
+    assert result.state.stopped_by_budget and result.state.epoch < 50
+    assert result.state.elapsed_s >= 0.5
+    _, extra = load_checkpoint(Path(result.checkpoint))
+    assert extra["stopped_by_budget"] and extra["iteration"] == result.state.iteration
+
+
+def test_resume_refuses_a_different_model(data, tmp_path):
+    cfg = _config(data, tmp_path / "run")
+    train_teacher(cfg, log=lambda m: None)
+    with pytest.raises(CheckpointError, match="different model"):
+        train_teacher(replace(cfg, model_overrides={"depth": 1}), log=lambda m: None)
+    fresh = train_teacher(replace(cfg, model_overrides={"depth": 1}, resume=False), log=lambda m: None)
+    assert fresh.state.epoch == 1
+
+
+def test_train_teacher_cli(data, tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, str(ROOT / "jobs" / "train_teacher.py"), "--data", str(data), "--epochs", "1"]
+    cmd += ["--batch-size", "8", "--out", str(out), "--workers-dataloader", "0", "--threads", "1"]
+    cmd += ["--model-override", "depth=1", "--no-eval"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "samples/s" in result.stdout and "checkpoint" in result.stdout
+    model, extra = load_checkpoint(out / CHECKPOINT_FILE)
+    assert model.config.depth == 1 and extra["epoch"] == 1
