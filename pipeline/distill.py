@@ -734,9 +734,29 @@ def is_resume(cfg: DistillConfig) -> bool:
     return storage.exists(storage.join(run_dir(cfg), "checkpoint_manager_snapshot.json"))
 
 
+def finished_run(cfg: DistillConfig) -> dict | None:
+    """The exported student's record when the run already trained all its epochs, else None."""
+    from distilpose.models.checkpoints import load_checkpoint
+
+    latest = storage.join(run_dir(cfg), "export", "student_latest.pt")
+    if not storage.exists(latest):
+        return None
+    _, extra = load_checkpoint(storage.local_copy(latest))
+    return extra if extra and int(extra.get("epoch", -1)) >= cfg.epochs else None
+
+
 def run_distill(cfg: DistillConfig) -> DistillResult:
     cfg, resumed = prepare_run(cfg)
     t0 = time.perf_counter()
+    done = finished_run(cfg) if resumed else None
+    if done is not None:
+        # Nothing left to train: no worker group is started (a fit would cost ~15 s for nothing).
+        print(f"[distill] run '{cfg.name}' already finished {done['epoch']} epochs; reusing it", flush=True)
+        exported = {"latest": storage.join(run_dir(cfg), "export", "student_latest.pt")}
+        best = storage.join(run_dir(cfg), "export", "student_best.pt")
+        if storage.exists(best):
+            exported["best"] = best
+        return DistillResult(run_dir(cfg), dict(done["metrics"]), exported, True, time.perf_counter() - t0)
     with EpochProgress(run_dir(cfg)):
         result = build_trainer(cfg).fit()
     if result.error:
