@@ -117,3 +117,28 @@ def test_rayjob_manifest_fields(stage):
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert "env_vars" in runtime_env
     _check_cluster_spec(spec["rayClusterSpec"], path.name)
+
+
+def _entrypoint_args(stage: str) -> list[str]:
+    doc = yaml.safe_load((INFRA / "kuberay" / f"rayjob-{stage}.yaml").read_text())
+    words = doc["spec"]["entrypoint"].split()
+    assert words[0] == "python" and words[1].startswith("jobs/")
+    return words[2:]
+
+
+def test_rayjob_entrypoints_parse_with_the_jobs_own_arguments(monkeypatch):
+    import argparse
+
+    monkeypatch.syspath_prepend(str(INFRA.parent / "jobs"))
+    import cache_teacher
+    import distill
+
+    args = cache_teacher.parse_args(_entrypoint_args("cache-teacher"))
+    assert args.gpus_per_worker == 1 and args.out.startswith("s3://")
+    parser = argparse.ArgumentParser()
+    distill.add_distill_args(parser)
+    args = parser.parse_args(_entrypoint_args("distill"))
+    assert args.gpu and args.workers == 8 and args.storage.startswith("s3://")
+    sweep = _entrypoint_args("sweep")
+    assert {"--cache", "--space", "--storage", "--name"} <= set(sweep)
+    assert (INFRA.parent / sweep[sweep.index("--space") + 1]).exists()
