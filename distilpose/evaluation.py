@@ -21,23 +21,14 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from distilpose.keypoints import FLIP_PAIRS as COCO_FLIP_PAIRS
+
 # COCO person keypoint OKS sigmas in the standard joint order (as pycocotools / mmpose use).
 COCO_SIGMAS = (
     np.array([0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89])
     / 10.0
 )
 
-# COCO left/right joint pairs (spec section 0). Kept here so evaluation needs no data imports.
-COCO_FLIP_PAIRS: tuple[tuple[int, int], ...] = (
-    (1, 2),
-    (3, 4),
-    (5, 6),
-    (7, 8),
-    (9, 10),
-    (11, 12),
-    (13, 14),
-    (15, 16),
-)
 
 # Order of pycocotools' COCOeval(iouType="keypoints").stats.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")

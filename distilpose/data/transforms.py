@@ -24,18 +24,8 @@ import torch
 from PIL import Image
 
 from distilpose.data.coco import Instance
+from distilpose.keypoints import FLIP_PAIRS
 
-# COCO left/right joint pairs (spec section 0).
-FLIP_PAIRS: tuple[tuple[int, int], ...] = (
-    (1, 2),
-    (3, 4),
-    (5, 6),
-    (7, 8),
-    (9, 10),
-    (11, 12),
-    (13, 14),
-    (15, 16),
-)
 UPPER_BODY_JOINTS = frozenset(range(11))  # nose .. wrists (mmpose COCO upper_body_ids)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
