@@ -24,6 +24,9 @@ class DatasetLayout:
 
 
 def resolve_layout(root: str, split: str, ann_file: str | None = None, images: str | None = None) -> DatasetLayout:
+    # Absolute local paths: the layout is recorded in cache manifests and read by Ray
+    # workers, whose working directory is not the driver's.
+    root, ann_file, images = (storage.absolute(u) if u else u for u in (root, ann_file, images))
     ann_candidates = [
         storage.join(root, "annotations", f"person_keypoints_{split}.json"),
         storage.join(root, "annotations", f"person_keypoints_{split}2017.json"),

@@ -66,6 +66,11 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(S3_PREFIX)
 
 
+def absolute(uri: str) -> str:
+    """An s3:// URI unchanged; a local path made absolute (Ray workers have other cwds)."""
+    return uri if is_s3(uri) else local_path(uri)
+
+
 def is_local(uri: str) -> bool:
     return not is_s3(uri)
 

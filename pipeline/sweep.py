@@ -107,10 +107,6 @@ def _trial_fn(config: dict) -> None:
     tune.report({**(result.metrics or {}), "exported_student": exported["latest"]})
 
 
-def _absolute(uri: str) -> str:
-    return uri if storage.is_s3(uri) else storage.local_path(uri)
-
-
 def warn_if_cluster_too_small(trials: list[dict], overrides: dict) -> None:
     """Each trial needs its Train workers' CPUs plus the trial driver's; Ray waits forever otherwise."""
     import ray
@@ -154,15 +150,15 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     sweep_root = storage.join(cfg.storage, cfg.name)
     param_space = {
         "trial": tune.grid_search(trials),
-        "cache": _absolute(cfg.cache),
-        "runs_storage": _absolute(storage.join(sweep_root, "runs")),
+        "cache": storage.absolute(cfg.cache),
+        "runs_storage": storage.absolute(storage.join(sweep_root, "runs")),
         "overrides": overrides,
     }
     for trial in trials:  # refuse a bad cache / student before any trial starts
         check_cache_for_run(trial_config({**param_space, "trial": trial}))
     warn_if_cluster_too_small(trials, overrides)
     trainable = tune.with_resources(_trial_fn, {"cpu": TRIAL_CPUS})
-    tune_storage = _absolute(cfg.storage)
+    tune_storage = storage.absolute(cfg.storage)
     experiment = storage.join(tune_storage, cfg.name)
     if tune.Tuner.can_restore(experiment):
         print(f"[sweep] resuming sweep '{cfg.name}' from {experiment}: finished trials are kept", flush=True)
