@@ -268,7 +268,7 @@ def test_official_pos_embedding_is_checked_not_unexpected(tmp_path: Path) -> Non
     with pytest.raises(CheckpointError, match=r"(?s)1 shape/value mismatch.*pos_embedding: values differ"):
         load_official(model, write_official(tmp_path / "bad.pth", state))
     state[key] = torch.zeros(1, 10, 64)
-    with pytest.raises(CheckpointError, match=r"pos_embedding: file \(1, 10, 64\) vs model \(1, 64, 64\)"):
+    with pytest.raises(CheckpointError, match=r"pos_embedding: file \(1, 10, 64\) vs model \(1, 64, 96\)"):
         load_official(model, write_official(tmp_path / "shape.pth", state))
 
 

@@ -75,7 +75,7 @@ def test_pos_table_is_a_fixed_buffer_not_a_parameter() -> None:
     names = {n for n, _ in model.named_parameters()}
     assert not any("pos_embedding" in n for n in names)
     assert "tde.pos_embedding" not in model.state_dict()
-    assert model.tde.pos_embedding.shape == (1, 64, 64)
+    assert model.tde.pos_embedding.shape == (1, 64, model.config.dim)
     assert count_params(model) == sum(p.numel() for p in model.parameters())
 
 
@@ -84,7 +84,7 @@ def test_count_gflops_excludes_attention_matmuls() -> None:
     # LayerNorm cost; attention QK^T / AV would add a token-count-squared term.
     shallow = build_model("distilpose-tiny", depth=1)
     deep = build_model("distilpose-tiny", depth=2)
-    tokens, d = 17 + 64, 64
+    tokens, d = 17 + 64, deep.config.dim
     per_layer = tokens * (d * 3 * d + d * d + 2 * d * 3 * d) + 2 * (2 * tokens * d)
     assert round((count_gflops(deep) - count_gflops(shallow)) * 1e9) == per_layer
 

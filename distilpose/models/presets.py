@@ -25,10 +25,11 @@ _PAPER = dict(input_size=(256, 192), heatmap_size=(64, 48), dim=192, depth=12, h
 _PAPER_HIDDEN = official_heatmap_hidden(192, (64, 48))  # 384
 
 # Tiny: stride-4 grid 32x24 -> 8x8 = 64 patches of 4x3; narrow stem / stage 1 / branches.
-_TINY = dict(input_size=(128, 96), heatmap_size=(32, 24), dim=64, depth=2, heads=4, mlp_ratio=3)
+# dim 96: measured to learn the synthetic set clearly faster than 64 in a minutes-long CPU run.
+_TINY = dict(input_size=(128, 96), heatmap_size=(32, 24), dim=96, depth=2, heads=4, mlp_ratio=3)
 _TINY_CNN = dict(stem_channels=16, stage1_planes=8, stage1_blocks=1)
 _TINY_HRNET = dict(_TINY_CNN, hrnet_width=16, hrnet_blocks=1)
-_TINY_HIDDEN = official_heatmap_hidden(64, (32, 24))  # 0: LN -> Linear(64 -> 768)
+_TINY_HIDDEN = official_heatmap_hidden(96, (32, 24))  # 0: LN -> Linear(96 -> 768)
 
 PRESETS: dict[str, ModelConfig] = {
     c.name: c
