@@ -28,19 +28,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--epochs", type=int, default=20, help="epochs (an upper bound when --time-budget-s is set)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--sigma", type=float, default=2.0, help="heatmap Gaussian sigma (heatmap px)")
-    p.add_argument("--aug", choices=["spec", "light", "none"], default="spec", help="augmentation preset")
+    p.add_argument(
+        "--recipe",
+        choices=["spec", "fast"],
+        default="spec",
+        help="spec: the official recipe; fast: for minutes-long CPU runs (He init, lr 3e-3, no augmentation)",
+    )
+    p.add_argument("--lr", type=float, help="default: from the recipe")
+    p.add_argument("--sigma", type=float, help="heatmap Gaussian sigma in heatmap px (default: from the recipe)")
+    p.add_argument("--aug", choices=["spec", "light", "none"], help="augmentation preset (default: from the recipe)")
     p.add_argument(
         "--backbone-init",
         choices=["kaiming", "official"],
-        default="kaiming",
-        help="backbone conv init (official = mmpose N(0, 0.001); kaiming learns faster in short runs)",
+        help="backbone conv init: official = mmpose N(0, 0.001), kaiming = He (default: from the recipe)",
     )
     p.add_argument("--out", default="runs/teacher", help="run directory (checkpoint, logs, eval.json)")
     p.add_argument("--time-budget-s", type=float, help="stop training after this many seconds of training")
+    p.add_argument(
+        "--budget-clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="what --time-budget-s counts: wall-clock time or the training process CPU time (fair on shared machines)",
+    )
     p.add_argument("--workers-dataloader", type=int, default=1, help="DataLoader worker processes")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 + one worker suits 2 cores)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/teacher.pt exists")
@@ -53,7 +64,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from distilpose.teacher_training import TeacherTrainConfig, parse_overrides, train_teacher
 
-    cfg = TeacherTrainConfig(
+    cfg = TeacherTrainConfig.from_recipe(
+        args.recipe,
         data=args.data,
         teacher=args.teacher,
         model_overrides=parse_overrides(args.model_override),
@@ -65,6 +77,7 @@ def main(argv=None) -> int:
         aug=args.aug,
         backbone_init=args.backbone_init,
         time_budget_s=args.time_budget_s,
+        budget_clock=args.budget_clock,
         workers=args.workers_dataloader,
         threads=args.threads,
         device=args.device,

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from distilpose.data.synthetic import make_synthetic_coco
+from distilpose.models import build_model
 from distilpose.models.checkpoints import CheckpointError, load_checkpoint
 from distilpose.teacher_training import (
+    AUG_PRESETS,
     CHECKPOINT_FILE,
     EVAL_FILE,
     LOG_FILE,
@@ -23,6 +25,7 @@ from distilpose.teacher_training import (
     joints_mse_loss,
     lr_factor,
     parse_overrides,
+    reinit_backbone,
     train_teacher,
 )
 from distilpose.validation import detections_file, split_files
@@ -55,11 +58,14 @@ def test_joints_mse_matches_the_per_joint_mmpose_formula():
 
 
 def test_lr_schedule_warms_up_then_steps_down():
-    assert lr_factor(0, 0.0, 10, (0.5, 0.8)) == pytest.approx(0.001)
-    assert lr_factor(5, 0.0, 10, (0.5, 0.8)) == pytest.approx(0.001 + 0.999 * 0.5)
-    assert lr_factor(10, 0.4, 10, (0.5, 0.8)) == 1.0
-    assert lr_factor(50, 0.5, 10, (0.5, 0.8)) == pytest.approx(0.1)
-    assert lr_factor(90, 0.9, 10, (0.5, 0.8)) == pytest.approx(0.01)
+    decay_at = (0.5, 0.8)
+    assert lr_factor(0, 0.0, 10, 0.05, decay_at) == pytest.approx(0.001)
+    assert lr_factor(5, 0.0, 10, 0.05, decay_at) == pytest.approx(0.001 + 0.999 * 0.5)
+    # The warm-up also ends after warmup_frac of the run (e.g. of a time budget).
+    assert lr_factor(5, 0.05, 10, 0.05, decay_at) == 1.0
+    assert lr_factor(10, 0.4, 10, 0.05, decay_at) == 1.0
+    assert lr_factor(50, 0.5, 10, 0.05, decay_at) == pytest.approx(0.1)
+    assert lr_factor(90, 0.9, 10, 0.05, decay_at) == pytest.approx(0.01)
 
 
 def test_parse_overrides():
@@ -70,6 +76,31 @@ def test_parse_overrides():
     }
     with pytest.raises(ValueError, match="field=value"):
         parse_overrides(["dim"])
+
+
+def test_recipes_set_defaults_that_explicit_values_override():
+    spec = TeacherTrainConfig(data="d")
+    assert (spec.lr, spec.aug, spec.backbone_init) == (1e-3, AUG_PRESETS["spec"], "official")
+    fast = TeacherTrainConfig.from_recipe("fast", data="d", lr=None, epochs=3)
+    assert (fast.lr, fast.aug, fast.backbone_init, fast.epochs) == (3e-3, AUG_PRESETS["none"], "kaiming", 3)
+    assert TeacherTrainConfig.from_recipe("fast", data="d", lr=5e-4, aug="light").lr == 5e-4
+    with pytest.raises(ValueError, match="unknown recipe"):
+        TeacherTrainConfig.from_recipe("slow", data="d")
+    with pytest.raises(ValueError, match="budget_clock"):
+        TeacherTrainConfig(data="d", budget_clock="gpu")
+
+
+def test_reinit_backbone_only_touches_backbone_convs():
+    torch.manual_seed(0)
+    model = build_model("tokenpose-tiny")
+    conv = model.backbone.conv2.weight
+    head = model.heatmap_head[-1].weight.clone()
+    reinit_backbone(model, "official")
+    assert conv.std() < 0.002  # mmpose N(0, 0.001), as built
+    reinit_backbone(model, "kaiming")
+    fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]
+    assert conv.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.2)
+    assert torch.equal(model.heatmap_head[-1].weight, head)
 
 
 def test_split_files_understands_both_layouts(data, tmp_path):
@@ -124,6 +155,9 @@ def test_time_budget_stops_early_and_keeps_the_progress(data, tmp_path):
     assert result.state.elapsed_s >= 0.5
     _, extra = load_checkpoint(Path(result.checkpoint))
     assert extra["stopped_by_budget"] and extra["iteration"] == result.state.iteration
+    # The CPU clock counts this process's CPU time instead of wall time.
+    cpu = train_teacher(replace(cfg, out=str(tmp_path / "cpu"), budget_clock="cpu"), log=lambda m: None)
+    assert cpu.state.stopped_by_budget and cpu.state.cpu_s >= 0.5
 
 
 def test_resume_refuses_a_different_model(data, tmp_path):
