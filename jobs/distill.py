@@ -37,6 +37,12 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--online-teacher", metavar="PRESET", help="run this teacher in the loop instead of the cache")
     p.add_argument("--teacher-checkpoint", help="checkpoint for --online-teacher")
     p.add_argument("--init-backbone", metavar="CKPT", help="initialise the student backbone from a teacher checkpoint")
+    p.add_argument(
+        "--backbone-init",
+        choices=["official", "kaiming"],
+        default="official",
+        help="student conv init: official N(0, 0.001) or He init (much faster in short runs)",
+    )
     p.add_argument("--data", help="data set root holding the cached split's images (default: as recorded)")
     p.add_argument("--val", help="data set root whose val split is evaluated (pycocotools)")
     p.add_argument("--val-boxes", default="gt", help="'gt' or a detector results json")
@@ -106,6 +112,7 @@ def config_from_args(args):
         online_teacher=args.online_teacher,
         teacher_checkpoint=args.teacher_checkpoint,
         init_backbone=args.init_backbone,
+        backbone_init=args.backbone_init,
         data=args.data,
         val=args.val,
         val_boxes=args.val_boxes,

@@ -118,6 +118,7 @@ def distill_stage(cfg: DemoConfig, cache: str, data: Path, name: str, no_distill
         workers=cfg.workers,
         lr=cfg.lr,
         warmup_iters=50,
+        backbone_init="kaiming",
         no_distill=no_distill,
         val=str(data),
         seed=cfg.seed,
