@@ -1,0 +1,359 @@
+"""(b) Cache reader throughput vs the student's training-step consumption rate.
+
+    python bench/bench_cache_reader.py [--quick]
+
+A paper-size cache (K=17, 64x48 heatmaps, D=192, P=256; default encodings u8-thresh /
+int8-token-scale) is filled with teacher-like synthetic values (bench/_common.py) through
+the real writers, in both formats, with the production shard size (256 views). Its rows
+belong to real instances of a small synthetic COCO set (view parameters from the job's
+`view_for`), so the training loader can rebuild the crops too. No teacher is run.
+
+Measured side by side, interleaved, median of the repetitions:
+- readers, with exactly the fields a full DistillLoss run reads (the loader's base fields +
+  heatmaps, kpt_tokens, vis_tokens), decoded to float32:
+    zarr  read_rows, random batches of --batch rows (uniform over the whole cache)
+    zarr  read_shard, every shard in turn
+    wds   read_shard, every shard in turn
+- the training loader itself (`CachedViewStream`, one epoch): reads whole shards, keeps 1 of
+  the V cached views per instance, rebuilds each crop from its JPEG, makes tensors;
+- the student's consumption: one training step (forward, DistillLoss with all terms,
+  backward, Adam step) of distilpose-s at batch 32 (paper size) and of distilpose-tiny
+  (its own sizes), with --threads torch threads (the trainer's default is 1 per worker).
+
+Ratio = reader views/s / student views/s (goal >= 5 for distilpose-s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import _common as C
+import numpy as np
+
+NAME = "cache_reader"
+TEACHER_FIELDS = ("heatmaps", "kpt_tokens", "vis_tokens")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 shards, 2 repetitions (smoke run)")
+    p.add_argument("--shards", type=int, help="shards per format (default 4)")
+    p.add_argument("--shard-views", type=int, default=256)
+    p.add_argument("--views", type=int, default=8, help="cached views per instance (the loader reads 1 of V)")
+    p.add_argument("--batch", type=int, default=32, help="student batch size and random read batch size")
+    p.add_argument("--random-batches", type=int, default=8, help="random read_rows batches per repetition")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (trainer default: 1 per worker)")
+    p.add_argument("--reps", type=int)
+    p.add_argument("--keep", action="store_true", help="keep the temporary caches")
+    args = p.parse_args()
+    args.shards = args.shards or (2 if args.quick else 4)
+    args.reps = args.reps or (2 if args.quick else 3)
+    return args
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def make_data(args, tmp: str) -> str:
+    """A synthetic COCO set with at least the instances the caches need."""
+    from distilpose.data.coco import load_instances
+    from distilpose.data.synthetic import make_synthetic_coco
+    from pipeline.dataset_layout import resolve_layout
+
+    needed = args.shards * args.shard_views // args.views
+    data = os.path.join(tmp, "data")
+    images = max(4, needed // 2 + 8)
+    while True:
+        make_synthetic_coco(data, images, 1, seed=0)
+        layout = resolve_layout(data, "train", None, None)
+        instances, _ = load_instances(layout.ann_file, split_kind="train", input_size=C.PAPER_INPUT)
+        if len(instances) >= needed:
+            return data
+        images = int(images * 1.5) + 1
+
+
+def build_caches(args, tmp: str, data: str, tag: str, spec, input_size: tuple[int, int]) -> dict:
+    """A teacher-like cache of the data set's instances, in zarr and in wds."""
+    from distilpose.data.coco import load_coco, load_instances
+    from distilpose.data.transforms import affine_matrix
+    from distilpose.data.views import view_for
+    from pipeline.cache import open_writer
+    from pipeline.dataset_layout import resolve_layout
+    from pipeline.teacher_stage import plan_shards
+
+    instances_needed = args.shards * args.shard_views // args.views
+    layout = resolve_layout(data, "train", None, None)
+    instances, _ = load_instances(layout.ann_file, split_kind="train", input_size=input_size)
+    images = len(load_coco(layout.ann_file)[1])
+    instances = sorted(instances, key=lambda inst: inst.instance_id)[:instances_needed]
+    shards = plan_shards(instances, args.views, args.shard_views)
+    rng = np.random.default_rng(0)
+    caches, write_s = {}, {}
+    for fmt in ("zarr", "wds"):
+        caches[fmt] = os.path.join(tmp, f"cache-{tag}-{fmt}")
+        write_s[fmt] = 0.0
+    for shard in shards:
+        n = len(shard.instances) * args.views
+        rows = C.teacher_like_views(n, spec, rng, input_size=input_size)
+        keys = [(inst, v) for inst in shard.instances for v in range(args.views)]
+        rows["instance_id"] = np.asarray([inst.instance_id for inst, _ in keys], np.int64)
+        rows["image_id"] = np.asarray([inst.image_id for inst, _ in keys], np.int64)
+        rows["view"] = np.asarray([v for _, v in keys], np.int16)
+        views = [view_for(inst, v, 0) for inst, v in keys]
+        rows["view_params"] = np.stack([view.to_array() for view in views]).astype(np.float32)
+        rows["affine"] = np.stack([affine_matrix(view, input_size) for view in views]).astype(np.float32)
+        for fmt in caches:
+            writer = open_writer(caches[fmt], spec, fmt)
+            start = time.perf_counter()
+            writer.write_shard(shard.index, rows)
+            write_s[fmt] += time.perf_counter() - start
+    total = len(instances) * args.views
+    for fmt, uri in caches.items():
+        open_writer(uri, spec, fmt).finalize(
+            C.synthetic_manifest(args.views, layout.ann_file, layout.image_root, images), expected_shards=len(shards)
+        )
+    return {
+        "tag": tag,
+        "spec": spec,
+        "input_size": input_size,
+        "caches": caches,
+        "layout": layout,
+        "instances": len(instances),
+        "rows": total,
+        "write_views_per_s": {fmt: total / s for fmt, s in write_s.items()},
+    }
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def reader_cases(built: dict, args) -> dict:
+    from distilpose.data.coco import load_coco
+    from pipeline.cache import open_reader
+    from pipeline.distill_data import BASE_FIELDS, CachedViewStream
+
+    fields = list(BASE_FIELDS + TEACHER_FIELDS)
+    zarr_reader = open_reader(built["caches"]["zarr"])
+    wds_reader = open_reader(built["caches"]["wds"])
+    rng = np.random.default_rng(1)
+    _, images = load_coco(built["layout"].ann_file)
+    image_files = {i: info.file_name for i, info in images.items()}
+
+    def random_rows() -> int:
+        for _ in range(args.random_batches):
+            rows = rng.choice(len(zarr_reader), size=args.batch, replace=False)
+            zarr_reader.read_rows(rows, fields=fields)
+        return args.random_batches * args.batch
+
+    def sequential(reader) -> int:
+        for index in reader.shard_indices:
+            reader.read_shard(index, fields=fields)
+        return len(reader)
+
+    def loader_for(reader) -> CachedViewStream:
+        return CachedViewStream(
+            reader,
+            image_root=built["layout"].image_root,
+            image_files=image_files,
+            input_size=built["input_size"],
+            teacher_fields=TEACHER_FIELDS,
+            rank=0,
+            world_size=1,
+            batch_size=args.batch,
+            seed=0,
+        )
+
+    def stream(reader) -> int:
+        delivered = 0
+        for batch in loader_for(reader).epoch(0):
+            delivered += len(batch["image"])
+        return delivered
+
+    # The loader's crop rebuild alone (JPEG decode + affine warp), on the views one epoch
+    # delivers from the first shard; through the loader's own (private) crop method.
+    first = zarr_reader.read_shard(
+        zarr_reader.shard_indices[0], fields=["instance_id", "image_id", "view", "view_params"]
+    )
+    first = {k: v[first["view"] == 0] for k, v in first.items()}
+
+    def crops_only() -> int:
+        loader = loader_for(zarr_reader)
+        for i in range(len(first["image_id"])):
+            loader._crop(first, i)
+        return len(first["image_id"])
+
+    tag = built["tag"]
+    return {
+        f"{tag}: zarr read_rows random": random_rows,
+        f"{tag}: zarr read_shard sequential": lambda: sequential(zarr_reader),
+        f"{tag}: wds read_shard sequential": lambda: sequential(wds_reader),
+        f"{tag}: zarr CachedViewStream (loader)": lambda: stream(zarr_reader),
+        f"{tag}: wds CachedViewStream (loader)": lambda: stream(wds_reader),
+        f"{tag}: crop rebuild only (part of loader)": crops_only,
+    }
+
+
+# ----------------------------------------------------------------------------- students
+
+
+def student_step_fn(preset: str, batch: int):
+    """One training step of `preset` with every DistillLoss term, teacher fields as tensors."""
+    import torch
+
+    from distilpose.losses import DistillLoss
+    from distilpose.models import build_model, get_config
+
+    config = get_config(preset)
+    spec = C.paper_spec(
+        num_joints=config.num_joints,
+        heatmap_size=tuple(config.heatmap_size),
+        dim=config.dim,
+        num_patches=config.num_patches,
+    )
+    rows = C.teacher_like_views(batch, spec, np.random.default_rng(2), input_size=tuple(config.input_size))
+    h, w = config.input_size
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model(config).train()
+        image = torch.randn(batch, 3, h, w)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = DistillLoss()
+    target = torch.from_numpy(rows["joints"]) / torch.tensor([w, h], dtype=torch.float32)
+    weight = torch.from_numpy(rows["joint_weights"])
+    teacher = {k: torch.from_numpy(rows[k]) for k in TEACHER_FIELDS}
+
+    def step() -> int:
+        out = model(image)
+        total, _ = loss_fn(out, target, weight, teacher)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        return batch
+
+    return step
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    from distilpose.models import get_config
+
+    args = parse_args()
+    C.set_threads(args.threads)
+    C.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="cache-reader-", dir=C.RESULTS_DIR)
+    try:
+        data = make_data(args, tmp)
+        # Each student is compared with a cache of its own teacher's sizes: the paper cache for
+        # distilpose-s, the tiny one (32x24 heatmaps, D=64, P=64, 128x96 crops) for distilpose-tiny.
+        pairs = {"paper": "distilpose-s", "tiny": "distilpose-tiny"}
+        built, readers, students = {}, {}, {}
+        for tag, student in pairs.items():
+            config = get_config(student)
+            spec = C.paper_spec(
+                num_joints=config.num_joints,
+                heatmap_size=tuple(config.heatmap_size),
+                dim=config.dim,
+                num_patches=config.num_patches,
+            )
+            print(
+                f"building {tag}-size caches {spec.dims()}: {args.shards} x {args.shard_views} views",
+                flush=True,
+            )
+            built[tag] = build_caches(args, tmp, data, tag, spec, tuple(config.input_size))
+            print(
+                f"  {built[tag]['rows']} views ({built[tag]['instances']} instances x {args.views} views); write "
+                + ", ".join(f"{k} {v:.0f} views/s" for k, v in built[tag]["write_views_per_s"].items()),
+                flush=True,
+            )
+            readers[tag] = reader_cases(built[tag], args)
+            students[tag] = (f"{student} train step (batch {args.batch})", student_step_fn(student, args.batch))
+        views: dict[str, int] = {}
+
+        def counted(name, fn):
+            def run() -> None:
+                views[name] = fn()
+
+            return run
+
+        cases = {name: counted(name, fn) for tag in pairs for name, fn in readers[tag].items()}
+        cases.update({name: counted(name, fn) for name, fn in students.values()})
+        times = C.interleaved(cases, reps=args.reps, warmup=1, label="reader")
+        rates = {name: views[name] / C.median(times[name]) for name in cases}
+
+        reader_rows, ratios = [], {}
+        for tag in pairs:
+            student_name = students[tag][0]
+            for name in readers[tag]:
+                ratios[name] = rates[name] / rates[student_name]
+                reader_rows.append(
+                    {
+                        "reader": name,
+                        "views/s": rates[name],
+                        "s/rep": C.median(times[name]),
+                        "views/rep": views[name],
+                        "consumer": pairs[tag],
+                        "ratio": ratios[name],
+                        "goal 5": "ok" if ratios[name] >= 5 else "BELOW",
+                    }
+                )
+        student_rows = [
+            {
+                "student step": name,
+                "views/s": rates[name],
+                "s/step": C.median(times[name]),
+                "spread s": C.spread(times[name]),
+            }
+            for name, _ in students.values()
+        ]
+        lines = [
+            f"caches: {args.shards} shards x {args.shard_views} views, V={args.views} views/instance, "
+            "default encodings; paper size K=17, 64x48, D=192, P=256; tiny size K=17, 32x24, D=64, P=64",
+            f"fields read: the loader's base fields + {', '.join(TEACHER_FIELDS)} (all a full DistillLoss needs)",
+            f"torch threads {args.threads}; batch {args.batch}; {args.reps} interleaved repetitions, medians",
+            "",
+            C.table(reader_rows),
+            "",
+            C.table(student_rows),
+            "",
+            "ratio = reader views/s / the consumer's training-step views/s (goal >= 5).",
+            "The loader (CachedViewStream) reads whole shards and keeps 1 of the V views per instance, so it "
+            f"fetches and decodes {args.views}x the rows it delivers, and it rebuilds every crop from its JPEG.",
+            "It runs synchronously in the training loop: a reader at ratio r adds ~1/r to the step time.",
+        ]
+        text = "\n".join(lines)
+        print("\n" + text)
+        C.write_results(
+            NAME,
+            {
+                "context": C.context(threads=args.threads, batch=args.batch, views_per_instance=args.views),
+                "caches": {
+                    tag: {
+                        "rows": b["rows"],
+                        "instances": b["instances"],
+                        "shards": args.shards,
+                        "shard_views": args.shard_views,
+                        "spec": b["spec"].to_dict(),
+                        "write_views_per_s": b["write_views_per_s"],
+                    }
+                    for tag, b in built.items()
+                },
+                "times_s": times,
+                "views_per_rep": views,
+                "views_per_s": rates,
+                "ratio_reader_over_student": ratios,
+                "report": text,
+            },
+        )
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""(4) Training step time from the cache vs with the online teacher, same student, same batch.
+
+    python bench/bench_distill_step.py            # batch 8, 2 repetitions (what `make bench` runs)
+    python bench/bench_distill_step.py --quick    # batch 8, 1 repetition (smoke run)
+    python bench/bench_distill_step.py --full     # batch 32, the training default (slow on CPU)
+
+Per student (distilpose-s, distilpose-l; random init, train mode, Adam, DistillLoss with the
+paper weights, every term on) and the paper teacher tokenpose-w48 (random init, seeded,
+built by the training code's own `pipeline.distill._online_teacher`), measured side by side,
+interleaved, median:
+
+- cached: decode the batch's encoded teacher fields (heatmaps u8-thresh, tokens
+  int8-token-scale: the raw arrays a cache read returns, decoded to float32 and made into
+  tensors as the loader does), then student forward + loss + backward + optimizer step;
+- online: the teacher forward under no_grad on the same images (what `--online-teacher`
+  runs), then the same student step. The training loop runs the student forward first and
+  the teacher second; a variant with the teacher first is timed too (same work, less memory
+  held while the teacher runs) and reported beside it.
+
+Same images, targets, threads and batch for both. Ratio = online / cached (goal >= 3 for
+distilpose-s). The loader's other work (shard reads, crop rebuild) is the same in both
+modes and left out; bench_cache_reader.py measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import _common as C
+import numpy as np
+
+NAME = "distill_step"
+TEACHER_FIELDS = ("heatmaps", "kpt_tokens", "vis_tokens")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="batch 8, 1 repetition")
+    p.add_argument("--full", action="store_true", help="batch 32 (the training default)")
+    p.add_argument("--batch", type=int, help="batch size (default 8; --full: 32)")
+    p.add_argument("--reps", type=int, help="timed repetitions after one warm-up (default 2; --quick: 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the trainer's default: 1 per worker)")
+    p.add_argument("--students", default="distilpose-s,distilpose-l")
+    p.add_argument("--teacher", default="tokenpose-w48")
+    args = p.parse_args()
+    args.batch = args.batch or (32 if args.full else 8)
+    args.reps = args.reps or (1 if args.quick else 2)
+    args.students = [s.strip() for s in args.students.split(",") if s.strip()]
+    return args
+
+
+def main() -> None:
+    import torch
+
+    from distilpose.losses import DistillLoss
+    from distilpose.models import build_model, get_config
+    from distilpose.models.presets import PAPER_FIGURES
+    from pipeline.cache.schema import arrays_for_fields, decode_fields, encode_views
+    from pipeline.distill import DistillConfig, _online_teacher
+
+    args = parse_args()
+    C.set_threads(args.threads)
+    teacher_config = get_config(args.teacher)
+    h, w = teacher_config.input_size
+    spec = C.paper_spec(
+        num_joints=teacher_config.num_joints,
+        heatmap_size=tuple(teacher_config.heatmap_size),
+        dim=teacher_config.dim,
+        num_patches=teacher_config.num_patches,
+    )
+    rows = C.teacher_like_views(args.batch, spec, np.random.default_rng(0), input_size=(h, w))
+    encoded = encode_views(rows, spec)
+    # Exactly the raw arrays a cache read of the loss's fields hands to decode_fields.
+    raw = {name: encoded[name] for name in arrays_for_fields(spec, TEACHER_FIELDS)}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        image = torch.randn(args.batch, 3, h, w)
+    target = torch.from_numpy(rows["joints"]) / torch.tensor([w, h], dtype=torch.float32)
+    weight = torch.from_numpy(rows["joint_weights"])
+    loss_fn = DistillLoss()
+    print(f"building {args.teacher} (online teacher, seeded random init) and students {args.students}", flush=True)
+    teacher = _online_teacher(
+        DistillConfig(cache="unused", student=args.students[0], online_teacher=args.teacher), torch.device("cpu")
+    )
+
+    def decoded_fields() -> dict:
+        fields = decode_fields(raw, spec, TEACHER_FIELDS)
+        return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in fields.items()}
+
+    # Where a step's time goes: seconds per part, one entry per call (first = warm-up).
+    parts: dict[str, dict[str, list[float]]] = {}
+
+    def make_steps(preset: str):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = build_model(preset).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def student_step(mode: str, get_teacher_fields, teacher_first: bool = False) -> None:
+            record = parts.setdefault(f"{preset} {mode}", {})
+            seconds: dict[str, float] = {}
+
+            def timed(name: str, fn):
+                start = time.perf_counter()
+                value = fn()
+                seconds[name] = time.perf_counter() - start
+                return value
+
+            # The training loop's order is student forward, then teacher fields; the variant
+            # runs the teacher first, before the student's autograd graph holds its memory.
+            if teacher_first:
+                teacher_fields = timed("teacher fields", get_teacher_fields)
+            out = timed("student forward", lambda: model(image))
+            if not teacher_first:
+                teacher_fields = timed("teacher fields", get_teacher_fields)
+            total, _ = timed("loss", lambda: loss_fn(out, target, weight, teacher_fields))
+            timed("backward", lambda: (optimizer.zero_grad(set_to_none=True), total.backward()))
+            timed("optimizer", optimizer.step)
+            for name in ("student forward", "teacher fields", "loss", "backward", "optimizer"):
+                record.setdefault(name, []).append(seconds[name])
+
+        def cached() -> None:
+            student_step("cached", decoded_fields)
+
+        def online() -> None:
+            student_step("online", lambda: teacher(image))
+
+        def online_teacher_first() -> None:
+            student_step("online, teacher first", lambda: teacher(image), teacher_first=True)
+
+        return cached, online, online_teacher_first
+
+    cases = {}
+    for preset in args.students:
+        cached, online, online_teacher_first = make_steps(preset)
+        cases[f"{preset} cached"] = cached
+        cases[f"{preset} online"] = online
+        cases[f"{preset} online, teacher first"] = online_teacher_first
+    cases["decode teacher fields only"] = decoded_fields
+    cases["teacher forward only"] = lambda: teacher(image)
+    print(f"batch {args.batch}, threads {args.threads}, 1 warm-up + {args.reps} interleaved repetitions", flush=True)
+    times = C.interleaved(cases, reps=args.reps, warmup=1, label="step")
+    med = {name: C.median(t) for name, t in times.items()}
+
+    rows_out = []
+    ratios, ratios_teacher_first = {}, {}
+    for preset in args.students:
+        cached, online = med[f"{preset} cached"], med[f"{preset} online"]
+        first = med[f"{preset} online, teacher first"]
+        ratios[preset] = online / cached
+        ratios_teacher_first[preset] = first / cached
+        rows_out.append(
+            {
+                "student": preset,
+                "cached s/step": cached,
+                "online s/step": online,
+                "cached spread": C.spread(times[f"{preset} cached"]),
+                "online spread": C.spread(times[f"{preset} online"]),
+                "cached views/s": args.batch / cached,
+                "online views/s": args.batch / online,
+                "online/cached": ratios[preset],
+                "teacher-first online/cached": ratios_teacher_first[preset],
+            }
+        )
+    decode_s, teacher_s = med["decode teacher fields only"], med["teacher forward only"]
+    part_rows = [
+        {"step": step, **{name: C.median(values[1:]) for name, values in record.items()}}
+        for step, record in parts.items()
+    ]
+    gflops = {name: PAPER_FIGURES[name][1] for name in (*args.students, args.teacher) if name in PAPER_FIGURES}
+    lines = [
+        f"teacher {args.teacher}; batch {args.batch}; torch threads {args.threads}; "
+        f"{args.reps} interleaved repetitions after 1 warm-up, medians",
+        "",
+        C.table(rows_out),
+        "",
+        f"decode of the batch's teacher fields (u8-thresh heatmaps, int8 tokens -> fp32 tensors): "
+        f"{1e3 * decode_s:.1f} ms/step; teacher forward alone: {teacher_s:.2f} s/step",
+        "",
+        "seconds per step by part (medians; 'teacher fields' = decode when cached, teacher forward when online)",
+        C.table(part_rows),
+        "",
+    ]
+    for preset, ratio in ratios.items():
+        goal = " (" + C.verdict(ratio, 3.0) + ")" if preset == "distilpose-s" else ""
+        expected = ""
+        if preset in gflops and args.teacher in gflops:
+            # FLOP count only: a training step ~ 3x the forward (backward ~ 2x forward).
+            flop_ratio = 1 + gflops[args.teacher] / (3 * gflops[preset])
+            expected = f"; FLOP-count expectation 1 + {gflops[args.teacher]}/(3 x {gflops[preset]}) = {flop_ratio:.2f}"
+        lines.append(f"  {preset}: online / cached = {ratio:.2f}{goal}{expected}")
+    text = "\n".join(lines)
+    print("\n" + text)
+    C.write_results(
+        NAME if not args.full else NAME + "_full",
+        {
+            "context": C.context(threads=args.threads, batch=args.batch, teacher=args.teacher),
+            "times_s": times,
+            "median_s": med,
+            "ratio_online_over_cached": ratios,
+            "ratio_online_teacher_first_over_cached": ratios_teacher_first,
+            "parts_s": parts,
+            "report": text,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
