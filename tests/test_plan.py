@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from distilpose.models import get_config
 from pipeline.cache import CacheSpec, open_writer
 from pipeline.cache.schema import FIELDS, field_names
 from pipeline.plan import (
@@ -89,8 +90,9 @@ def test_object_count_per_shard_matches_the_real_store(tmp_path, fmt: str, store
 def test_token_and_small_field_bytes_are_the_schema_sizes() -> None:
     plan = estimate(instances=10, views=1, **TINY)
     fields = plan.bytes_per_view_by_field
-    assert fields["kpt_tokens"] == 17 * 64 + 17 * 2  # int8 values + fp16 scale per token
-    assert fields["vis_tokens"] == 64 * 64 + 64 * 2
+    dim = get_config("tokenpose-tiny").dim
+    assert fields["kpt_tokens"] == 17 * dim + 17 * 2  # int8 values + fp16 scale per token
+    assert fields["vis_tokens"] == 64 * dim + 64 * 2  # 64 patches
     assert fields["gauss"] == 17 * 4 * 4
     assert 0 < fields["heatmaps"] < 17 * 32 * 24  # compressed uint8: an estimate below raw
 
