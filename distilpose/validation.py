@@ -8,6 +8,10 @@ pycocotools COCOeval (`evaluate_keypoints`).
 `limit` evaluates only the first `limit` images of the annotation file (file order), and the
 ground truth is restricted to those images too, so a quick check is not penalised for the
 people in images it never looked at.
+
+Also here: where a split lives under a data set root (`split_files`: synthetic or COCO 2017
+layout), loading a checkpoint of either format (`load_model`) and the body of
+jobs/evaluate.py (`run_evaluation`).
 """
 
 from __future__ import annotations
