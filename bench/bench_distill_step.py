@@ -57,9 +57,9 @@ def main() -> None:
 
     from distilpose.losses import DistillLoss
     from distilpose.models import build_model, get_config
-    from distilpose.models.presets import PAPER_FIGURES
     from pipeline.cache.schema import arrays_for_fields, decode_fields, encode_views
     from pipeline.distill import DistillConfig, _online_teacher
+    from pipeline.plan import model_cost
 
     args = parse_args()
     C.set_threads(args.threads)
@@ -175,7 +175,10 @@ def main() -> None:
         {"step": step, **{name: C.median(values[1:]) for name, values in record.items()}}
         for step, record in parts.items()
     ]
-    gflops = {name: PAPER_FIGURES[name][1] for name in (*args.students, args.teacher) if name in PAPER_FIGURES}
+    # MACs per view: the paper's count plus the attention matmuls it leaves out (pipeline.plan).
+    gmacs = {
+        name: model_cost(name).gmacs_paper + model_cost(name).gmacs_attention for name in (*args.students, args.teacher)
+    }
     lines = [
         f"teacher {args.teacher}; batch {args.batch}; torch threads {args.threads}; "
         f"{args.reps} interleaved repetitions after 1 warm-up, medians",
@@ -188,22 +191,24 @@ def main() -> None:
         "seconds per step by part (medians; 'teacher fields' = decode when cached, teacher forward when online)",
         C.table(part_rows),
         "",
+        "achieved rates (GMACs per view incl. attention x batch / median seconds of the part):",
     ]
-    lines.append(
-        "(the paper's GFLOPs leave out the attention matmuls of the 12-layer transformer both models run, "
-        "so they overstate the teacher/student cost ratio)"
-    )
+    for preset in args.students:
+        cached_parts = {k: C.median(v[1:]) for k, v in parts[f"{preset} cached"].items()}
+        teacher_s = C.median(parts[f"{preset} online"]["teacher fields"][1:])
+        lines.append(
+            f"  {preset}: student forward {args.batch * gmacs[preset] / cached_parts['student forward']:.1f} GMAC/s, "
+            f"backward = {cached_parts['backward'] / cached_parts['student forward']:.2f} x forward; "
+            f"teacher forward {args.batch * gmacs[args.teacher] / teacher_s:.1f} GMAC/s"
+        )
+    lines.append("")
     for preset, ratio in ratios.items():
         goal = " (" + C.verdict(ratio, 3.0) + ")" if preset == "distilpose-s" else ""
-        expected = ""
-        if preset in gflops and args.teacher in gflops:
-            # FLOP count only: a training step ~ 3x the forward (backward ~ 2x forward).
-            flop_ratio = 1 + gflops[args.teacher] / (3 * gflops[preset])
-            expected = (
-                f"; paper-GFLOPs expectation 1 + {gflops[args.teacher]}/(3 x {gflops[preset]}) = {flop_ratio:.2f}"
-            )
+        # MAC count only: a training step ~ 3x its forward (backward ~ 2x forward).
+        expected = 1 + gmacs[args.teacher] / (3 * gmacs[preset])
         lines.append(
-            f"  {preset}: online / cached = {ratio:.2f} (paired per round {paired[preset]:.2f}){goal}{expected}"
+            f"  {preset}: online / cached = {ratio:.2f} (paired per round {paired[preset]:.2f}){goal}; "
+            f"MAC-count expectation 1 + {gmacs[args.teacher]:.2f}/(3 x {gmacs[preset]:.2f}) = {expected:.2f}"
         )
     text = "\n".join(lines)
     print("\n" + text)
