@@ -44,20 +44,31 @@ def set_threads(threads: int) -> None:
 
 
 def interleaved(
-    cases: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1, label: str = ""
+    cases: Mapping[str, Callable[[], Any]],
+    reps: int,
+    warmup: int = 1,
+    label: str = "",
+    cpu_times: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
-    """Run every case once per round, ``warmup + reps`` rounds; seconds of the timed rounds."""
+    """Run every case once per round, ``warmup + reps`` rounds; wall seconds of the timed rounds.
+
+    With ``cpu_times`` given, it also receives this process's CPU seconds per timed run (all
+    its threads). On a shared machine CPU time does not count the time the process waited
+    for a core, so for work that stays in this process it is the steadier figure.
+    """
     times: dict[str, list[float]] = {name: [] for name in cases}
     for round_index in range(warmup + reps):
         timed = round_index >= warmup
         for name, fn in cases.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn()
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             if timed:
                 times[name].append(elapsed)
+                if cpu_times is not None:
+                    cpu_times.setdefault(name, []).append(cpu)
             tag = f"rep {round_index - warmup + 1}/{reps}" if timed else "warm-up"
-            print(f"  [{label or 'bench'}] {tag:>9}  {name:<40} {elapsed:8.3f} s", flush=True)
+            print(f"  [{label or 'bench'}] {tag:>9}  {name:<40} {elapsed:8.3f} s wall {cpu:8.3f} s cpu", flush=True)
     return times
 
 
