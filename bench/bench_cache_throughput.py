@@ -163,33 +163,16 @@ def breakdown(model, crop_rows: list[dict], crop_s: float, spec, batch_size: int
     copies; `encode_shard_rows`) split into its parts, and the sink's shard write."""
     import torch
 
-    from distilpose.data.transforms import normalize_batch
-    from distilpose.heatmaps import fit_gaussians
     from pipeline.cache import open_writer
-    from pipeline.teacher_stage import encode_shard_rows
+    from pipeline.teacher_stage import encode_shard_rows, run_teacher
 
     views = sum(len(r["image"]) for r in crop_rows)
-    t_fwd = t_fit = t_encode = t_write = 0.0
+    timings: dict[str, float] = {}
+    t_encode = t_write = 0.0
     writer = open_writer(tempfile.mkdtemp(prefix="breakdown-", dir=tmp), spec, "zarr")
     for index, rows in enumerate(crop_rows):
         images = rows["image"][rows["valid"]]
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("heatmaps", "kpt_tokens", "vis_tokens", "gauss")}
-        parts["confidence"] = []
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                t0 = time.perf_counter()
-                out = model(normalize_batch(images[start : start + batch_size]))
-                t1 = time.perf_counter()
-                heatmaps = out.heatmaps.float()
-                gauss, conf = fit_gaussians(heatmaps)
-                parts["heatmaps"].append(heatmaps.cpu().numpy())
-                parts["kpt_tokens"].append(out.kpt_tokens.float().cpu().numpy())
-                parts["vis_tokens"].append(out.vis_tokens.float().cpu().numpy())
-                parts["gauss"].append(gauss.float().cpu().numpy())
-                parts["confidence"].append(conf.float().cpu().numpy())
-                t_fwd += t1 - t0
-                t_fit += time.perf_counter() - t1
-        outputs = {k: np.concatenate(v) for k, v in parts.items()}
+        outputs = run_teacher(model, images, batch_size, torch.device("cpu"), timings=timings)
         t0 = time.perf_counter()
         encoded = encode_shard_rows(rows, outputs, spec)
         t1 = time.perf_counter()
@@ -197,6 +180,7 @@ def breakdown(model, crop_rows: list[dict], crop_s: float, spec, batch_size: int
         writer.write_shard(index, record)
         t_encode += t1 - t0
         t_write += time.perf_counter() - t1
+    t_fwd, t_fit = timings.get("forward", 0.0), timings.get("fit", 0.0)
     per_view = {
         "crop (crop task)": crop_s / views,
         "normalize+forward (actor)": t_fwd / views,

@@ -190,7 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
     np.random.seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
     if not cfg.gpu:
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
 
     reader = open_reader(cfg.cache)

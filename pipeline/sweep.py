@@ -36,7 +36,10 @@ from pipeline import storage
 from pipeline.distill import DistillConfig
 
 RESULT_COLUMNS = ("trial", "student", "AP", "AP50", "AP75", "APM", "APL", "AR", "train/loss", "epoch")
-TRIAL_CPUS = 0.01  # the trial's own driver only waits on its TorchTrainer; the workers hold the CPUs
+# The trial's own driver only waits on its TorchTrainer; the workers hold the CPUs. Its
+# share is carved out of the workers' (see trial_config), so N concurrent trials of W
+# workers x C CPUs fit in exactly N*W*C CPUs (a 2-CPU machine runs 2 one-worker trials).
+TRIAL_CPUS = 0.01
 
 
 @dataclass
@@ -86,7 +89,10 @@ def trial_config(config: dict) -> DistillConfig:
     kwargs = {k: v for k, v in trial.items() if k in fields}
     kwargs.update(cache=config["cache"], storage=config["runs_storage"], name=trial["name"])
     kwargs.update(config.get("overrides") or {})
-    return DistillConfig(**kwargs)
+    cfg = DistillConfig(**kwargs)
+    if not cfg.gpu and cfg.cpus_per_worker > TRIAL_CPUS:
+        cfg = dataclasses.replace(cfg, cpus_per_worker=cfg.cpus_per_worker - TRIAL_CPUS / cfg.workers)
+    return cfg
 
 
 def _trial_fn(config: dict) -> None:
@@ -107,22 +113,33 @@ def _trial_fn(config: dict) -> None:
     tune.report({**(result.metrics or {}), "exported_student": exported["latest"]})
 
 
-def warn_if_cluster_too_small(trials: list[dict], overrides: dict) -> None:
-    """Each trial needs its Train workers' CPUs plus the trial driver's; Ray waits forever otherwise."""
+def warn_if_cluster_too_small(trials: list[dict], overrides: dict, max_concurrent: int = 1) -> None:
+    """Each trial needs its Train workers' CPUs (the trial driver's share is carved out of
+    them); Ray waits forever for a trial that cannot fit, and runs fewer trials at once than
+    asked when several do not fit together."""
     import ray
 
     if not ray.is_initialized():
         return
     have = ray.cluster_resources().get("CPU", 0.0)
+    needs = []
     for trial in trials:
         t = {**trial, **overrides}
-        need = t.get("workers", 1) * t.get("cpus_per_worker", 1.0) + TRIAL_CPUS
+        need = 0.0 if t.get("gpu") else t.get("workers", 1) * t.get("cpus_per_worker", 1.0)
+        needs.append(need)
         if need > have:
             print(
                 f"[sweep] WARNING: trial {t['name']} needs {need:g} CPUs, the cluster has {have:g}: it waits "
                 "until the cluster grows (lower workers/cpus_per_worker with --set to fit)",
                 flush=True,
             )
+    together = sum(sorted(needs)[:max_concurrent])
+    if max_concurrent > 1 and together > have:
+        print(
+            f"[sweep] WARNING: {max_concurrent} concurrent trials need {together:g} CPUs, the cluster has "
+            f"{have:g}: fewer trials will run at once than --max-concurrent asks",
+            flush=True,
+        )
 
 
 def resolve_overrides(overrides: dict) -> dict:
@@ -156,7 +173,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     }
     for trial in trials:  # refuse a bad cache / student before any trial starts
         check_cache_for_run(trial_config({**param_space, "trial": trial}))
-    warn_if_cluster_too_small(trials, overrides)
+    warn_if_cluster_too_small(trials, overrides, cfg.max_concurrent)
     trainable = tune.with_resources(_trial_fn, {"cpu": TRIAL_CPUS})
     tune_storage = storage.absolute(cfg.storage)
     experiment = storage.join(tune_storage, cfg.name)

@@ -226,8 +226,16 @@ def build_teacher(preset: str, checkpoint: str | None):
     return load_teacher(preset, storage.local_copy(checkpoint) if checkpoint else None).eval()
 
 
-def run_teacher(model, images: np.ndarray, batch_size: int, device) -> dict[str, np.ndarray]:
-    """Teacher forward + Gaussian fit on uint8 crops (N,H,W,3) -> fp32 numpy fields."""
+def run_teacher(
+    model, images: np.ndarray, batch_size: int, device, timings: dict[str, float] | None = None
+) -> dict[str, np.ndarray]:
+    """Teacher forward + Gaussian fit on uint8 crops (N,H,W,3) -> fp32 numpy fields.
+
+    `timings`, when given, accumulates seconds of "forward" (normalize + forward) and "fit"
+    (Gaussian fit + copies to numpy) - the benchmark's breakdown of the actor's work.
+    """
+    import time
+
     import torch
 
     from distilpose.data.transforms import normalize_batch
@@ -243,16 +251,24 @@ def run_teacher(model, images: np.ndarray, batch_size: int, device) -> dict[str,
     use_amp = device.type == "cuda"
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
+            t0 = time.perf_counter()
             x = normalize_batch(images[start : start + batch_size]).to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = model(x)
             heatmaps = out.heatmaps.float()
+            if timings is not None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t1 = time.perf_counter()
+                timings["forward"] = timings.get("forward", 0.0) + t1 - t0
             gauss, conf = fit_gaussians(heatmaps)
             parts["heatmaps"].append(heatmaps.cpu().numpy())
             parts["kpt_tokens"].append(out.kpt_tokens.float().cpu().numpy())
             parts["vis_tokens"].append(out.vis_tokens.float().cpu().numpy())
             parts["gauss"].append(gauss.float().cpu().numpy())
             parts["confidence"].append(conf.float().cpu().numpy())
+            if timings is not None:
+                timings["fit"] = timings.get("fit", 0.0) + time.perf_counter() - t1
     return {k: np.concatenate(v) if v else np.zeros((0,), np.float32) for k, v in parts.items()}
 
 

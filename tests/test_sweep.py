@@ -14,6 +14,7 @@ from pipeline.distill import DistillConfig
 from pipeline.sweep import load_space, rank_key
 
 ABLATION = ROOT / "sweeps" / "ablation.yaml"
+ABLATION_TINY = ROOT / "sweeps" / "ablation-tiny.yaml"
 PAPER_ROWS = {  # Table 4 of the paper: which loss terms each row uses
     "none": set(),
     "cs": {"cs"},
@@ -40,6 +41,30 @@ def test_ablation_yaml_is_the_papers_8_rows() -> None:
         assert enabled == PAPER_ROWS[trial["name"]], trial["name"]
         assert cfg.student == "distilpose-s" and cfg.epochs == 300  # the paper's schedule by default
     assert trials[0]["no_distill"] is True
+
+
+def test_tiny_ablation_has_the_same_rows_on_the_teacher_initialised_tiny_student() -> None:
+    paper = load_space(str(ABLATION))
+    tiny = load_space(str(ABLATION_TINY))
+    loss_keys = ("no_distill", "alpha_kt", "alpha_vt", "alpha_sh", "alpha_cs")
+    strip = [{k: t.get(k) for k in ("name", *loss_keys)} for t in paper]
+    assert [{k: t.get(k) for k in ("name", *loss_keys)} for t in tiny] == strip
+    assert {t["student"] for t in tiny} == {"distilpose-l-tiny"}
+
+
+def test_trial_driver_cpu_is_carved_out_of_the_workers_share() -> None:
+    """Two 1-worker CPU trials must fit a 2-CPU cluster together (0.01 + 0.99 each)."""
+    from pipeline.sweep import TRIAL_CPUS, trial_config
+
+    def config(**trial):
+        return {"trial": {"name": "t", "student": "distilpose-tiny", **trial}, "cache": "c", "runs_storage": "r"}
+
+    one = trial_config(config())
+    assert one.cpus_per_worker + TRIAL_CPUS == pytest.approx(1.0)
+    two = trial_config(config(workers=2, cpus_per_worker=2.0))
+    assert 2 * two.cpus_per_worker + TRIAL_CPUS == pytest.approx(4.0)
+    assert round(two.cpus_per_worker) == 2  # the worker's torch thread count is unchanged
+    assert trial_config(config(gpu=True)).cpus_per_worker == 1.0
 
 
 def test_load_space_expands_grid_and_rejects_unknown_fields(tmp_path) -> None:
