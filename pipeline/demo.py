@@ -213,6 +213,11 @@ def run_demo(cfg: DemoConfig) -> str:
         table,
         f"teacher cache: {reader.manifest.num_rows} views ({cfg.views}/instance), {bytes_per_view:,.0f} bytes/view, "
         f"built in {times['cache']:.1f} s; one distillation run: {times['distill']:.1f} s",
+        *(
+            [f"both students start from the teacher's backbone (stages 1-3 of {cfg.teacher}), same schedule"]
+            if cfg.init_backbone_from_teacher
+            else []
+        ),
         f"mean-pose baseline AP: {_baseline(teacher_metrics):.3f}; distillation gain: "
         f"{rows[1]['AP'] - rows[2]['AP']:+.3f} AP",
         f"outputs: {Path(cfg.out).resolve()}  ({len(written)} PNGs in viz/)",
