@@ -43,6 +43,11 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
         default="official",
         help="student conv init: official N(0, 0.001) or He init (much faster in short runs)",
     )
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        help="batches a loader thread builds ahead (default: 2 with --gpu or >= 2 CPUs per worker, else 0)",
+    )
     p.add_argument("--data", help="data set root holding the cached split's images (default: as recorded)")
     p.add_argument("--val", help="data set root whose val split is evaluated (pycocotools)")
     p.add_argument("--val-boxes", default="gt", help="'gt' or a detector results json")
@@ -122,6 +127,7 @@ def config_from_args(args):
         seed=args.seed,
         max_failures=args.max_failures,
         log_every=args.log_every,
+        prefetch=args.prefetch,
         placement_strategy=args.placement_strategy,
         expect_teacher=parse_expect(args.expect),
         pid_dir=args.pid_dir,

@@ -90,6 +90,9 @@ class DistillConfig:
     seed: int = 0
     max_failures: int = 2
     log_every: int = 10
+    # Batches built ahead in a loader thread; None: 2 on GPU workers or with >= 2 CPUs per
+    # worker, else 0 (on one CPU the thread competes with the training step).
+    prefetch: int | None = None
     placement_strategy: str = "PACK"  # "SPREAD": one worker per node where the cluster allows
     expect_teacher: dict = field(default_factory=dict)  # manifest keys the cache must match
     # Test hooks: a worker writes its pid (rank<r>.pid) and where it started training
@@ -213,6 +216,7 @@ def train_loop_per_worker(config: dict) -> None:
         world_size=world,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
+        prefetch=loader_prefetch(cfg),
     )
     teacher = _online_teacher(cfg, device) if cfg.online_teacher and needed else None
 
@@ -320,6 +324,12 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
     if logger:
         logger.close()
+
+
+def loader_prefetch(cfg: DistillConfig) -> int:
+    if cfg.prefetch is not None:
+        return cfg.prefetch
+    return 2 if cfg.gpu or cfg.cpus_per_worker >= 2 else 0
 
 
 def _write_pid(pid_dir: str, rank: int) -> None:

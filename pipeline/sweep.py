@@ -82,6 +82,15 @@ def load_space(path: str) -> list[dict]:
     return expanded
 
 
+def trial_name(trial) -> str:
+    """Tune's name for a trial (progress tables, logs): the space's trial name."""
+    return str(trial.config["trial"]["name"])
+
+
+def trial_dirname(trial) -> str:
+    return f"{trial_name(trial)}_{trial.trial_id}"
+
+
 def trial_config(config: dict) -> DistillConfig:
     """The DistillConfig of one trial: the space's fields, then the sweep-wide overrides."""
     trial = dict(config["trial"])
@@ -185,7 +194,11 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=cfg.max_concurrent,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_dirname,
+            ),
             run_config=tune.RunConfig(
                 name=cfg.name, storage_path=tune_storage, failure_config=tune.FailureConfig(max_failures=1)
             ),

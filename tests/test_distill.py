@@ -105,6 +105,38 @@ def test_stream_equal_steps_one_view_per_instance(tiny_cache) -> None:
     assert set().union(*chosen.values()) == set(range(views))
 
 
+def test_prefetch_keeps_the_order_and_stops_cleanly(tiny_cache) -> None:
+    import threading
+
+    from pipeline.distill_data import _prefetched
+
+    reader = open_reader(tiny_cache)
+    plain, ahead = _stream(reader), _stream(reader)
+    plain.prefetch, ahead.prefetch = 0, 2
+    a, b = list(plain.epoch(1)), list(ahead.epoch(1))
+    assert len(a) == len(b) == plain.steps
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+    def failing():
+        yield 1
+        raise OSError("shard unreadable")
+
+    with pytest.raises(OSError, match="shard unreadable"):
+        list(_prefetched(failing(), 2))
+    # A consumer that stops early stops the producer (no thread left blocked on the queue).
+    for _ in _prefetched(iter(range(1000)), 2):
+        break
+    assert not any(t.name == "cache-prefetch" and t.is_alive() for t in threading.enumerate())
+    # Distillation turns it on where a worker has CPU to spare for it.
+    from pipeline.distill import loader_prefetch
+
+    assert loader_prefetch(DistillConfig(cache="c", student=STUDENT)) == 0
+    assert loader_prefetch(DistillConfig(cache="c", student=STUDENT, gpu=True)) == 2
+    assert loader_prefetch(DistillConfig(cache="c", student=STUDENT, cpus_per_worker=4)) == 2
+    assert loader_prefetch(DistillConfig(cache="c", student=STUDENT, gpu=True, prefetch=0)) == 0
+
+
 def test_stream_is_deterministic_per_seed_and_epoch(tiny_cache) -> None:
     reader = open_reader(tiny_cache)
 
@@ -311,9 +343,11 @@ def test_job_cli_builds_the_config(monkeypatch) -> None:
     args = parser.parse_args(
         ["--cache", "c", "--student", STUDENT, "--placement-strategy", "SPREAD", "--lr-steps", "3", "5"]
         + ["--expect", "views=2", "--expect", "teacher.preset=tokenpose-tiny", "--no-distill", "--pid-dir", "p"]
+        + ["--prefetch", "3"]
     )
     cfg = job.config_from_args(args)
     assert cfg.placement_strategy == "SPREAD" and cfg.lr_steps == (3, 5) and cfg.no_distill and cfg.pid_dir == "p"
+    assert cfg.prefetch == 3 and job.config_from_args(parser.parse_args(["--cache", "c"])).prefetch is None
     assert cfg.expect_teacher == {"views": 2, "teacher.preset": "tokenpose-tiny"}
     with pytest.raises(SystemExit):
         job.parse_expect(["views"])

@@ -136,6 +136,9 @@ def test_two_trial_sweep_ranks_by_ap_and_rerun_trains_nothing(tiny_cache, tiny_d
         assert (runs / trial / "export" / "student_best.pt").exists()
     starts = len(read_starts(pid_dir))
     assert starts == 2
+    # Tune's own folders and progress tables carry the space's trial names.
+    tune_dirs = sorted(p.name for p in (tmp_path / "sweeps" / "abl").iterdir() if p.is_dir() and p.name != "runs")
+    assert [d.split("_")[0] for d in tune_dirs] == ["all", "none"], tune_dirs
 
     again = run_job("sweep.py", args, timeout_s=240)
     assert again.returncode == 0, again.stdout[-4000:]
