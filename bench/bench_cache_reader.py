@@ -206,14 +206,10 @@ def student_step_fn(preset: str, batch: int):
 
     from distilpose.losses import DistillLoss
     from distilpose.models import build_model, get_config
+    from pipeline.cache.schema import CacheSpec
 
     config = get_config(preset)
-    spec = C.paper_spec(
-        num_joints=config.num_joints,
-        heatmap_size=tuple(config.heatmap_size),
-        dim=config.dim,
-        num_patches=config.num_patches,
-    )
+    spec = CacheSpec.from_model_config(config)
     rows = C.teacher_like_views(batch, spec, np.random.default_rng(2), input_size=tuple(config.input_size))
     h, w = config.input_size
     with torch.random.fork_rng():
@@ -242,6 +238,7 @@ def student_step_fn(preset: str, batch: int):
 
 def main() -> None:
     from distilpose.models import get_config
+    from pipeline.cache.schema import CacheSpec
 
     args = parse_args()
     C.set_threads(args.threads)
@@ -255,12 +252,7 @@ def main() -> None:
         built, readers, students = {}, {}, {}
         for tag, student in pairs.items():
             config = get_config(student)
-            spec = C.paper_spec(
-                num_joints=config.num_joints,
-                heatmap_size=tuple(config.heatmap_size),
-                dim=config.dim,
-                num_patches=config.num_patches,
-            )
+            spec = CacheSpec.from_model_config(config)
             print(
                 f"building {tag}-size caches {spec.dims()}: {args.shards} x {args.shard_views} views",
                 flush=True,

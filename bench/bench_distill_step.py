@@ -57,7 +57,7 @@ def main() -> None:
 
     from distilpose.losses import DistillLoss
     from distilpose.models import build_model, get_config
-    from pipeline.cache.schema import arrays_for_fields, decode_fields, encode_views
+    from pipeline.cache.schema import CacheSpec, arrays_for_fields, decode_fields, encode_views
     from pipeline.distill import DistillConfig, _online_teacher
     from pipeline.plan import model_cost
 
@@ -65,12 +65,7 @@ def main() -> None:
     C.set_threads(args.threads)
     teacher_config = get_config(args.teacher)
     h, w = teacher_config.input_size
-    spec = C.paper_spec(
-        num_joints=teacher_config.num_joints,
-        heatmap_size=tuple(teacher_config.heatmap_size),
-        dim=teacher_config.dim,
-        num_patches=teacher_config.num_patches,
-    )
+    spec = CacheSpec.from_model_config(teacher_config)
     rows = C.teacher_like_views(args.batch, spec, np.random.default_rng(0), input_size=(h, w))
     encoded = encode_views(rows, spec)
     # Exactly the raw arrays a cache read of the loss's fields hands to decode_fields.

@@ -121,6 +121,11 @@ def run_dir(cfg: DistillConfig) -> str:
     return storage.join(cfg.storage, cfg.name)
 
 
+def export_uri(cfg: DistillConfig, which: str) -> str:
+    """Where the run's exported student is: which = "latest" or "best"."""
+    return storage.join(run_dir(cfg), "export", f"student_{which}.pt")
+
+
 def resolve_paths(cfg: DistillConfig) -> DistillConfig:
     """A copy with local paths made absolute. Ray workers do not share the driver's working
     directory (and Tune trials chdir into their trial folder), so a relative path would
@@ -289,7 +294,7 @@ def train_loop_per_worker(config: dict) -> None:
                 best = {"AP": metrics["AP"], "epoch": epoch + 1}
                 # Written now: with num_to_keep checkpoints the best epoch's may be gone later.
                 save_student(
-                    storage.join(run_dir(cfg), "export", "student_best.pt"),
+                    export_uri(cfg, "best"),
                     core,
                     _export_extra(cfg, epoch + 1, metrics, needed),
                 )
@@ -333,11 +338,8 @@ def loader_prefetch(cfg: DistillConfig) -> int:
 
 
 def _write_pid(pid_dir: str, rank: int) -> None:
-    os.makedirs(pid_dir, exist_ok=True)
-    path = os.path.join(pid_dir, f"rank{rank}.pid")
-    with open(path + ".tmp", "w") as f:
-        f.write(str(os.getpid()))
-    os.replace(path + ".tmp", path)  # a reader never sees an empty file
+    # Atomic: a reader never sees an empty file.
+    storage.atomic_write_bytes(os.path.join(pid_dir, f"rank{rank}.pid"), str(os.getpid()).encode())
 
 
 def _record_start(pid_dir: str, rank: int, start_epoch: int) -> None:
@@ -352,9 +354,7 @@ def _record_start(pid_dir: str, rank: int, start_epoch: int) -> None:
         "time": time.time(),
     }
     path = os.path.join(pid_dir, f"start-rank{rank}-{os.getpid()}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
+    storage.atomic_write_bytes(path, json.dumps(record).encode())
 
 
 def _resume_line(start_epoch: int, step: int, epochs: int) -> str:
@@ -677,6 +677,14 @@ def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
     return cfg, resumed
 
 
+def worker_resources(cfg: DistillConfig) -> dict[str, float]:
+    """What each training worker asks Ray for (a run needs `workers` times this)."""
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.gpu:
+        resources["GPU"] = 1
+    return resources
+
+
 def warn_if_cluster_too_small(cfg: DistillConfig) -> None:
     """Ray Train waits, silently and forever, for resources that never come."""
     import ray
@@ -684,7 +692,7 @@ def warn_if_cluster_too_small(cfg: DistillConfig) -> None:
     if not ray.is_initialized():
         return
     have = ray.cluster_resources()
-    need = {"CPU": cfg.workers * cfg.cpus_per_worker, "GPU": cfg.workers if cfg.gpu else 0}
+    need = {k: cfg.workers * v for k, v in worker_resources(cfg).items()}
     short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v and have.get(k, 0.0) < v}
     if short:
         text = ", ".join(f"{k} {v:g} needed, {h:g} in the cluster" for k, (v, h) in short.items())
@@ -705,16 +713,13 @@ def build_trainer(cfg: DistillConfig, callbacks=None):
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         callbacks=callbacks,
     )
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.gpu:
-        resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(cfg),
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.gpu,
-            resources_per_worker=resources,
+            resources_per_worker=worker_resources(cfg),
             placement_strategy=cfg.placement_strategy,
         ),
         run_config=run_config,
@@ -753,7 +758,7 @@ def finished_run(cfg: DistillConfig) -> dict | None:
     """The exported student's record when the run already trained all its epochs, else None."""
     from distilpose.models.checkpoints import load_checkpoint
 
-    latest = storage.join(run_dir(cfg), "export", "student_latest.pt")
+    latest = export_uri(cfg, "latest")
     if not storage.exists(latest):
         return None
     _, extra = load_checkpoint(storage.local_copy(latest))
@@ -767,8 +772,8 @@ def run_distill(cfg: DistillConfig) -> DistillResult:
     if done is not None:
         # Nothing left to train: no worker group is started (a fit would cost ~15 s for nothing).
         print(f"[distill] run '{cfg.name}' already finished {done['epoch']} epochs; reusing it", flush=True)
-        exported = {"latest": storage.join(run_dir(cfg), "export", "student_latest.pt")}
-        best = storage.join(run_dir(cfg), "export", "student_best.pt")
+        exported = {"latest": export_uri(cfg, "latest")}
+        best = export_uri(cfg, "best")
         if storage.exists(best):
             exported["best"] = best
         return DistillResult(run_dir(cfg), dict(done["metrics"]), exported, True, time.perf_counter() - t0)
@@ -796,9 +801,9 @@ def export_checkpoints(cfg: DistillConfig, result) -> dict[str, str]:
     model.load_state_dict(state["model"])
     fields = json.loads(state.get("teacher_fields", "[]"))
     extra = _export_extra(cfg, state["epoch"] + 1, json.loads(state["metrics"]), fields)
-    exported = {"latest": storage.join(run_dir(cfg), "export", "student_latest.pt")}
+    exported = {"latest": export_uri(cfg, "latest")}
     save_student(exported["latest"], model, extra)
-    best_uri = storage.join(run_dir(cfg), "export", "student_best.pt")
+    best_uri = export_uri(cfg, "best")
     if json.loads(state["best"]) and storage.exists(best_uri):
         exported["best"] = best_uri
     return exported

@@ -122,28 +122,29 @@ def _trial_fn(config: dict) -> None:
     tune.report({**(result.metrics or {}), "exported_student": exported["latest"]})
 
 
-def warn_if_cluster_too_small(trials: list[dict], overrides: dict, max_concurrent: int = 1) -> None:
-    """Each trial needs its Train workers' CPUs (the trial driver's share is carved out of
-    them); Ray waits forever for a trial that cannot fit, and runs fewer trials at once than
-    asked when several do not fit together."""
+def warn_if_cluster_too_small(configs: list[DistillConfig], max_concurrent: int = 1) -> None:
+    """Each trial needs its Train workers' CPUs plus its driver's (`trial_config` carves the
+    driver's share out of the workers'); Ray waits forever for a trial that cannot fit, and
+    runs fewer trials at once than asked when several do not fit together."""
     import ray
+
+    from pipeline.distill import worker_resources
 
     if not ray.is_initialized():
         return
     have = ray.cluster_resources().get("CPU", 0.0)
     needs = []
-    for trial in trials:
-        t = {**trial, **overrides}
-        need = 0.0 if t.get("gpu") else t.get("workers", 1) * t.get("cpus_per_worker", 1.0)
+    for cfg in configs:
+        need = cfg.workers * worker_resources(cfg)["CPU"] + TRIAL_CPUS
         needs.append(need)
-        if need > have:
+        if need > have + 1e-9:  # carving leaves float dust: 0.99 + 0.01
             print(
-                f"[sweep] WARNING: trial {t['name']} needs {need:g} CPUs, the cluster has {have:g}: it waits "
+                f"[sweep] WARNING: trial {cfg.name} needs {need:g} CPUs, the cluster has {have:g}: it waits "
                 "until the cluster grows (lower workers/cpus_per_worker with --set to fit)",
                 flush=True,
             )
     together = sum(sorted(needs)[:max_concurrent])
-    if max_concurrent > 1 and together > have:
+    if max_concurrent > 1 and together > have + 1e-9:
         print(
             f"[sweep] WARNING: {max_concurrent} concurrent trials need {together:g} CPUs, the cluster has "
             f"{have:g}: fewer trials will run at once than --max-concurrent asks",
@@ -180,9 +181,10 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         "runs_storage": storage.absolute(storage.join(sweep_root, "runs")),
         "overrides": overrides,
     }
-    for trial in trials:  # refuse a bad cache / student before any trial starts
-        check_cache_for_run(trial_config({**param_space, "trial": trial}))
-    warn_if_cluster_too_small(trials, overrides, cfg.max_concurrent)
+    configs = [trial_config({**param_space, "trial": trial}) for trial in trials]
+    for config in configs:  # refuse a bad cache / student before any trial starts
+        check_cache_for_run(config)
+    warn_if_cluster_too_small(configs, cfg.max_concurrent)
     trainable = tune.with_resources(_trial_fn, {"cpu": TRIAL_CPUS})
     tune_storage = storage.absolute(cfg.storage)
     experiment = storage.join(tune_storage, cfg.name)
