@@ -32,7 +32,7 @@ from pycocotools.coco import COCO
 from torch import nn
 from torch.utils.data import DataLoader
 
-from distilpose.data.coco import DEFAULT_INPUT_SIZE, Instance, join_uri, load_coco, load_instances
+from distilpose.data.coco import DEFAULT_INPUT_SIZE, Instance, join_uri, load_coco, load_instances, split_layouts
 from distilpose.data.dataset import TopDownDataset
 from distilpose.data.transforms import affine_matrix, identity_view, transform_joints
 from distilpose.evaluation import (
@@ -73,10 +73,7 @@ def split_files(data: str, split: str) -> SplitFiles:
     Synthetic layout: annotations/person_keypoints_{split}.json + images/{split}/;
     COCO 2017 layout: annotations/person_keypoints_{split}2017.json + {split}2017/.
     """
-    layouts = [
-        (join_uri(data, f"annotations/person_keypoints_{split}.json"), join_uri(data, f"images/{split}")),
-        (join_uri(data, f"annotations/person_keypoints_{split}2017.json"), join_uri(data, f"{split}2017")),
-    ]
+    layouts = split_layouts(data, split)
     for ann_file, image_root in layouts:
         if _exists(ann_file) and _exists(image_root):
             return SplitFiles(ann_file, image_root)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distilpose.data.coco import split_layouts
 from pipeline import storage
 
 
@@ -27,11 +28,9 @@ def resolve_layout(root: str, split: str, ann_file: str | None = None, images: s
     # Absolute local paths: the layout is recorded in cache manifests and read by Ray
     # workers, whose working directory is not the driver's.
     root, ann_file, images = (storage.absolute(u) if u else u for u in (root, ann_file, images))
-    ann_candidates = [
-        storage.join(root, "annotations", f"person_keypoints_{split}.json"),
-        storage.join(root, "annotations", f"person_keypoints_{split}2017.json"),
-    ]
-    image_candidates = [storage.join(root, "images", split), storage.join(root, f"{split}2017")]
+    layouts = split_layouts(root, split)
+    ann_candidates = [ann for ann, _ in layouts]
+    image_candidates = [image_root for _, image_root in layouts]
     ann = ann_file or next((c for c in ann_candidates if storage.exists(c)), None)
     if ann is None:
         tried = ", ".join(ann_candidates)

@@ -134,6 +134,16 @@ def join_uri(root_uri: str, name: str) -> str:
     return root_uri.rstrip("/") + "/" + name.lstrip("/") if root_uri else name
 
 
+def split_layouts(root: str, split: str) -> list[tuple[str, str]]:
+    """(annotation file, image folder) of `split` under a data set root, in the order tried:
+    the synthetic layout (annotations/person_keypoints_{split}.json + images/{split}/), then
+    COCO 2017's (annotations/person_keypoints_{split}2017.json + {split}2017/)."""
+    return [
+        (join_uri(root, f"annotations/person_keypoints_{split}.json"), join_uri(root, f"images/{split}")),
+        (join_uri(root, f"annotations/person_keypoints_{split}2017.json"), join_uri(root, f"{split}2017")),
+    ]
+
+
 def read_bytes(uri: str) -> bytes:
     with fsspec.open(uri, "rb") as f:
         return f.read()
