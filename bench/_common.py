@@ -102,24 +102,10 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 3) -> str:
-    """Plain-text table; numbers right-aligned, text left-aligned."""
-    if columns is None:
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-    cells = [[fmt(row.get(col), digits) for col in columns] for row in rows]
-    numeric = [
-        all(isinstance(row.get(col), int | float | np.number) or row.get(col) is None for row in rows)
-        for col in columns
-    ]
-    widths = [max([len(c)] + [len(line[j]) for line in cells]) for j, c in enumerate(columns)]
+    """Plain-text table (distilpose.evaluation.format_table) with `digits` significant digits."""
+    from distilpose.evaluation import format_table
 
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
-
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(c) for c in cells)])
-
-
-def _is_number(value: Any) -> bool:
-    return value is None or (isinstance(value, int | float | np.number) and not isinstance(value, bool))
+    return format_table([dict(row) for row in rows], columns, cell=lambda value: fmt(value, digits))
 
 
 def context(**extra: Any) -> dict[str, Any]:

@@ -13,9 +13,9 @@ import contextlib
 import io
 import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -272,22 +272,29 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float | np.number) and not isinstance(value, bool)
 
 
-def format_table(rows: list[dict], columns: Sequence[str] | None = None, float_fmt: str = ".4f") -> str:
+def format_table(
+    rows: list[dict],
+    columns: Sequence[str] | None = None,
+    float_fmt: str = ".4f",
+    cell: Callable[[Any], str] | None = None,
+) -> str:
     """Aligned plain-text table of ``rows`` (dicts); numbers right-aligned, text left, missing '-'.
 
-    ``columns`` defaults to the keys of all rows in first-seen order.
+    ``columns`` defaults to the keys of all rows in first-seen order. ``cell`` formats a
+    present value (default: floats with ``float_fmt``, anything else with ``str``).
     """
     if columns is None:
         columns = list(dict.fromkeys(key for row in rows for key in row))
 
-    def cell(value) -> str:
-        if value is None:
-            return "-"
+    def default_cell(value) -> str:
         if isinstance(value, float | np.floating):
             return format(float(value), float_fmt)
         return str(value)
 
-    body = [[cell(row.get(col)) for col in columns] for row in rows]
+    def text(value) -> str:
+        return "-" if value is None else (cell or default_cell)(value)
+
+    body = [[text(row.get(col)) for col in columns] for row in rows]
     # A column is right-aligned when every value present in it is a number.
     numeric = [
         all(_is_number(row[col]) for row in rows if row.get(col) is not None)
