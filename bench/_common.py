@@ -216,7 +216,7 @@ def teacher_like_views(
 
 
 def synthetic_manifest(views: int, ann_file: str = "", image_root: str = "", num_images: int = 0):
-    from pipeline.cache.schema import DataInfo, Manifest, TeacherInfo
+    from pipeline.cache.manifest import DataInfo, Manifest, TeacherInfo
 
     return Manifest(
         teacher=TeacherInfo(preset="synthetic-teacher-like", checkpoint_sha256="synthetic"),
@@ -239,7 +239,7 @@ def calibrated_teacher(preset: str, batch: int = 4, passes: int = 2):
     compression, and so its write cost, unrealistically cheap."""
     import torch
 
-    from pipeline.teacher_stage import build_teacher
+    from distilpose.teacher_forward import build_teacher
 
     with torch.random.fork_rng():
         model = build_teacher(preset, None)

@@ -11,15 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from distilpose.evaluation import (
-    COCO_FLIP_PAIRS,
-    FlipMode,
-    crop_to_image,
-    flip_back,
-    flip_permutation,
-    heatmap_to_crop,
-    normalized_to_crop,
-)
+from distilpose.evaluation import FlipMode, crop_to_image, flip_back, heatmap_to_crop, normalized_to_crop
+from distilpose.keypoints import FLIP_PAIRS, flip_permutation
 
 BATCH_KEYS = ("image", "affine", "image_id", "box_score", "area")
 
@@ -96,7 +89,7 @@ def predict(
     flip_mode: FlipMode = "exact",
     input_size: Sequence[int] | None = None,
     heatmap_size: Sequence[int] | None = None,
-    flip_pairs: Iterable[tuple[int, int]] = COCO_FLIP_PAIRS,
+    flip_pairs: Iterable[tuple[int, int]] = FLIP_PAIRS,
     device: torch.device | str | None = None,
 ) -> dict[str, np.ndarray]:
     """Predict joints in image coordinates for every crop of ``batches``.

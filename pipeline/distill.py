@@ -420,13 +420,14 @@ def _online_teacher(cfg: DistillConfig, device):
     """The teacher in the loop: a callable batch -> dict of teacher fields (no grad)."""
     import torch
 
-    from pipeline.teacher_stage import build_teacher
+    from distilpose.teacher_forward import build_teacher
 
     # build_teacher seeds a checkpoint-less (random) teacher exactly like the cache job does,
     # so every rank - and the cache - has the same teacher; fork_rng keeps that seeding
     # from touching this worker's own RNG stream.
     with torch.random.fork_rng():
-        teacher = build_teacher(cfg.online_teacher, cfg.teacher_checkpoint)
+        checkpoint = storage.local_copy(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else None
+        teacher = build_teacher(cfg.online_teacher, checkpoint)
     teacher.to(device).eval()
 
     def run(images):
@@ -555,7 +556,7 @@ def check_cache_for_run(cfg: DistillConfig):
     """Refuse early (on the driver) a cache that is incomplete, made for another
     teacher/data, or whose teacher does not fit the student. Returns the cache's manifest."""
     from pipeline.cache import open_reader
-    from pipeline.cache.schema import check_compatible
+    from pipeline.cache.manifest import check_compatible
     from pipeline.distill_data import steps_per_epoch
 
     reader = open_reader(cfg.cache)  # no manifest yet: "not finalized" error naming the commits

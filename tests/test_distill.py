@@ -167,8 +167,8 @@ def test_rebuilt_views_are_the_cached_ones(tiny_cache, tiny_teacher) -> None:
     """The crop rebuilt from the image is the one the teacher saw: the teacher (built the way
     the online-teacher mode builds it) reproduces the cached outputs of exactly these views,
     up to one quantization step of the cache's encodings."""
-    from pipeline.cache.schema import decode_field, encode_field
-    from pipeline.teacher_stage import build_teacher
+    from distilpose.teacher_forward import build_teacher
+    from pipeline.cache.encodings import decode_field, encode_field
 
     reader = open_reader(tiny_cache)
     fields = ("heatmaps", "kpt_tokens", "vis_tokens")

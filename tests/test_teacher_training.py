@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distilpose.data.layout import split_files
 from distilpose.data.synthetic import make_synthetic_coco
 from distilpose.models import build_model
 from distilpose.models.checkpoints import CheckpointError, load_checkpoint
@@ -28,7 +29,7 @@ from distilpose.teacher_training import (
     reinit_backbone,
     train_teacher,
 )
-from distilpose.validation import detections_file, split_files
+from distilpose.validation import detections_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

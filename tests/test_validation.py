@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from distilpose.data.coco import ImageError, load_instances
 from distilpose.data.dataset import TopDownDataset, crop_to_heatmap_px
+from distilpose.data.layout import split_files
 from distilpose.data.synthetic import make_synthetic_coco
 from distilpose.data.transforms import affine_matrix, identity_view
 from distilpose.evaluation import METRIC_NAMES
@@ -29,7 +30,6 @@ from distilpose.validation import (
     mean_pose,
     mean_pose_baseline,
     score_predictions,
-    split_files,
     val_instances,
 )
 
