@@ -102,8 +102,8 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 3) -> str:
-    """Plain-text table (distilpose.evaluation.format_table) with `digits` significant digits."""
-    from distilpose.evaluation import format_table
+    """Plain-text table (distilpose.coco_metrics.format_table) with `digits` significant digits."""
+    from distilpose.coco_metrics import format_table
 
     return format_table([dict(row) for row in rows], columns, cell=lambda value: fmt(value, digits))
 

@@ -33,9 +33,9 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from torch import nn
 
+from distilpose.coco_metrics import crop_to_image, normalized_to_crop
 from distilpose.data.coco import Instance, join_uri, read_bytes, read_image
 from distilpose.data.transforms import affine_matrix, apply_view, identity_view, normalize_batch
-from distilpose.evaluation import crop_to_image, normalized_to_crop
 from distilpose.heatmaps import render_simulated_heatmaps
 from distilpose.keypoints import KEYPOINT_NAMES, LIMBS
 

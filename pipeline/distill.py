@@ -187,7 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
     from distilpose.models import build_model
     from distilpose.teacher_training import reinit_backbone
     from pipeline.cache import open_reader
-    from pipeline.distill_data import CachedViewStream
+    from pipeline.cache_loader import CachedViewStream
 
     cfg = DistillConfig(**config)
     ctx = ray.train.get_context()
@@ -443,7 +443,7 @@ def _online_teacher(cfg: DistillConfig, device):
 
 
 def _evaluate(model, cfg: DistillConfig, device) -> dict:
-    from distilpose.validation import evaluate_model
+    from distilpose.evaluate import evaluate_model
     from pipeline.dataset_layout import resolve_layout
 
     layout = resolve_layout(cfg.val, "val")
@@ -557,7 +557,7 @@ def check_cache_for_run(cfg: DistillConfig):
     teacher/data, or whose teacher does not fit the student. Returns the cache's manifest."""
     from pipeline.cache import open_reader
     from pipeline.cache.manifest import check_compatible
-    from pipeline.distill_data import steps_per_epoch
+    from pipeline.cache_loader import steps_per_epoch
 
     reader = open_reader(cfg.cache)  # no manifest yet: "not finalized" error naming the commits
     if not reader.manifest.complete:

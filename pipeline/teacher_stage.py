@@ -81,7 +81,7 @@ class CacheSummary:
     extra: dict = field(default_factory=dict)
 
     def table(self) -> str:
-        from distilpose.evaluation import format_table
+        from distilpose.coco_metrics import format_table
 
         lines = [
             f"[cache] {'complete' if self.complete else 'INCOMPLETE'}: {self.out}",

@@ -20,8 +20,8 @@ from distilpose.losses import DistillLoss
 from distilpose.models import get_config
 from pipeline.cache import open_reader
 from pipeline.cache.schema import CacheMismatchError
+from pipeline.cache_loader import BASE_FIELDS, CachedViewStream, steps_per_epoch
 from pipeline.distill import DistillConfig, lr_lambda_factory, run_distill
-from pipeline.distill_data import BASE_FIELDS, CachedViewStream, steps_per_epoch
 
 STUDENT = "distilpose-tiny"
 RAY_TIMEOUT = pytest.mark.timeout(300)  # one fit (plus the module's Ray start / first run)
@@ -108,7 +108,7 @@ def test_stream_equal_steps_one_view_per_instance(tiny_cache) -> None:
 def test_prefetch_keeps_the_order_and_stops_cleanly(tiny_cache) -> None:
     import threading
 
-    from pipeline.distill_data import _prefetched
+    from pipeline.cache_loader import _prefetched
 
     reader = open_reader(tiny_cache)
     plain, ahead = _stream(reader), _stream(reader)

@@ -30,11 +30,7 @@ from pycocotools.coco import COCO
 from torch import nn
 from torch.utils.data import DataLoader
 
-from distilpose.data.coco import DEFAULT_INPUT_SIZE, Instance, join_uri, load_coco, load_instances
-from distilpose.data.dataset import TopDownDataset
-from distilpose.data.layout import split_files, uri_exists
-from distilpose.data.transforms import affine_matrix, identity_view, transform_joints
-from distilpose.evaluation import (
+from distilpose.coco_metrics import (
     crop_to_image,
     evaluate_keypoints,
     format_table,
@@ -42,6 +38,10 @@ from distilpose.evaluation import (
     normalized_to_crop,
     oks_nms,
 )
+from distilpose.data.coco import DEFAULT_INPUT_SIZE, Instance, join_uri, load_coco, load_instances
+from distilpose.data.dataset import TopDownDataset
+from distilpose.data.layout import split_files, uri_exists
+from distilpose.data.transforms import affine_matrix, identity_view, transform_joints
 from distilpose.inference import predict
 from distilpose.models import build_model
 from distilpose.models.checkpoints import CheckpointError, load_checkpoint, load_official

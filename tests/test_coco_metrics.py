@@ -1,4 +1,4 @@
-"""distilpose.evaluation: decoding, flip-back, COCO results, OKS-NMS and COCOeval on a tiny real data set."""
+"""distilpose.coco_metrics: decoding, flip-back, COCO results, OKS-NMS and COCOeval on a tiny real data set."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from distilpose.evaluation import (
+from distilpose.coco_metrics import (
     METRIC_NAMES,
     crop_to_image,
     evaluate_keypoints,
