@@ -102,8 +102,8 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 3) -> str:
-    """Plain-text table (distilpose.evaluation.format_table) with `digits` significant digits."""
-    from distilpose.evaluation import format_table
+    """Plain-text table (distilpose.coco_metrics.format_table) with `digits` significant digits."""
+    from distilpose.coco_metrics import format_table
 
     return format_table([dict(row) for row in rows], columns, cell=lambda value: fmt(value, digits))
 
@@ -216,7 +216,7 @@ def teacher_like_views(
 
 
 def synthetic_manifest(views: int, ann_file: str = "", image_root: str = "", num_images: int = 0):
-    from pipeline.cache.schema import DataInfo, Manifest, TeacherInfo
+    from pipeline.cache.manifest import DataInfo, Manifest, TeacherInfo
 
     return Manifest(
         teacher=TeacherInfo(preset="synthetic-teacher-like", checkpoint_sha256="synthetic"),
@@ -239,7 +239,7 @@ def calibrated_teacher(preset: str, batch: int = 4, passes: int = 2):
     compression, and so its write cost, unrealistically cheap."""
     import torch
 
-    from pipeline.teacher_stage import build_teacher
+    from distilpose.teacher_forward import build_teacher
 
     with torch.random.fork_rng():
         model = build_teacher(preset, None)

@@ -118,7 +118,7 @@ def fp32_reference(spec) -> dict:
 
 
 def measure_value_errors(rows: dict) -> list[dict]:
-    from pipeline.cache.schema import measure_encoding_error
+    from pipeline.cache.encodings import measure_encoding_error
 
     out = []
     for name, encodings in (("heatmaps", HEATMAP_ENCODINGS), ("kpt_tokens", TOKEN_ENCODINGS)):
@@ -144,7 +144,7 @@ def measure_value_errors(rows: dict) -> list[dict]:
 
 
 def decoded_teacher(rows: dict, heatmap_encoding: str, token_encoding: str) -> dict:
-    from pipeline.cache.schema import decode_fields, encode_views
+    from pipeline.cache.encodings import decode_fields, encode_views
 
     spec = C.paper_spec(heatmap_encoding=heatmap_encoding, token_encoding=token_encoding)
     return decode_fields(encode_views(rows, spec), spec, ["heatmaps", "kpt_tokens", "vis_tokens"])

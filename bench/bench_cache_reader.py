@@ -134,7 +134,7 @@ def build_caches(args, tmp: str, data: str, tag: str, spec, input_size: tuple[in
 def reader_cases(built: dict, args) -> dict:
     from distilpose.data.coco import load_coco
     from pipeline.cache import open_reader
-    from pipeline.distill_data import BASE_FIELDS, CachedViewStream
+    from pipeline.cache_loader import BASE_FIELDS, CachedViewStream
 
     fields = list(BASE_FIELDS + TEACHER_FIELDS)
     zarr_reader = open_reader(built["caches"]["zarr"])

@@ -163,8 +163,9 @@ def breakdown(model, crop_rows: list[dict], crop_s: float, spec, batch_size: int
     copies; `encode_shard_rows`) split into its parts, and the sink's shard write."""
     import torch
 
+    from distilpose.teacher_forward import run_teacher
     from pipeline.cache import open_writer
-    from pipeline.teacher_stage import encode_shard_rows, run_teacher
+    from pipeline.teacher_stage import encode_shard_rows
 
     views = sum(len(r["image"]) for r in crop_rows)
     timings: dict[str, float] = {}

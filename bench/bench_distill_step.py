@@ -57,7 +57,8 @@ def main() -> None:
 
     from distilpose.losses import DistillLoss
     from distilpose.models import build_model, get_config
-    from pipeline.cache.schema import CacheSpec, arrays_for_fields, decode_fields, encode_views
+    from pipeline.cache.encodings import decode_fields, encode_views
+    from pipeline.cache.schema import CacheSpec, arrays_for_fields
     from pipeline.distill import DistillConfig, _online_teacher
     from pipeline.plan import model_cost
 

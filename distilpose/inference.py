@@ -1,6 +1,6 @@
 """Run a student or teacher over person crops and decode to image coordinates (with flip test).
 
-The output of :func:`predict` feeds :func:`distilpose.evaluation.make_results` directly.
+The output of :func:`predict` feeds :func:`distilpose.coco_metrics.make_results` directly.
 """
 
 from __future__ import annotations
@@ -11,15 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from distilpose.evaluation import (
-    COCO_FLIP_PAIRS,
-    FlipMode,
-    crop_to_image,
-    flip_back,
-    flip_permutation,
-    heatmap_to_crop,
-    normalized_to_crop,
-)
+from distilpose.coco_metrics import FlipMode, crop_to_image, flip_back, heatmap_to_crop, normalized_to_crop
+from distilpose.keypoints import FLIP_PAIRS, flip_permutation
 
 BATCH_KEYS = ("image", "affine", "image_id", "box_score", "area")
 
@@ -96,7 +89,7 @@ def predict(
     flip_mode: FlipMode = "exact",
     input_size: Sequence[int] | None = None,
     heatmap_size: Sequence[int] | None = None,
-    flip_pairs: Iterable[tuple[int, int]] = COCO_FLIP_PAIRS,
+    flip_pairs: Iterable[tuple[int, int]] = FLIP_PAIRS,
     device: torch.device | str | None = None,
 ) -> dict[str, np.ndarray]:
     """Predict joints in image coordinates for every crop of ``batches``.
@@ -109,7 +102,7 @@ def predict(
 
     ``input_size`` / ``heatmap_size`` (H, W) default to ``model.config``'s fields, then to the
     tensor shapes; a mismatch with the tensors is an error. With ``flip_test`` the mirrored crop
-    is run too and averaged (students: :func:`distilpose.evaluation.flip_back` with
+    is run too and averaged (students: :func:`distilpose.coco_metrics.flip_back` with
     ``flip_mode``; teachers: :func:`flip_heatmaps_back`, where both modes coincide).
 
     Returns ``image_ids`` (M,) int64, ``coords_img`` (M, K, 2), ``joint_scores`` (M, K),

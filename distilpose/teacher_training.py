@@ -36,13 +36,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from distilpose.coco_metrics import format_table
 from distilpose.data.coco import data_fingerprint, load_instances
 from distilpose.data.dataset import TopDownDataset
+from distilpose.data.layout import split_files
 from distilpose.data.transforms import AugmentConfig
-from distilpose.evaluation import format_table
+from distilpose.evaluate import METRIC_COLUMNS, detections_file, evaluate_model, mean_pose_baseline
 from distilpose.models import build_model, get_config
 from distilpose.models.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from distilpose.validation import METRIC_COLUMNS, detections_file, evaluate_model, mean_pose_baseline, split_files
 
 CHECKPOINT_FILE = "teacher.pt"
 TRAIN_STATE_FILE = "train_state.pt"

@@ -33,16 +33,15 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from torch import nn
 
-from distilpose.data.coco import COCO_KEYPOINT_NAMES, COCO_SKELETON, Instance, join_uri, read_bytes, read_image
+from distilpose.coco_metrics import crop_to_image, normalized_to_crop
+from distilpose.data.coco import Instance, join_uri, read_bytes, read_image
 from distilpose.data.transforms import affine_matrix, apply_view, identity_view, normalize_batch
-from distilpose.evaluation import crop_to_image, normalized_to_crop
 from distilpose.heatmaps import render_simulated_heatmaps
+from distilpose.keypoints import KEYPOINT_NAMES, LIMBS
 
 PathLike = str | os.PathLike
 
 DPI = 100
-# 0-based limbs of COCO's 1-based skeleton list.
-SKELETON: tuple[tuple[int, int], ...] = tuple((a - 1, b - 1) for a, b in COCO_SKELETON)
 CONFIDENCE_CMAP = "RdYlGn"  # red = unsure, green = sure
 HEATMAP_CMAP = "magma"
 LIMB_COLOR = "#39c5ff"
@@ -56,7 +55,6 @@ GRID_HEADER_PX = 28
 
 CURVES_SIZE_PX = (1200, 800)
 STEP_LOSS_COLUMNS = ("loss", "reg", "kt", "vt", "sh", "cs")
-NON_METRIC_COLUMNS = ("step", "epoch", "lr", "samples_per_s", "seconds")
 
 
 def _save(fig: Figure, png_path: PathLike) -> Path:
@@ -78,7 +76,7 @@ def draw_pose(ax, joints: np.ndarray, confidence: np.ndarray, marker_scale: floa
     """Draw one skeleton: limbs fade with the less confident end, joints coloured and sized
     by confidence. joints (K, 2) px (x, y); confidence (K,) in [0, 1]."""
     cmap = colormaps[CONFIDENCE_CMAP]
-    for a, b in SKELETON:
+    for a, b in LIMBS:
         if a < len(joints) and b < len(joints):
             alpha = max(MIN_ALPHA, float(min(confidence[a], confidence[b])))
             ax.plot(joints[[a, b], 0], joints[[a, b], 1], color=LIMB_COLOR, alpha=alpha, linewidth=2 * marker_scale)
@@ -151,7 +149,7 @@ def render_heatmap_grid(
     teacher: np.ndarray,
     student: np.ndarray,
     png_path: PathLike,
-    joint_names: Sequence[str] = COCO_KEYPOINT_NAMES,
+    joint_names: Sequence[str] = KEYPOINT_NAMES,
     title: str = "",
 ) -> Path:
     """Per joint, teacher heatmap (T) next to the student's simulated heatmap (S).

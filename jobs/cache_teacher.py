@@ -53,8 +53,7 @@ def main(argv=None) -> int:
     from pipeline.ray_env import init_ray
 
     if args.verify:
-        from pipeline.cache.verify import verify_cache
-        from pipeline.teacher_stage import spot_check
+        from pipeline.cache.verify import spot_check, verify_cache
 
         report = verify_cache(args.verify)
         print(report.summary())

@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_distill_args(p)
     args = p.parse_args(argv)
-    from distilpose.evaluation import format_table
+    from distilpose.coco_metrics import format_table
     from pipeline.distill import run_distill
     from pipeline.ray_env import init_ray
 

@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from distilpose.validation import EvalRequest, run_evaluation
+    from distilpose.evaluate import EvalRequest, run_evaluation
 
     request = EvalRequest(
         data=args.data,

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
 
-    from distilpose.evaluation import format_table
+    from distilpose.coco_metrics import format_table
     from pipeline.ray_env import init_ray
     from pipeline.sweep import RESULT_COLUMNS, SweepConfig, run_sweep
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from distilpose.evaluation import format_table
+from distilpose.coco_metrics import format_table
 
 
 @dataclass

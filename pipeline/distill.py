@@ -187,7 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
     from distilpose.models import build_model
     from distilpose.teacher_training import reinit_backbone
     from pipeline.cache import open_reader
-    from pipeline.distill_data import CachedViewStream
+    from pipeline.cache_loader import CachedViewStream
 
     cfg = DistillConfig(**config)
     ctx = ray.train.get_context()
@@ -420,13 +420,14 @@ def _online_teacher(cfg: DistillConfig, device):
     """The teacher in the loop: a callable batch -> dict of teacher fields (no grad)."""
     import torch
 
-    from pipeline.teacher_stage import build_teacher
+    from distilpose.teacher_forward import build_teacher
 
     # build_teacher seeds a checkpoint-less (random) teacher exactly like the cache job does,
     # so every rank - and the cache - has the same teacher; fork_rng keeps that seeding
     # from touching this worker's own RNG stream.
     with torch.random.fork_rng():
-        teacher = build_teacher(cfg.online_teacher, cfg.teacher_checkpoint)
+        checkpoint = storage.local_copy(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else None
+        teacher = build_teacher(cfg.online_teacher, checkpoint)
     teacher.to(device).eval()
 
     def run(images):
@@ -442,7 +443,7 @@ def _online_teacher(cfg: DistillConfig, device):
 
 
 def _evaluate(model, cfg: DistillConfig, device) -> dict:
-    from distilpose.validation import evaluate_model
+    from distilpose.evaluate import evaluate_model
     from pipeline.dataset_layout import resolve_layout
 
     layout = resolve_layout(cfg.val, "val")
@@ -555,8 +556,8 @@ def check_cache_for_run(cfg: DistillConfig):
     """Refuse early (on the driver) a cache that is incomplete, made for another
     teacher/data, or whose teacher does not fit the student. Returns the cache's manifest."""
     from pipeline.cache import open_reader
-    from pipeline.cache.schema import check_compatible
-    from pipeline.distill_data import steps_per_epoch
+    from pipeline.cache.manifest import check_compatible
+    from pipeline.cache_loader import steps_per_epoch
 
     reader = open_reader(cfg.cache)  # no manifest yet: "not finalized" error naming the commits
     if not reader.manifest.complete:

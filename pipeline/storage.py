@@ -193,6 +193,11 @@ def read_bytes(uri: str) -> bytes:
     return retry(fs.cat_file, path)
 
 
+def sha256(uri: str) -> str:
+    """Hex sha256 of an object's bytes (checkpoints and annotation files as fingerprints)."""
+    return hashlib.sha256(read_bytes(uri)).hexdigest()
+
+
 def read_many_bytes(uris: list[str]) -> dict[str, bytes]:
     """Read several objects of one filesystem (concurrently on S3) -> {uri: bytes}."""
     if not uris:

@@ -17,7 +17,6 @@ batches), which is what lets the sink check that a shard arrived complete.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections import Counter
@@ -26,10 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from distilpose.data.coco import Instance, load_instances
+from distilpose.data.layout import SplitFiles
 from pipeline import storage
 from pipeline.cache import open_writer
-from pipeline.cache.schema import CacheSpec, DataInfo, Manifest, TeacherInfo, decode_field, encode_field, encode_views
-from pipeline.dataset_layout import DatasetLayout, resolve_layout
+from pipeline.cache.encodings import encode_views
+from pipeline.cache.manifest import DataInfo, Manifest, TeacherInfo
+from pipeline.cache.schema import CacheSpec
+from pipeline.dataset_layout import resolve_layout
+from pipeline.mismatch import refuse_differences
 from pipeline.progress import Poller
 
 
@@ -78,7 +81,7 @@ class CacheSummary:
     extra: dict = field(default_factory=dict)
 
     def table(self) -> str:
-        from distilpose.evaluation import format_table
+        from distilpose.coco_metrics import format_table
 
         lines = [
             f"[cache] {'complete' if self.complete else 'INCOMPLETE'}: {self.out}",
@@ -104,10 +107,6 @@ def plan_shards(instances: list[Instance], views: int, shard_views: int) -> list
         ShardSpec(index=i, instances=ordered[start : start + per_shard])
         for i, start in enumerate(range(0, len(ordered), per_shard))
     ]
-
-
-def file_sha256(uri: str) -> str:
-    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
 
 
 def instance_to_json(inst: Instance) -> dict:
@@ -203,73 +202,19 @@ class TeacherPredictor:
     def __init__(self, preset: str, checkpoint: str | None, spec: CacheSpec, batch_size: int, threads: int):
         import torch
 
+        from distilpose.teacher_forward import build_teacher
+
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = build_teacher(preset, checkpoint).to(self.device)
+        self.model = build_teacher(preset, storage.local_copy(checkpoint) if checkpoint else None).to(self.device)
         self.spec = spec
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
+        from distilpose.teacher_forward import run_teacher
+
         outputs = run_teacher(self.model, batch["image"][batch["valid"]], self.batch_size, self.device)
         return encode_shard_rows(batch, outputs, self.spec)
-
-
-def build_teacher(preset: str, checkpoint: str | None):
-    """The teacher in eval mode. Without a checkpoint (smoke tests, benchmarks) the random
-    init is seeded, so every actor - and a later spot check - builds the same weights."""
-    import torch
-
-    from distilpose.models.checkpoints import load_teacher
-
-    if checkpoint is None:
-        torch.manual_seed(0)
-    return load_teacher(preset, storage.local_copy(checkpoint) if checkpoint else None).eval()
-
-
-def run_teacher(
-    model, images: np.ndarray, batch_size: int, device, timings: dict[str, float] | None = None
-) -> dict[str, np.ndarray]:
-    """Teacher forward + Gaussian fit on uint8 crops (N,H,W,3) -> fp32 numpy fields.
-
-    `timings`, when given, accumulates seconds of "forward" (normalize + forward) and "fit"
-    (Gaussian fit + copies to numpy) - the benchmark's breakdown of the actor's work.
-    """
-    import time
-
-    import torch
-
-    from distilpose.data.transforms import normalize_batch
-    from distilpose.heatmaps import fit_gaussians
-
-    parts: dict[str, list[np.ndarray]] = {
-        "heatmaps": [],
-        "kpt_tokens": [],
-        "vis_tokens": [],
-        "gauss": [],
-        "confidence": [],
-    }
-    use_amp = device.type == "cuda"
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            t0 = time.perf_counter()
-            x = normalize_batch(images[start : start + batch_size]).to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(x)
-            heatmaps = out.heatmaps.float()
-            if timings is not None:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t1 = time.perf_counter()
-                timings["forward"] = timings.get("forward", 0.0) + t1 - t0
-            gauss, conf = fit_gaussians(heatmaps)
-            parts["heatmaps"].append(heatmaps.cpu().numpy())
-            parts["kpt_tokens"].append(out.kpt_tokens.float().cpu().numpy())
-            parts["vis_tokens"].append(out.vis_tokens.float().cpu().numpy())
-            parts["gauss"].append(gauss.float().cpu().numpy())
-            parts["confidence"].append(conf.float().cpu().numpy())
-            if timings is not None:
-                timings["fit"] = timings.get("fit", 0.0) + time.perf_counter() - t1
-    return {k: np.concatenate(v) if v else np.zeros((0,), np.float32) for k, v in parts.items()}
 
 
 def encode_shard_rows(batch: dict, outputs: dict, spec: CacheSpec) -> dict:
@@ -343,15 +288,15 @@ class CacheSink(_sink_base()):
 JOB_FILE = "job.json"  # what identifies the cache being built; a rerun must match it
 
 
-def job_identity(cfg: CacheJobConfig, layout: DatasetLayout, teacher_config: dict, spec: CacheSpec) -> dict:
+def job_identity(cfg: CacheJobConfig, layout: SplitFiles, teacher_config: dict, spec: CacheSpec) -> dict:
     """Everything that determines the cache's content: a rerun that differs must not mix in."""
     identity = {
         "teacher": {
             "preset": cfg.teacher,
-            "checkpoint_sha256": file_sha256(cfg.checkpoint) if cfg.checkpoint else "random-init",
+            "checkpoint_sha256": storage.sha256(cfg.checkpoint) if cfg.checkpoint else "random-init",
             "config": teacher_config,
         },
-        "data": {"ann_file_sha256": file_sha256(layout.ann_file), "split": cfg.split, "limit": cfg.limit},
+        "data": {"ann_file_sha256": storage.sha256(layout.ann_file), "split": cfg.split, "limit": cfg.limit},
         "views": cfg.views,
         "seed": cfg.seed,
         "shard_views": cfg.shard_views,
@@ -366,15 +311,13 @@ def claim_output(out: str, identity: dict) -> bool:
     uri = storage.join(out, JOB_FILE)
     if storage.exists(uri):
         existing = json.loads(storage.read_bytes(uri))
-        diffs = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
-        if diffs:
-            details = "; ".join(
-                f"{k}: cache has {existing.get(k)!r:.120}, this run {identity.get(k)!r:.120}" for k in diffs
-            )
-            raise ValueError(
-                f"{out} holds a cache built with different settings ({details}). "
-                "Use another --out, or delete it to rebuild."
-            )
+        refuse_differences(
+            existing,
+            {key: identity.get(key) for key in sorted(set(existing) | set(identity))},
+            what=f"{out} holds a cache built with different settings",
+            advice="Use another --out, or delete it to rebuild.",
+            recorded_as="cache has",
+        )
         return True
     storage.atomic_write_bytes(uri, json.dumps(identity, indent=2, sort_keys=True).encode())
     return False
@@ -475,7 +418,7 @@ def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
     )
 
 
-def _run_pipeline(cfg: CacheJobConfig, layout: DatasetLayout, teacher_cfg, spec: CacheSpec, todo: list[ShardSpec]):
+def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: CacheSpec, todo: list[ShardSpec]):
     import ray
     import ray.data
 
@@ -551,68 +494,3 @@ class ShardProgress(Poller):
             f"[cache] {len(done)}/{len(self.todo)} shards, {views_done}/{total} views, {rate:.1f} views/s{eta}",
             flush=True,
         )
-
-
-# ----------------------------------------------------------------------------- spot check
-
-
-@dataclass
-class SpotCheck:
-    rows: list[int]
-    max_abs: dict[str, float]
-    tolerance: dict[str, float]
-
-    @property
-    def ok(self) -> bool:
-        return all(self.max_abs[k] <= self.tolerance[k] for k in self.max_abs)
-
-    def summary(self) -> str:
-        parts = [f"{k} max|diff| {v:.4g} (tol {self.tolerance[k]:.3g})" for k, v in self.max_abs.items()]
-        verdict = "OK" if self.ok else "MISMATCH: the cache does not match this teacher (stale or wrong cache?)"
-        return f"[spot-check] {len(self.rows)} views re-run through the teacher: " + "; ".join(parts) + f" -> {verdict}"
-
-
-def spot_check(uri: str, n: int, checkpoint: str | None = None, seed: int = 0, batch_size: int = 16) -> SpotCheck:
-    """Re-run the teacher on n random cached views and compare with what the cache holds."""
-    import torch
-
-    from distilpose.data.coco import load_coco, read_image
-    from distilpose.data.transforms import ViewParams, apply_view
-    from pipeline.cache import open_reader
-
-    reader = open_reader(uri)
-    manifest = reader.manifest
-    if checkpoint and file_sha256(checkpoint) != manifest.teacher.checkpoint_sha256:
-        raise ValueError(
-            f"--checkpoint {checkpoint} is not the teacher this cache was built with "
-            f"(sha256 {manifest.teacher.checkpoint_sha256[:12]}...)"
-        )
-    if checkpoint is None and manifest.teacher.checkpoint_sha256 != "random-init":
-        raise ValueError("--spot-check needs --checkpoint: the teacher checkpoint the cache was built with")
-    rows = sorted(np.random.default_rng(seed).choice(len(reader), size=min(n, len(reader)), replace=False).tolist())
-    fields = ["image_id", "view_params", "heatmaps", "kpt_tokens", "vis_tokens"]
-    cached = reader.read_rows(np.asarray(rows), fields=fields)
-    _, images = load_coco(manifest.data.ann_file)
-    model = build_teacher(manifest.teacher.preset, checkpoint)
-    input_size = tuple(model.config.input_size)
-    crops = np.stack(
-        [
-            apply_view(
-                read_image(manifest.data.image_root, images[int(i)].file_name),
-                np.zeros((0, 3), np.float32),
-                ViewParams.from_array(v),
-                input_size,
-            )[0]
-            for i, v in zip(cached["image_id"], cached["view_params"])
-        ]
-    )
-    fresh = run_teacher(model, crops, batch_size, torch.device("cpu"))
-    # Compare in the cache's own encoding, so only a different teacher or input shows up,
-    # not the (documented) quantization error.
-    max_abs, tolerance = {}, {}
-    for name in ("heatmaps", "kpt_tokens", "vis_tokens"):
-        again = decode_field(name, encode_field(name, fresh[name], reader.spec), reader.spec)
-        max_abs[name] = float(np.abs(again - cached[name]).max())
-        # One quantization step of slack for values that sit on a rounding boundary.
-        tolerance[name] = float(np.abs(fresh[name]).max()) / 100 + 1e-4
-    return SpotCheck(rows=rows, max_abs=max_abs, tolerance=tolerance)

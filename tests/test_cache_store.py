@@ -27,6 +27,7 @@ from pipeline.cache import (
     open_writer,
 )
 from pipeline.cache import inspect as cache_inspect
+from pipeline.cache.encodings import decode_fields, error_bound, measure_encoding_error
 from pipeline.cache.schema import (
     CROP_FIELD,
     HEATMAP_ENCODINGS,
@@ -34,9 +35,6 @@ from pipeline.cache.schema import (
     SCHEMA_VERSION,
     TOKEN_ENCODINGS,
     TOKEN_FIELDS,
-    decode_fields,
-    error_bound,
-    measure_encoding_error,
 )
 from pipeline.cache.verify import CORRUPT, MISSING, TRUNCATED, verify_cache
 from pipeline.cache.wds_store import decode_wds_sample, register_s3_gopen

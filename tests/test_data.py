@@ -23,7 +23,6 @@ from distilpose.data.coco import (
     read_image,
 )
 from distilpose.data.transforms import (
-    FLIP_PAIRS,
     AugmentConfig,
     ViewParams,
     affine_matrix,
@@ -33,6 +32,7 @@ from distilpose.data.transforms import (
     normalize,
     normalize_batch,
 )
+from distilpose.keypoints import FLIP_PAIRS
 
 INPUT = (256, 192)  # (H, W)
 

@@ -20,8 +20,8 @@ from distilpose.losses import DistillLoss
 from distilpose.models import get_config
 from pipeline.cache import open_reader
 from pipeline.cache.schema import CacheMismatchError
+from pipeline.cache_loader import BASE_FIELDS, CachedViewStream, steps_per_epoch
 from pipeline.distill import DistillConfig, lr_lambda_factory, run_distill
-from pipeline.distill_data import BASE_FIELDS, CachedViewStream, steps_per_epoch
 
 STUDENT = "distilpose-tiny"
 RAY_TIMEOUT = pytest.mark.timeout(300)  # one fit (plus the module's Ray start / first run)
@@ -108,7 +108,7 @@ def test_stream_equal_steps_one_view_per_instance(tiny_cache) -> None:
 def test_prefetch_keeps_the_order_and_stops_cleanly(tiny_cache) -> None:
     import threading
 
-    from pipeline.distill_data import _prefetched
+    from pipeline.cache_loader import _prefetched
 
     reader = open_reader(tiny_cache)
     plain, ahead = _stream(reader), _stream(reader)
@@ -167,8 +167,8 @@ def test_rebuilt_views_are_the_cached_ones(tiny_cache, tiny_teacher) -> None:
     """The crop rebuilt from the image is the one the teacher saw: the teacher (built the way
     the online-teacher mode builds it) reproduces the cached outputs of exactly these views,
     up to one quantization step of the cache's encodings."""
-    from pipeline.cache.schema import decode_field, encode_field
-    from pipeline.teacher_stage import build_teacher
+    from distilpose.teacher_forward import build_teacher
+    from pipeline.cache.encodings import decode_field, encode_field
 
     reader = open_reader(tiny_cache)
     fields = ("heatmaps", "kpt_tokens", "vis_tokens")

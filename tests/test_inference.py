@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from distilpose.evaluation import crop_to_image, heatmap_to_crop, normalized_to_crop
+from distilpose.coco_metrics import crop_to_image, heatmap_to_crop, normalized_to_crop
 from distilpose.inference import flip_heatmaps_back, predict
 
 H, W = 16, 12

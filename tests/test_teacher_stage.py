@@ -23,10 +23,11 @@ from distilpose.data.coco import load_coco, load_instances, read_image
 from distilpose.data.synthetic import make_synthetic_coco
 from distilpose.data.transforms import apply_view
 from distilpose.data.views import view_for
+from distilpose.teacher_forward import build_teacher, run_teacher
 from pipeline import storage
 from pipeline.cache import CacheMismatchError, check_compatible, open_reader
-from pipeline.cache.schema import decode_field, encode_field
-from pipeline.teacher_stage import CacheJobConfig, build_teacher, run_cache_job, run_teacher
+from pipeline.cache.encodings import decode_field, encode_field
+from pipeline.teacher_stage import CacheJobConfig, run_cache_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "tokenpose-tiny"

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from distilpose.data.layout import split_files
 from distilpose.data.synthetic import make_synthetic_coco
+from distilpose.evaluate import detections_file
 from distilpose.models import build_model
 from distilpose.models.checkpoints import CheckpointError, load_checkpoint
 from distilpose.teacher_training import (
@@ -28,7 +30,6 @@ from distilpose.teacher_training import (
     reinit_backbone,
     train_teacher,
 )
-from distilpose.validation import detections_file, split_files
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,31 +27,8 @@ import fsspec
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-NUM_JOINTS = 17
-COCO_KEYPOINT_NAMES = (
-    "nose",
-    "left_eye",
-    "right_eye",
-    "left_ear",
-    "right_ear",
-    "left_shoulder",
-    "right_shoulder",
-    "left_elbow",
-    "right_elbow",
-    "left_wrist",
-    "right_wrist",
-    "left_hip",
-    "right_hip",
-    "left_knee",
-    "right_knee",
-    "left_ankle",
-    "right_ankle",
-)
-# COCO's limb list, 1-based joint indices as in the official annotation files.
-COCO_SKELETON = (
-    (16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8),
-    (7, 9), (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7),
-)  # fmt: skip
+from distilpose.keypoints import NUM_JOINTS
+
 PERSON_CATEGORY_ID = 1
 DEFAULT_INPUT_SIZE = (256, 192)  # (H, W) of the paper presets
 BOX_PADDING = 1.25
@@ -132,16 +109,6 @@ class DataFingerprint:
 def join_uri(root_uri: str, name: str) -> str:
     """Join a folder (local path or URL-like prefix) and a relative file name with '/'."""
     return root_uri.rstrip("/") + "/" + name.lstrip("/") if root_uri else name
-
-
-def split_layouts(root: str, split: str) -> list[tuple[str, str]]:
-    """(annotation file, image folder) of `split` under a data set root, in the order tried:
-    the synthetic layout (annotations/person_keypoints_{split}.json + images/{split}/), then
-    COCO 2017's (annotations/person_keypoints_{split}2017.json + {split}2017/)."""
-    return [
-        (join_uri(root, f"annotations/person_keypoints_{split}.json"), join_uri(root, f"images/{split}")),
-        (join_uri(root, f"annotations/person_keypoints_{split}2017.json"), join_uri(root, f"{split}2017")),
-    ]
 
 
 def read_bytes(uri: str) -> bytes:

@@ -44,7 +44,7 @@ class SampleSpec:
 
 
 def crop_to_heatmap_px(joints_crop: np.ndarray, input_size: Sequence[int], heatmap_size: Sequence[int]) -> np.ndarray:
-    """Crop px -> heatmap px, the inverse of `evaluation.heatmap_to_crop` (x * Wh / W, no offset)."""
+    """Crop px -> heatmap px, the inverse of `coco_metrics.heatmap_to_crop` (x * Wh / W, no offset)."""
     scale = np.array([heatmap_size[1] / input_size[1], heatmap_size[0] / input_size[0]], dtype=np.float64)
     return np.asarray(joints_crop, dtype=np.float64)[..., :2] * scale
 

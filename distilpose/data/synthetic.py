@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from distilpose.data.coco import COCO_KEYPOINT_NAMES, COCO_SKELETON, NUM_JOINTS, PERSON_CATEGORY_ID
+from distilpose.data.coco import PERSON_CATEGORY_ID
+from distilpose.keypoints import KEYPOINT_NAMES, NUM_JOINTS, SKELETON
 
 SPLITS = {"train": 0, "val": 1}
 IMAGE_ID_BASE = {"train": 0, "val": 10_000_000}  # disjoint ids across splits
@@ -583,8 +584,8 @@ def _categories() -> list[dict[str, Any]]:
             "supercategory": "person",
             "id": PERSON_CATEGORY_ID,
             "name": "person",
-            "keypoints": list(COCO_KEYPOINT_NAMES),
-            "skeleton": [list(pair) for pair in COCO_SKELETON],
+            "keypoints": list(KEYPOINT_NAMES),
+            "skeleton": [list(pair) for pair in SKELETON],
         }
     ]
 

@@ -24,22 +24,12 @@ import torch
 from PIL import Image
 
 from distilpose.data.coco import Instance
-from distilpose.keypoints import FLIP_PAIRS
+from distilpose.keypoints import UPPER_BODY_JOINTS, flip_permutation
 
-UPPER_BODY_JOINTS = frozenset(range(11))  # nose .. wrists (mmpose COCO upper_body_ids)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF_BODY_PADDING = 1.5
 HALF_BODY_NONE, HALF_BODY_UPPER, HALF_BODY_LOWER = 0, 1, 2
-
-
-def flip_permutation(num_joints: int = 17, pairs: tuple[tuple[int, int], ...] = FLIP_PAIRS) -> np.ndarray:
-    """Index array p such that joints[p] swaps every left joint with its right partner."""
-    perm = np.arange(num_joints)
-    for a, b in pairs:
-        if a < num_joints and b < num_joints:
-            perm[a], perm[b] = b, a
-    return perm
 
 
 def _f32(value: float) -> float:
@@ -208,7 +198,7 @@ def _mirror(m: np.ndarray, out_w: int) -> np.ndarray:
 
 def affine_matrix(view: ViewParams, input_size: tuple[int, int]) -> np.ndarray:
     """float32 (2,3) mapping image px -> crop px of `apply_view`'s crop, mirror included
-    when `view.flip` (joint indices are swapped separately, see FLIP_PAIRS)."""
+    when `view.flip` (joint indices are swapped separately, see `distilpose.keypoints.flip_permutation`)."""
     m = _unflipped_affine(view, input_size)
     if view.flip:
         m = _mirror(m, input_size[1])
@@ -268,6 +258,13 @@ def apply_view(
     if view.flip:
         crop = crop[:, ::-1]
     return np.ascontiguousarray(crop), transform_joints(joints, view, input_size)
+
+
+def crop_of_view(image: np.ndarray, view_params: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
+    """The crop (H, W, 3) uint8 of a cached view, rebuilt from its source image and the
+    stored view parameters (`ViewParams.to_array`): the pixels the teacher saw."""
+    crop, _ = apply_view(image, np.zeros((0, 3), np.float32), ViewParams.from_array(view_params), input_size)
+    return crop
 
 
 def normalize(crop: np.ndarray) -> torch.Tensor:

@@ -14,19 +14,9 @@ batch = reader.read_shard(0, fields=["gauss", "confidence"])
 from __future__ import annotations
 
 from pipeline.cache.base import MANIFEST_NAME, CacheReader, CacheWriter, read_commits, read_manifest
-from pipeline.cache.schema import (
-    FORMATS,
-    SCHEMA_VERSION,
-    CacheMismatchError,
-    CacheSpec,
-    DataInfo,
-    Manifest,
-    ShardInfo,
-    TeacherInfo,
-    check_compatible,
-    decode_fields,
-    encode_views,
-)
+from pipeline.cache.encodings import decode_fields, encode_views
+from pipeline.cache.manifest import DataInfo, Manifest, ShardInfo, TeacherInfo, check_compatible
+from pipeline.cache.schema import FORMATS, SCHEMA_VERSION, CacheMismatchError, CacheSpec
 from pipeline.cache.wds_store import WdsCacheReader, WdsCacheWriter
 from pipeline.cache.zarr_store import ZarrCacheReader, ZarrCacheWriter
 

@@ -22,22 +22,19 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pipeline import storage
+from pipeline.cache.encodings import concat_raw, decode_fields, encode_views, is_encoded
+from pipeline.cache.manifest import Manifest, ShardInfo
 from pipeline.cache.schema import (
     CROP_FIELD,
     SCHEMA_VERSION,
     ArrayDef,
     CacheMismatchError,
     CacheSpec,
-    Manifest,
-    ShardInfo,
     arrays_for_fields,
-    concat_raw,
-    decode_fields,
-    encode_views,
-    is_encoded,
     resolve_fields,
     stored_arrays,
 )
+from pipeline.mismatch import refuse_differences
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +93,6 @@ def read_manifest(uri: str) -> Manifest | None:
         return None
 
 
-def _describe_difference(what: str, have: Any, want: Any) -> str:
-    return f"{what}: cache has {have!r}, this writer has {want!r}"
-
-
 class CacheWriter(ABC):
     """Writes whole shards; any number of processes may write disjoint shard indices into
     one root, and one of them calls ``finalize`` once every shard is committed.
@@ -117,26 +110,29 @@ class CacheWriter(ABC):
 
     def _check_existing(self) -> None:
         """Refuse to mix formats or specs in one root (e.g. resuming with other settings)."""
-        problems = []
+        recorded: dict[str, Any] = {}
+        current: dict[str, Any] = {}
         manifest = read_manifest(self.uri)
         if manifest is not None:
-            if manifest.format != self.format:
-                problems.append(_describe_difference("format", manifest.format, self.format))
-            if manifest.spec != self.spec:
-                problems.append(_describe_difference("spec", manifest.spec, self.spec))
+            recorded.update(format=manifest.format, spec=manifest.spec)
+            current.update(format=self.format, spec=self.spec)
         # Every writer runs this check before committing, so the first record stands for all
         # (one GET instead of one per shard for every worker that opens a writer).
         for index, record in read_commits(self.uri, first_only=True).items():
-            if record.get("format") != self.format:
-                problems.append(_describe_difference(f"shard {index} format", record.get("format"), self.format))
-            elif CacheSpec.from_dict(record["spec"]) != self.spec:
-                problems.append(_describe_difference(f"shard {index} spec", record["spec"], self.spec.to_dict()))
-        if problems:
-            raise CacheMismatchError(
-                f"cannot write to {self.uri}: it already holds a different cache:\n  - "
-                + "\n  - ".join(problems)
-                + "\nUse a new output URI or delete the old cache."
-            )
+            recorded[f"shard {index} format"] = record.get("format")
+            current[f"shard {index} format"] = self.format
+            if record.get("format") == self.format:
+                recorded[f"shard {index} spec"] = CacheSpec.from_dict(record["spec"])
+                current[f"shard {index} spec"] = self.spec
+        refuse_differences(
+            recorded,
+            current,
+            what=f"cannot write to {self.uri}: it already holds a different cache",
+            advice="Use a new output URI or delete the old cache.",
+            recorded_as="cache has",
+            current_as="this writer has",
+            error=CacheMismatchError,
+        )
 
     def shard_name(self, index: int) -> str:
         return shard_stem(index) + self.shard_suffix

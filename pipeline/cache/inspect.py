@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from pipeline.cache.base import read_commits, read_manifest
-from pipeline.cache.schema import HEATMAP_ENCODINGS, TOKEN_ENCODINGS, Manifest, ShardInfo
+from pipeline.cache.manifest import Manifest, ShardInfo
+from pipeline.cache.schema import HEATMAP_ENCODINGS, TOKEN_ENCODINGS
 
 SHARDS_SHOWN = 5  # first and last shards listed; the rest are summarized
 

@@ -4,7 +4,7 @@
     render_view(reader, reader.locate(instance_id, 0), "view.png", data_root="data/synthetic")
 
 The crop is the stored JPEG when the cache has crops, else it is rebuilt from the source
-image with the stored view parameters (the same `apply_view` the teacher stage and the
+image with the stored view parameters (the same `crop_of_view` the spot check and the
 student loader use, so a wrong picture means a wrong cache). Heatmaps are shown as their
 max over joints, colour-mapped and alpha-blended (alpha grows with the value, so the crop
 stays visible where the teacher sees nothing); ellipses mark each joint's fitted Gaussian
@@ -24,10 +24,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 from PIL import Image
 
-from distilpose.data.coco import COCO_KEYPOINT_NAMES, load_coco, read_image
-from distilpose.data.transforms import ViewParams, apply_view
+from distilpose.data.coco import load_coco, read_image
+from distilpose.data.transforms import ViewParams, crop_of_view
+from distilpose.keypoints import KEYPOINT_NAMES
 from pipeline.cache.base import CacheReader
-from pipeline.cache.schema import CROP_FIELD, Manifest
+from pipeline.cache.manifest import Manifest
+from pipeline.cache.schema import CROP_FIELD
 
 PathLike = str | os.PathLike
 
@@ -91,9 +93,7 @@ def rebuild_crop(
     if int(image_id) not in images:
         raise KeyError(f"image_id {int(image_id)} of the cache is not in {ann_file}; is --data the right data set?")
     image = read_image(image_root, images[int(image_id)].file_name)
-    view = ViewParams.from_array(view_params)
-    crop, _ = apply_view(image, np.zeros((0, 3), np.float32), view, cache_input_size(manifest))
-    return crop
+    return crop_of_view(image, view_params, cache_input_size(manifest))
 
 
 def _decode_jpeg(data: bytes) -> np.ndarray:
@@ -157,7 +157,7 @@ def draw_gaussians(ax, gauss: np.ndarray, confidence: np.ndarray, stride: tuple[
             )
         )
         ax.plot(*centre, marker="+", color=colour, alpha=alpha, markersize=6)
-        name = COCO_KEYPOINT_NAMES[k] if k < len(COCO_KEYPOINT_NAMES) else str(k)
+        name = KEYPOINT_NAMES[k] if k < len(KEYPOINT_NAMES) else str(k)
         ax.annotate(name, centre, xytext=(3, 3), textcoords="offset points", fontsize=6, color=colour, alpha=alpha)
 
 

@@ -1,8 +1,13 @@
-"""Integrity check of a cache: recompute every shard's sha256 and compare it with the
-commit records and the manifest. Run it after copying a cache, or when a reader fails.
+"""Checks of a finished cache.
 
-Zarr reads a lost chunk object as fill values and a tar has no per-member checksum, so a
-silent bit flip or a partial copy is only found by hashing the stored bytes.
+``verify_cache`` recomputes every shard's sha256 and compares it with the commit records
+and the manifest. Run it after copying a cache, or when a reader fails: Zarr reads a lost
+chunk object as fill values and a tar has no per-member checksum, so a silent bit flip or
+a partial copy is only found by hashing the stored bytes.
+
+``spot_check`` re-runs the teacher on a few cached views and compares its outputs with the
+stored ones: it finds a cache whose bytes are intact but whose content is wrong (another
+teacher, other images, rows mixed up), which no checksum can.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pipeline import storage
-from pipeline.cache import wds_store, zarr_store
+from pipeline.cache import open_reader, wds_store, zarr_store
 from pipeline.cache.base import SHARDS_DIR, TMP_PREFIX, parse_shard_stem, read_commits, read_manifest
-from pipeline.cache.schema import ShardInfo
+from pipeline.cache.encodings import decode_field, encode_field
+from pipeline.cache.manifest import ShardInfo
 
 OK, MISSING, TRUNCATED, CORRUPT = "ok", "missing", "truncated", "corrupt"
 DIGESTS: dict[str, Callable[[str], tuple[str, int] | None]] = {
@@ -157,6 +165,68 @@ def verify_cache(uri: str) -> VerifyReport:
         if name.startswith(TMP_PREFIX) or (parse_shard_stem(name) is not None and name not in known):
             report.leftovers.append(name)
     return report
+
+
+# ----------------------------------------------------------------------------- spot check
+
+
+@dataclass
+class SpotCheck:
+    rows: list[int]
+    max_abs: dict[str, float]
+    tolerance: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        return all(self.max_abs[k] <= self.tolerance[k] for k in self.max_abs)
+
+    def summary(self) -> str:
+        parts = [f"{k} max|diff| {v:.4g} (tol {self.tolerance[k]:.3g})" for k, v in self.max_abs.items()]
+        verdict = "OK" if self.ok else "MISMATCH: the cache does not match this teacher (stale or wrong cache?)"
+        return f"[spot-check] {len(self.rows)} views re-run through the teacher: " + "; ".join(parts) + f" -> {verdict}"
+
+
+def spot_check(uri: str, n: int, checkpoint: str | None = None, seed: int = 0, batch_size: int = 16) -> SpotCheck:
+    """Re-run the teacher on n random cached views and compare with what the cache holds."""
+    # torch only here: the rest of pipeline.cache (and `--verify`) stays free of it.
+    import torch
+
+    from distilpose.data.coco import load_coco, read_image
+    from distilpose.data.transforms import crop_of_view
+    from distilpose.teacher_forward import build_teacher, run_teacher
+
+    reader = open_reader(uri)
+    manifest = reader.manifest
+    if checkpoint and storage.sha256(checkpoint) != manifest.teacher.checkpoint_sha256:
+        raise ValueError(
+            f"--checkpoint {checkpoint} is not the teacher this cache was built with "
+            f"(sha256 {manifest.teacher.checkpoint_sha256[:12]}...)"
+        )
+    if checkpoint is None and manifest.teacher.checkpoint_sha256 != "random-init":
+        raise ValueError("--spot-check needs --checkpoint: the teacher checkpoint the cache was built with")
+    rows = sorted(np.random.default_rng(seed).choice(len(reader), size=min(n, len(reader)), replace=False).tolist())
+    cached = reader.read_rows(
+        np.asarray(rows), fields=["image_id", "view_params", "heatmaps", "kpt_tokens", "vis_tokens"]
+    )
+    _, images = load_coco(manifest.data.ann_file)
+    model = build_teacher(manifest.teacher.preset, storage.local_copy(checkpoint) if checkpoint else None)
+    input_size = tuple(model.config.input_size)
+    crops = np.stack(
+        [
+            crop_of_view(read_image(manifest.data.image_root, images[int(i)].file_name), v, input_size)
+            for i, v in zip(cached["image_id"], cached["view_params"])
+        ]
+    )
+    fresh = run_teacher(model, crops, batch_size, torch.device("cpu"))
+    # Compare in the cache's own encoding, so only a different teacher or input shows up,
+    # not the (documented) quantization error.
+    max_abs, tolerance = {}, {}
+    for name in ("heatmaps", "kpt_tokens", "vis_tokens"):
+        again = decode_field(name, encode_field(name, fresh[name], reader.spec), reader.spec)
+        max_abs[name] = float(np.abs(again - cached[name]).max())
+        # One quantization step of slack for values that sit on a rounding boundary.
+        tolerance[name] = float(np.abs(fresh[name]).max()) / 100 + 1e-4
+    return SpotCheck(rows=rows, max_abs=max_abs, tolerance=tolerance)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,16 +35,15 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.cache.base import OVERHEAD, SHARDS_DIR, CacheReader, CacheWriter
+from pipeline.cache.encodings import bytes_array, decode_fields
+from pipeline.cache.manifest import ShardInfo
 from pipeline.cache.schema import (
     CROP_FIELD,
     HEATMAP_FIELD,
     SMALL_FIELDS,
     ArrayDef,
     CacheSpec,
-    ShardInfo,
     arrays_for_fields,
-    bytes_array,
-    decode_fields,
     resolve_fields,
     stored_arrays,
 )
@@ -54,7 +53,6 @@ SUFFIX = ".tar"
 SMALL_GROUP = "small"
 # Member extension (without .npy) of each group of stored arrays.
 GROUP_EXT = {SMALL_GROUP: "small", HEATMAP_FIELD: "hm", "kpt_tokens": "kt", "vis_tokens": "vt"}
-EXT_GROUP = {ext: group for group, ext in GROUP_EXT.items()}
 CROP_EXT = "jpg"
 ZSTD_SUFFIX = ".zst"
 MIN_ZSTD_SAVING = 0.02

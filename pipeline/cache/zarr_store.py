@@ -28,6 +28,8 @@ from zarr.codecs import ZstdCodec
 
 from pipeline import storage
 from pipeline.cache.base import OVERHEAD, SHARDS_DIR, TMP_PREFIX, CacheReader, CacheWriter, objects_sha256
+from pipeline.cache.encodings import bytes_array
+from pipeline.cache.manifest import ShardInfo
 from pipeline.cache.schema import (
     CROP_FIELD,
     HEATMAP_FIELD,
@@ -35,8 +37,6 @@ from pipeline.cache.schema import (
     TOKEN_FIELDS,
     ArrayDef,
     CacheSpec,
-    ShardInfo,
-    bytes_array,
     stored_arrays,
 )
 

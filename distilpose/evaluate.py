@@ -9,9 +9,8 @@ pycocotools COCOeval (`evaluate_keypoints`).
 ground truth is restricted to those images too, so a quick check is not penalised for the
 people in images it never looked at.
 
-Also here: where a split lives under a data set root (`split_files`: synthetic or COCO 2017
-layout), loading a checkpoint of either format (`load_model`) and the body of
-jobs/evaluate.py (`run_evaluation`).
+Also here: the data set's person detections (`detections_file`), loading a checkpoint of
+either format (`load_model`) and the body of jobs/evaluate.py (`run_evaluation`).
 """
 
 from __future__ import annotations
@@ -25,17 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch import nn
 from torch.utils.data import DataLoader
 
-from distilpose.data.coco import DEFAULT_INPUT_SIZE, Instance, join_uri, load_coco, load_instances, split_layouts
-from distilpose.data.dataset import TopDownDataset
-from distilpose.data.transforms import affine_matrix, identity_view, transform_joints
-from distilpose.evaluation import (
+from distilpose.coco_metrics import (
     crop_to_image,
     evaluate_keypoints,
     format_table,
@@ -43,6 +38,10 @@ from distilpose.evaluation import (
     normalized_to_crop,
     oks_nms,
 )
+from distilpose.data.coco import DEFAULT_INPUT_SIZE, Instance, join_uri, load_coco, load_instances
+from distilpose.data.dataset import TopDownDataset
+from distilpose.data.layout import split_files, uri_exists
+from distilpose.data.transforms import affine_matrix, identity_view, transform_joints
 from distilpose.inference import predict
 from distilpose.models import build_model
 from distilpose.models.checkpoints import CheckpointError, load_checkpoint, load_official
@@ -53,38 +52,13 @@ DETECTIONS_FILE = "val_detections.json"
 METRIC_COLUMNS = ("AP", "AP50", "AP75", "APM", "APL", "AR", "num_instances")
 
 
-# --------------------------------------------------------------------------- data layout
-
-
-@dataclass(frozen=True)
-class SplitFiles:
-    ann_file: str
-    image_root: str
-
-
-def _exists(uri: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs.exists(path)
-
-
-def split_files(data: str, split: str) -> SplitFiles:
-    """Annotation file and image folder of `split` under a data set root (local or s3://).
-
-    Synthetic layout: annotations/person_keypoints_{split}.json + images/{split}/;
-    COCO 2017 layout: annotations/person_keypoints_{split}2017.json + {split}2017/.
-    """
-    layouts = split_layouts(data, split)
-    for ann_file, image_root in layouts:
-        if _exists(ann_file) and _exists(image_root):
-            return SplitFiles(ann_file, image_root)
-    tried = "; ".join(f"{a} + {i}" for a, i in layouts)
-    raise FileNotFoundError(f"no '{split}' split under {data} (tried {tried})")
+# --------------------------------------------------------------------------- detections
 
 
 def detections_file(data: str) -> str | None:
     """The data set's person detections for val (synthetic: annotations/val_detections.json)."""
     uri = join_uri(data, f"annotations/{DETECTIONS_FILE}")
-    return uri if _exists(uri) else None
+    return uri if uri_exists(uri) else None
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -13,25 +13,25 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from distilpose.coco_metrics import METRIC_NAMES
 from distilpose.data.coco import ImageError, load_instances
 from distilpose.data.dataset import TopDownDataset, crop_to_heatmap_px
+from distilpose.data.layout import split_files
 from distilpose.data.synthetic import make_synthetic_coco
 from distilpose.data.transforms import affine_matrix, identity_view
-from distilpose.evaluation import METRIC_NAMES
-from distilpose.heatmaps import decode_heatmaps
-from distilpose.inference import predict
-from distilpose.models import TeacherOutput, build_model
-from distilpose.models.checkpoints import CheckpointError, save_checkpoint, to_official_state_dict
-from distilpose.validation import (
+from distilpose.evaluate import (
     evaluate_model,
     ground_truth,
     load_model,
     mean_pose,
     mean_pose_baseline,
     score_predictions,
-    split_files,
     val_instances,
 )
+from distilpose.heatmaps import decode_heatmaps
+from distilpose.inference import predict
+from distilpose.models import TeacherOutput, build_model
+from distilpose.models.checkpoints import CheckpointError, save_checkpoint, to_official_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT = (128, 96)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from distilpose.data.coco import read_image
-from distilpose.data.transforms import ViewParams, apply_view, normalize_batch
+from distilpose.data.transforms import crop_of_view, normalize_batch
 
 # Fields always read: the student's input view and its regression target.
 BASE_FIELDS = ("instance_id", "image_id", "view", "view_params", "joints", "joint_weights")
@@ -171,10 +171,8 @@ class CachedViewStream:
             from PIL import Image
 
             return np.asarray(Image.open(io.BytesIO(bytes(rows["crop_jpeg"][i]))).convert("RGB"))
-        view = ViewParams.from_array(rows["view_params"][i])
         image = self._image(int(rows["image_id"][i]))
-        crop, _ = apply_view(image, np.zeros((0, 3), np.float32), view, self.input_size)
-        return crop
+        return crop_of_view(image, rows["view_params"][i], self.input_size)
 
     def _image(self, image_id: int) -> np.ndarray:
         # Instances of one image sit in the same shard; a small cache saves re-decoding.

@@ -22,13 +22,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from distilpose.keypoints import FLIP_PAIRS as COCO_FLIP_PAIRS
-
-# COCO person keypoint OKS sigmas in the standard joint order (as pycocotools / mmpose use).
-COCO_SIGMAS = (
-    np.array([0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89])
-    / 10.0
-)
-
+from distilpose.keypoints import OKS_SIGMAS as COCO_SIGMAS
+from distilpose.keypoints import flip_permutation
 
 # Order of pycocotools' COCOeval(iouType="keypoints").stats.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
@@ -75,14 +70,6 @@ def crop_to_image(coords_crop: np.ndarray, affines: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Flip test
 # --------------------------------------------------------------------------------------------
-
-
-def flip_permutation(num_joints: int, flip_pairs: Iterable[tuple[int, int]]) -> np.ndarray:
-    """Index array that swaps each left/right pair: ``x[..., perm, :]`` relabels mirrored joints."""
-    perm = np.arange(num_joints)
-    for left, right in flip_pairs:
-        perm[left], perm[right] = right, left
-    return perm
 
 
 def flip_back(

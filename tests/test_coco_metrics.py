@@ -1,4 +1,4 @@
-"""distilpose.evaluation: decoding, flip-back, COCO results, OKS-NMS and COCOeval on a tiny real data set."""
+"""distilpose.coco_metrics: decoding, flip-back, COCO results, OKS-NMS and COCOeval on a tiny real data set."""
 
 import json
 import math
@@ -6,9 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from distilpose.evaluation import (
-    COCO_FLIP_PAIRS,
-    COCO_SIGMAS,
+from distilpose.coco_metrics import (
     METRIC_NAMES,
     crop_to_image,
     evaluate_keypoints,
@@ -19,6 +17,7 @@ from distilpose.evaluation import (
     normalized_to_crop,
     oks_nms,
 )
+from distilpose.keypoints import FLIP_PAIRS, OKS_SIGMAS
 
 # A standing person in a unit box, COCO joint order (x, y).
 TEMPLATE = np.array(
@@ -187,11 +186,11 @@ def test_decoding_helpers_scale_per_axis():
 def test_flip_back_exact_is_an_involution_and_swaps_partners():
     rng = np.random.default_rng(3)
     coords, scores = rng.uniform(0, 1, (2, 17, 2)), rng.uniform(0, 1, (2, 17))
-    once = flip_back(coords, scores, COCO_FLIP_PAIRS, mode="exact", input_width=192)
-    twice = flip_back(*once, COCO_FLIP_PAIRS, mode="exact", input_width=192)
+    once = flip_back(coords, scores, FLIP_PAIRS, mode="exact", input_width=192)
+    twice = flip_back(*once, FLIP_PAIRS, mode="exact", input_width=192)
     np.testing.assert_allclose(twice[0], coords)
     np.testing.assert_allclose(twice[1], scores)
-    for left, right in COCO_FLIP_PAIRS:
+    for left, right in FLIP_PAIRS:
         np.testing.assert_allclose(once[0][:, left, 0], 191 / 192 - coords[:, right, 0])
         np.testing.assert_allclose(once[0][:, right, 1], coords[:, left, 1])
         np.testing.assert_allclose(once[1][:, left], scores[:, right])
@@ -208,8 +207,8 @@ def test_flip_back_exact_recovers_pixel_position():
 def test_flip_back_official_mirrors_in_normalized_units_and_keeps_score_order():
     rng = np.random.default_rng(4)
     coords, scores = rng.uniform(0, 1, (2, 17, 2)), rng.uniform(0, 1, (2, 17))
-    official = flip_back(coords, scores, COCO_FLIP_PAIRS, mode="official")
-    exact = flip_back(coords, scores, COCO_FLIP_PAIRS, mode="exact", input_width=192)
+    official = flip_back(coords, scores, FLIP_PAIRS, mode="official")
+    exact = flip_back(coords, scores, FLIP_PAIRS, mode="exact", input_width=192)
     np.testing.assert_allclose(official[0][:, 5, 0], 1.0 - coords[:, 6, 0])
     np.testing.assert_allclose(official[0][..., 0] - exact[0][..., 0], 1 / 192)  # the 1-px quirk
     np.testing.assert_allclose(official[0][..., 1], exact[0][..., 1])
@@ -226,4 +225,4 @@ def test_format_table_aligns_columns():
     assert lines[0].split() == ["model", "AP", "note"]
     assert lines[2].split() == ["distilpose-s", "0.7160", "-"]
     assert lines[2].index("0.7160") == lines[3].index("0.7500")
-    assert COCO_SIGMAS.shape == (17,)
+    assert OKS_SIGMAS.shape == (17,)

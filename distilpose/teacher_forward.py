@@ -1,0 +1,67 @@
+"""The teacher's forward pass as the cache sees it: build the teacher, run it over uint8
+crops and fit a Gaussian to every heatmap.
+
+Shared by the teacher-cache stage, the cache spot check, the online-teacher baseline of
+distillation and the benchmarks, so all of them get the same teacher and the same outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from distilpose.data.transforms import normalize_batch
+from distilpose.heatmaps import fit_gaussians
+from distilpose.models.checkpoints import load_teacher
+
+TEACHER_FIELDS = ("heatmaps", "kpt_tokens", "vis_tokens", "gauss", "confidence")
+
+
+def build_teacher(preset: str, checkpoint: str | Path | None) -> nn.Module:
+    """The teacher in eval mode, from a local checkpoint file. Without a checkpoint (smoke
+    tests, benchmarks) the random init is seeded, so every actor - and a later spot check -
+    builds the same weights."""
+    if checkpoint is None:
+        torch.manual_seed(0)
+    return load_teacher(preset, checkpoint).eval()
+
+
+def run_teacher(
+    model: nn.Module,
+    images: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    timings: dict[str, float] | None = None,
+) -> dict[str, np.ndarray]:
+    """Teacher forward + Gaussian fit on uint8 crops (N,H,W,3) -> fp32 numpy fields.
+
+    `timings`, when given, accumulates seconds of "forward" (normalize + forward) and "fit"
+    (Gaussian fit + copies to numpy) - the benchmark's breakdown of the actor's work.
+    """
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in TEACHER_FIELDS}
+    use_amp = device.type == "cuda"
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            t0 = time.perf_counter()
+            x = normalize_batch(images[start : start + batch_size]).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = model(x)
+            heatmaps = out.heatmaps.float()
+            if timings is not None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t1 = time.perf_counter()
+                timings["forward"] = timings.get("forward", 0.0) + t1 - t0
+            gauss, conf = fit_gaussians(heatmaps)
+            parts["heatmaps"].append(heatmaps.cpu().numpy())
+            parts["kpt_tokens"].append(out.kpt_tokens.float().cpu().numpy())
+            parts["vis_tokens"].append(out.vis_tokens.float().cpu().numpy())
+            parts["gauss"].append(gauss.float().cpu().numpy())
+            parts["confidence"].append(conf.float().cpu().numpy())
+            if timings is not None:
+                timings["fit"] = timings.get("fit", 0.0) + time.perf_counter() - t1
+    return {k: np.concatenate(v) if v else np.zeros((0,), np.float32) for k, v in parts.items()}

@@ -1,0 +1,220 @@
+"""manifest.json of a cache (what it holds, how it was made, its shards) and the check
+that refuses a cache which does not match what a run expects."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache.schema import (
+    HEATMAP_ENCODINGS,
+    SCHEMA_VERSION,
+    TOKEN_ENCODINGS,
+    CacheMismatchError,
+    CacheSpec,
+    stored_arrays,
+)
+from pipeline.mismatch import refuse_differences
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A written shard, as recorded in its commit record and in the manifest."""
+
+    index: int
+    name: str
+    rows: int
+    sha256: str
+    # Stored bytes attributed to each logical field; "overhead" holds container
+    # metadata (zarr.json, tar end blocks), so the values sum to the shard's size.
+    bytes_per_field: dict[str, int]
+    # Producer's notes on the shard, e.g. {"skipped": {"no_visible_joints": 3}}.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_per_field.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ShardInfo:
+        return cls(
+            index=int(d["index"]),
+            name=str(d["name"]),
+            rows=int(d["rows"]),
+            sha256=str(d["sha256"]),
+            bytes_per_field={k: int(v) for k, v in d["bytes_per_field"].items()},
+            extra=dict(d.get("extra", {})),
+        )
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    preset: str
+    checkpoint_sha256: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    ann_file_sha256: str
+    num_images: int
+    split: str
+    # Where the data came from, so a student can rebuild its views from the images
+    # (URIs only; never credentials or presigned URLs).
+    ann_file: str = ""
+    image_root: str = ""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json of a cache. ``complete`` is true only once every shard is committed."""
+
+    teacher: TeacherInfo
+    data: DataInfo
+    views: int
+    seed: int
+    spec: CacheSpec | None = None
+    format: str = ""
+    shards: tuple[ShardInfo, ...] = ()
+    num_rows: int = 0
+    created_at: str = ""
+    complete: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the augmentation config
+    schema_version: int = SCHEMA_VERSION
+
+    def first_rows(self) -> list[int]:
+        """Global row number of each shard's first row (shards in index order)."""
+        starts, total = [], 0
+        for shard in self.shards:
+            starts.append(total)
+            total += shard.rows
+        return starts
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "format": self.format,
+            "complete": self.complete,
+            "created_at": self.created_at,
+            "num_rows": self.num_rows,
+            "views": self.views,
+            "seed": self.seed,
+            "teacher": dataclasses.asdict(self.teacher),
+            "data": dataclasses.asdict(self.data),
+            "spec": self.spec.to_dict() if self.spec else None,
+            "extra": self.extra,
+        }
+        if self.spec:
+            # For humans and other tools reading manifest.json; from_dict recomputes them.
+            d["encodings"] = {
+                "heatmaps": dataclasses.asdict(HEATMAP_ENCODINGS[self.spec.heatmap_encoding]),
+                "tokens": dataclasses.asdict(TOKEN_ENCODINGS[self.spec.token_encoding]),
+            }
+            d["arrays"] = {
+                a.name: {"field": a.field, "dtype": a.dtype, "shape": list(a.shape)}
+                for a in stored_arrays(self.spec).values()
+            }
+        d["shards"] = [{**s.to_dict(), "first_row": start} for s, start in zip(self.shards, self.first_rows())]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
+        shards = tuple(ShardInfo.from_dict(s) for s in d.get("shards", []))
+        manifest = cls(
+            teacher=TeacherInfo(**d["teacher"]),
+            data=DataInfo(**d["data"]),
+            views=int(d["views"]),
+            seed=int(d["seed"]),
+            spec=CacheSpec.from_dict(d["spec"]) if d.get("spec") else None,
+            format=str(d.get("format", "")),
+            shards=shards,
+            num_rows=int(d.get("num_rows", 0)),
+            created_at=str(d.get("created_at", "")),
+            complete=bool(d.get("complete", False)),
+            extra=dict(d.get("extra", {})),
+            schema_version=int(d["schema_version"]),
+        )
+        recorded = [s.get("first_row") for s in d.get("shards", [])]
+        if any(r is not None for r in recorded) and recorded != manifest.first_rows():
+            raise ValueError("manifest shards: first_row values do not match the shard row counts")
+        return manifest
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        return cls.from_dict(json.loads(text))
+
+
+# What a mismatch is called in the error message (dotted manifest key -> words).
+KEY_LABELS = {
+    "schema_version": "schema version",
+    "format": "store format",
+    "complete": "completeness (manifest.complete)",
+    "teacher.preset": "teacher preset",
+    "teacher.checkpoint_sha256": "teacher checkpoint",
+    "data.ann_file_sha256": "data fingerprint (annotation file sha256)",
+    "data.num_images": "data fingerprint (number of images)",
+    "data.split": "data split",
+    "views": "views per instance",
+    "seed": "view seed",
+    "spec.heatmap_encoding": "heatmap encoding",
+    "spec.token_encoding": "token encoding",
+}
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot compare a {type(value).__name__} with a manifest value")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-comparable form: tuples -> lists, dataclasses -> dicts, numpy -> python."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): value}
+
+
+def check_compatible(manifest: Manifest, expected: Mapping[str, Any], *, uri: str | None = None) -> None:
+    """Refuse a cache whose manifest differs from what a run expects.
+
+    ``expected`` is nested like the manifest (``{"teacher": {"checkpoint_sha256": ...}}``) or
+    uses dotted keys (``{"teacher.checkpoint_sha256": ...}``); only the given keys are
+    compared, plus the schema version and completeness, which are always required.
+    Raises CacheMismatchError naming every differing key.
+    """
+    have = _flatten(_plain(manifest.to_dict()))
+    want = {"schema_version": SCHEMA_VERSION, "complete": True}
+    want.update(_flatten(_plain(dict(expected))))
+    where = f" at {uri}" if uri else ""
+    refuse_differences(
+        have,
+        want,
+        what=f"teacher cache{where} does not match this run",
+        advice="Rebuild the cache for this configuration or point the run at a matching cache.",
+        recorded_as="cache has",
+        current_as="expected",
+        labels={key: f"{KEY_LABELS.get(key, key)} ({key})" for key in want},
+        error=CacheMismatchError,
+    )
