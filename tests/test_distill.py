@@ -379,12 +379,12 @@ def test_resumed_run_equals_an_uninterrupted_one(ray_cluster, tiny_cache, tmp_pa
 
     straight = run("straight", 2)
     first = run("resumed", 1)
+    before, _ = load_checkpoint(first.exported["latest"])  # the same file is overwritten next
     resumed = run("resumed", 2)
     assert not first.resumed and resumed.resumed
     assert resumed.metrics["step"] == straight.metrics["step"] == 2 * first.metrics["step"]
     expected, _ = load_checkpoint(straight.exported["latest"])
     got, _ = load_checkpoint(resumed.exported["latest"])
-    before, _ = load_checkpoint(first.exported["latest"])
     assert any(not torch.equal(v, before.state_dict()[k]) for k, v in got.state_dict().items())
     for key, value in expected.state_dict().items():
         assert torch.equal(got.state_dict()[key], value), f"{key} differs after resume"
