@@ -13,7 +13,7 @@ import sys
 import _bootstrap  # noqa: F401
 
 from distilpose.options import add_dataclass_args, config_from_args
-from pipeline.sweep import SweepConfig
+from pipeline.sweep import SweepConfig, load_space
 
 
 def main(argv=None) -> int:
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = config_from_args(SweepConfig, args)
+        load_space(cfg.space)  # a bad space is one error line, before Ray starts
     except ValueError as e:
         p.error(str(e))
     cfg.overrides.update({key: getattr(args, key) for key in ("val", "data") if getattr(args, key)})

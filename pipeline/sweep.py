@@ -81,6 +81,10 @@ def load_space(path: str) -> list[dict]:
             bad = set(t) - fields
             if bad:
                 raise ValueError(f"{path}: trial {t['name']}: unknown fields {sorted(bad)}")
+            try:  # a value outside an option's choices (e.g. a misspelt backbone_init)
+                DistillConfig(**{"cache": "", **t})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}: trial {t['name']}: {e}") from None
             expanded.append(t)
     names = [t["name"] for t in expanded]
     if len(set(names)) != len(names):

@@ -8,6 +8,7 @@ session's tiny cache (tests/pipeline_fixtures.py). About 4 fits of ~20-40 s each
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -265,6 +266,7 @@ def test_ddp_two_workers_checkpoints_logs_export(ddp_run) -> None:
     assert not result.resumed and result.metrics["epoch"] == 2
     assert sorted(p.name for p in run.glob("epoch_*")) == ["epoch_0001", "epoch_0002"]  # one per epoch
     assert (run / "checkpoint_manager_snapshot.json").exists() and (run / "run.json").exists()
+    assert json.loads((run / "last_checkpoint.json").read_text())["epochs_done"] == 2  # our resume record
     rows = read_csv(run / "logs" / "epochs.csv")
     assert epochs_of(run) == [1, 2]
     # Loss terms follow the alphas: L_KT (alpha 0) is absent, the others are present.
