@@ -6,7 +6,7 @@
 
 Per student (distilpose-s, distilpose-l; random init, train mode, Adam, DistillLoss with the
 paper weights, every term on) and the paper teacher tokenpose-w48 (random init, seeded,
-built by the training code's own `pipeline.distill._online_teacher`), measured side by side,
+built by the training code's own `pipeline.distill.worker.online_teacher`), measured side by side,
 interleaved, median:
 
 - cached: decode the batch's encoded teacher fields (heatmaps u8-thresh, tokens
@@ -59,7 +59,8 @@ def main() -> None:
     from distilpose.models import build_model, get_config
     from pipeline.cache.encodings import decode_fields, encode_views
     from pipeline.cache.schema import CacheSpec, arrays_for_fields
-    from pipeline.distill import DistillConfig, _online_teacher
+    from pipeline.distill import DistillConfig
+    from pipeline.distill.worker import online_teacher
     from pipeline.plan import model_cost
 
     args = parse_args()
@@ -78,7 +79,7 @@ def main() -> None:
     weight = torch.from_numpy(rows["joint_weights"])
     loss_fn = DistillLoss()
     print(f"building {args.teacher} (online teacher, seeded random init) and students {args.students}", flush=True)
-    teacher = _online_teacher(
+    teacher = online_teacher(
         DistillConfig(cache="unused", student=args.students[0], online_teacher=args.teacher), torch.device("cpu")
     )
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from distilpose.models.checkpoints import load_checkpoint
+from distilpose.options import check_choices, option
 
 FORMATS = ("onnx", "torchscript")
 MIN_OPSET = 17  # LayerNormalization is a native op from opset 17 on
@@ -256,6 +257,23 @@ def export_model(
     )
     report.max_abs_diff = verify_export(model, out, fmt, verify_batches, with_tokens)
     return report
+
+
+@dataclass
+class ExportRequest:
+    """What jobs/export.py exports and how closely it must match the eager model."""
+
+    checkpoint: str = option(help="student checkpoint (this project's format)")
+    format: str = option(choices=FORMATS, help="output format")
+    out: str | None = option(None, help="output file (default: next to the checkpoint, .onnx / .torchscript.pt)")
+    opset: int = option(DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
+    tokens: bool = option(False, help="also output kpt_tokens and vis_tokens")
+    tolerance: float = option(1e-4, help="max abs diff accepted in the verification")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.opset < MIN_OPSET:
+            raise ValueError(f"--opset must be >= {MIN_OPSET}")
 
 
 def export_student(

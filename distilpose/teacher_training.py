@@ -44,6 +44,8 @@ from distilpose.data.transforms import AugmentConfig
 from distilpose.evaluate import METRIC_COLUMNS, detections_file, evaluate_model, mean_pose_baseline
 from distilpose.models import build_model, get_config
 from distilpose.models.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from distilpose.options import check_choices, option
+from distilpose.schedule import warmup_step_factor
 
 CHECKPOINT_FILE = "teacher.pt"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -51,7 +53,6 @@ LOG_FILE = "train_log.csv"
 EVAL_FILE = "eval.json"
 # Teacher augmentation of spec section 3 (the student recipe uses scale 0.35 / rotation 45).
 TEACHER_AUG = AugmentConfig(flip_prob=0.5, half_body_prob=0.3, scale_factor=0.5, rot_factor=40.0, rot_prob=0.6)
-WARMUP_START = 0.001  # warm-up starts at 0.001 x lr (mmcv linear warm-up ratio)
 AUG_PRESETS = {
     "spec": TEACHER_AUG,
     # Milder crops for minutes-long runs: strong rotation/scale jitter slows early learning
@@ -76,57 +77,69 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TeacherTrainConfig:
-    data: str
-    teacher: str = "tokenpose-tiny"
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields
-    out: str = "runs/teacher"
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 1e-3
+    data: str = option(help="data set root")
+    teacher: str = option("tokenpose-tiny", help="teacher preset")
+    model_overrides: dict[str, Any] = option(
+        default_factory=dict,
+        flag="--model-override",
+        metavar="FIELD=VALUE",
+        help="change a ModelConfig field of the preset, e.g. dim=96 or hrnet_modules=[1,1] (repeatable)",
+    )
+    out: str = option("runs/teacher", help="run directory (checkpoint, logs, eval.json)")
+    epochs: int = option(20, help="epochs (an upper bound when --time-budget-s is set)")
+    batch_size: int = option(32, help="batch size")
+    lr: float = option(1e-3, help="learning rate (default: from the recipe)")
     # Warm-up: the official 500 of ~176k iterations (300 epochs x 585), but never more than
     # warmup_frac of the run (by iterations or by the time budget).
     warmup_iters: int = 500
     warmup_frac: float = 0.05
     # Fractions of training at which lr x0.1 (official 200 / 260 of 300 epochs).
     lr_decay_at: tuple[float, ...] = (2 / 3, 13 / 15)
-    sigma: float = 2.0  # heatmap Gaussian sigma in heatmap px
-    aug: AugmentConfig = TEACHER_AUG  # or the name of an AUG_PRESETS entry
+    sigma: float = option(2.0, help="heatmap Gaussian sigma in heatmap px (default: from the recipe)")
+    aug: AugmentConfig = option(  # or the name of an AUG_PRESETS entry
+        TEACHER_AUG, choices=tuple(AUG_PRESETS), help="augmentation preset (default: from the recipe)"
+    )
     # "official": mmpose's N(0, 0.001) convs (what build_model does); "kaiming": He-normal
     # (fan_out) convs, see reinit_backbone.
-    backbone_init: str = "official"
-    time_budget_s: float | None = None
+    backbone_init: str = option(
+        "official",
+        choices=BACKBONE_INITS,
+        help="backbone conv init: official = mmpose N(0, 0.001), kaiming = He (default: from the recipe)",
+    )
+    time_budget_s: float | None = option(None, help="stop training after this many seconds of training")
     # "wall": the budget counts wall-clock training time (what a demo wants). "cpu": it counts
     # this process's CPU time (training threads, not the loader workers), which is ~wall time
     # on an idle machine with one thread but does not shrink when other jobs share the
     # cores, so runs on a shared machine stay comparable.
-    budget_clock: str = "wall"
+    budget_clock: str = option(
+        "wall",
+        choices=("wall", "cpu"),
+        help="what --time-budget-s counts: wall-clock time or the training process CPU time (fair on shared machines)",
+    )
     # One DataLoader worker + one torch thread keeps 2 cores busy without oversubscribing
     # them: with 2 threads plus a worker (or any other load) OpenMP's spinning threads
     # stalled training to ~5 samples/s on a shared 2-core machine, vs ~110 with this setting.
-    workers: int = 1
-    threads: int = 1
-    seed: int = 0
-    device: str = "cpu"
-    resume: bool = True
+    workers: int = option(1, flag="--workers-dataloader", help="DataLoader worker processes")
+    threads: int = option(1, help="torch threads (1 + one worker suits 2 cores)")
+    seed: int = option(0, help="random seed")
+    device: str = option("cpu", help="torch device")
+    resume: bool = option(True, flag="--no-resume", help="start over even if OUT/teacher.pt exists")
     log_every_s: float = 10.0
-    evaluate: bool = True
-    eval_flip_test: bool = True
+    evaluate: bool = option(True, flag="--no-eval", help="skip the final evaluation")
+    eval_flip_test: bool = option(True, flag="--no-flip-test", help="evaluate without the flip test")
     eval_batch_size: int = 64
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if isinstance(self.aug, str):
             self.aug = AUG_PRESETS[self.aug]
         if isinstance(self.aug, dict):
             self.aug = AugmentConfig(**self.aug)
-        if self.backbone_init not in BACKBONE_INITS:
-            raise ValueError(f"backbone_init must be one of {BACKBONE_INITS}, got {self.backbone_init!r}")
         self.lr_decay_at = tuple(self.lr_decay_at)
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError("time_budget_s must be positive")
-        if self.budget_clock not in ("wall", "cpu"):
-            raise ValueError(f"budget_clock must be 'wall' or 'cpu', got {self.budget_clock!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,21 +151,6 @@ class TeacherTrainConfig:
             raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
         given = {key: value for key, value in fields.items() if value is not None}
         return cls(**{**RECIPES[recipe], **given})
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """["dim=96", "hrnet_modules=[1,1]"] -> {"dim": 96, "hrnet_modules": [1, 1]} (JSON values,
-    bare words as strings); ModelConfig turns lists back into tuples."""
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"model override {item!r} must look like field=value")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
 
 
 # --------------------------------------------------------------------------- loss, schedule
@@ -171,15 +169,12 @@ def lr_factor(
 ) -> float:
     """Multiplier of the base lr at `iteration` / `progress` (fraction of the run, 0..1).
 
-    Linear warm-up from WARMUP_START that ends after `warmup_iters` iterations or
-    `warmup_frac` of the run, whichever comes first (the official 500 iterations are a
-    rounding error of 300 epochs but most of a short run; either at 0 turns warm-up off);
-    then x0.1 per milestone passed.
+    The warm-up ends after `warmup_iters` iterations or `warmup_frac` of the run, whichever
+    comes first (the official 500 iterations are a rounding error of 300 epochs but most of
+    a short run; either at 0 turns warm-up off); then x0.1 per milestone passed.
     """
-    decay = 0.1 ** sum(progress >= m for m in decay_at)
     ramps = [iteration / warmup_iters if warmup_iters else 1.0, progress / warmup_frac if warmup_frac else 1.0]
-    ramp = min(1.0, max(ramps))
-    return decay * (WARMUP_START + (1 - WARMUP_START) * ramp)
+    return warmup_step_factor(max(ramps), sum(progress >= m for m in decay_at))
 
 
 def reinit_backbone(model: nn.Module, scheme: str) -> None:

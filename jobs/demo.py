@@ -10,35 +10,19 @@ import sys
 
 import _bootstrap  # noqa: F401
 
+from distilpose.options import add_dataclass_args, option_values
+from pipeline.demo import QUICK, DemoConfig, run_demo
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo")
+    add_dataclass_args(p, DemoConfig)
     p.add_argument("--quick", action="store_true", help="a much smaller run (smoke test; AP is not meaningful)")
-    p.add_argument("--teacher-budget-s", type=float, help="CPU seconds for teacher training")
-    p.add_argument("--student-epochs", type=int)
     args = p.parse_args(argv)
+    cfg = DemoConfig(**{**(QUICK if args.quick else {}), **option_values(DemoConfig, args)})
 
-    from pipeline.demo import DemoConfig, run_demo
     from pipeline.ray_env import init_ray
 
-    cfg = DemoConfig(out=args.out)
-    if args.quick:
-        cfg = DemoConfig(
-            out=args.out,
-            train_images=40,
-            val_images=12,
-            teacher_epochs=1,
-            teacher_budget_s=20,
-            student_epochs=1,
-            batch_size=8,
-            visualize=2,
-            shard_views=16,
-        )
-    if args.teacher_budget_s is not None:
-        cfg.teacher_budget_s = args.teacher_budget_s
-    if args.student_epochs is not None:
-        cfg.student_epochs = args.student_epochs
     init_ray(num_cpus=2)
     print(run_demo(cfg))
     return 0

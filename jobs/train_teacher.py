@@ -14,78 +14,31 @@ import sys
 
 import _bootstrap  # noqa: F401
 
+from distilpose.options import add_dataclass_args, option_values
+from distilpose.teacher_training import RECIPES, TeacherTrainConfig
 
-def parse_args(argv=None) -> argparse.Namespace:
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="data set root")
-    p.add_argument("--teacher", default="tokenpose-tiny", help="teacher preset")
-    p.add_argument(
-        "--model-override",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="change a ModelConfig field of the preset, e.g. dim=96 or hrnet_modules=[1,1] (repeatable)",
-    )
-    p.add_argument("--epochs", type=int, default=20, help="epochs (an upper bound when --time-budget-s is set)")
-    p.add_argument("--batch-size", type=int, default=32)
+    add_dataclass_args(p, TeacherTrainConfig)
     p.add_argument(
         "--recipe",
-        choices=["spec", "fast"],
+        choices=list(RECIPES),
         default="spec",
         help="spec: the official recipe; fast: for minutes-long CPU runs (He init, lr 3e-3, no augmentation)",
     )
-    p.add_argument("--lr", type=float, help="default: from the recipe")
-    p.add_argument("--sigma", type=float, help="heatmap Gaussian sigma in heatmap px (default: from the recipe)")
-    p.add_argument("--aug", choices=["spec", "light", "none"], help="augmentation preset (default: from the recipe)")
-    p.add_argument(
-        "--backbone-init",
-        choices=["kaiming", "official"],
-        help="backbone conv init: official = mmpose N(0, 0.001), kaiming = He (default: from the recipe)",
-    )
-    p.add_argument("--out", default="runs/teacher", help="run directory (checkpoint, logs, eval.json)")
-    p.add_argument("--time-budget-s", type=float, help="stop training after this many seconds of training")
-    p.add_argument(
-        "--budget-clock",
-        choices=["wall", "cpu"],
-        default="wall",
-        help="what --time-budget-s counts: wall-clock time or the training process CPU time (fair on shared machines)",
-    )
-    p.add_argument("--workers-dataloader", type=int, default=1, help="DataLoader worker processes")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 + one worker suits 2 cores)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/teacher.pt exists")
-    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
-    p.add_argument("--no-flip-test", action="store_true", help="evaluate without the flip test")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from distilpose.teacher_training import TeacherTrainConfig, parse_overrides, train_teacher
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        cfg = TeacherTrainConfig.from_recipe(args.recipe, **option_values(TeacherTrainConfig, args))
+    except ValueError as e:
+        p.error(str(e))
+    from distilpose.teacher_training import train_teacher
 
-    cfg = TeacherTrainConfig.from_recipe(
-        args.recipe,
-        data=args.data,
-        teacher=args.teacher,
-        model_overrides=parse_overrides(args.model_override),
-        out=args.out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        sigma=args.sigma,
-        aug=args.aug,
-        backbone_init=args.backbone_init,
-        time_budget_s=args.time_budget_s,
-        budget_clock=args.budget_clock,
-        workers=args.workers_dataloader,
-        threads=args.threads,
-        device=args.device,
-        seed=args.seed,
-        resume=not args.no_resume,
-        evaluate=not args.no_eval,
-        eval_flip_test=not args.no_flip_test,
-    )
     result = train_teacher(cfg)
     state = result.state
     print(

@@ -16,17 +16,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distilpose.coco_metrics import format_table
+from distilpose.options import option
 
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"
+    out: str = option("runs/demo", help="demo folder (every stage's output; a rerun reuses them)")
     train_images: int = 1200
     val_images: int = 150
     seed: int = 0
     teacher: str = "tokenpose-tiny"
     teacher_epochs: int = 30
-    teacher_budget_s: float = 300.0
+    teacher_budget_s: float = option(300.0, help="CPU seconds for teacher training")
     views: int = 2
     shard_views: int = 128
     # The DistilPose-L recipe at demo scale: the student's backbone is the tiny teacher's
@@ -35,12 +36,25 @@ class DemoConfig:
     # thousand steps to leave the mean-pose plateau; this one learns within the demo budget.
     student: str = "distilpose-l-tiny"
     init_backbone_from_teacher: bool = True
-    student_epochs: int = 12
+    student_epochs: int = option(12, help="distillation epochs")
     workers: int = 2
     batch_size: int = 32
     lr: float = 2e-3
     visualize: int = 4
     stage_times: dict = field(default_factory=dict)
+
+
+# `--quick`: a much smaller run (a smoke test; its AP is not meaningful).
+QUICK = dict(
+    train_images=40,
+    val_images=12,
+    teacher_epochs=1,
+    teacher_budget_s=20,
+    student_epochs=1,
+    batch_size=8,
+    visualize=2,
+    shard_views=16,
+)
 
 
 def _say(msg: str) -> None:

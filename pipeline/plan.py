@@ -94,7 +94,7 @@ WDS_GROUPS_WITHOUT_CROPS = ("small", HEATMAP_FIELD, *TOKEN_FIELDS)
 # Zarr: a zarr.json per array (~1 KB with the sharding codec) and one for the group.
 ZARR_METADATA_BYTES = 1024
 
-# Fields a student epoch reads from the cache (pipeline.distill_data.BASE_FIELDS + the teacher
+# Fields a student epoch reads from the cache (pipeline.cache_loader.BASE_FIELDS + the teacher
 # fields of the paper's loss: L_KT, L_VT, L_SH/L_CS).
 STUDENT_BASE_FIELDS = ("instance_id", "image_id", "view", "view_params", "joints", "joint_weights")
 STUDENT_TEACHER_FIELDS = ("kpt_tokens", "vis_tokens", HEATMAP_FIELD)
@@ -321,7 +321,7 @@ def estimate(
         cost = model_cost(name)
         if tuple(cost.input_size) != tuple(teacher_config.input_size):
             raise ValueError(f"student {name} input {cost.input_size} != teacher {teacher} {teacher_config.input_size}")
-        # One view per instance per epoch (pipeline.distill_data.select_views).
+        # One view per instance per epoch (pipeline.cache_loader.select_views).
         per_epoch = gpu_hours(instances, FWD_BWD_FACTOR * cost.forward_gflops, gpu, utilization)
         online = gpu_hours(instances, teacher_cost.forward_gflops, gpu, utilization)
         student_plans.append(

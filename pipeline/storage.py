@@ -329,3 +329,30 @@ def zarr_store(uri: str, read_only: bool = True) -> Any:
             uri, storage_options=s3_storage_options(asynchronous=True), read_only=read_only
         )
     return zarr.storage.LocalStore(local_path(uri), read_only=read_only)
+
+
+S3_RETRY_ATTEMPTS = 10  # per S3 request of Ray's checkpoint uploads (the SDK default is 3)
+
+
+def ray_storage(uri: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig.
+
+    Local: an absolute path. S3: ``bucket/prefix`` plus a pyarrow S3FileSystem with a stronger
+    per-request retry strategy for checkpoint uploads; endpoint and region come from the same
+    environment as s3fs above, credentials from the AWS chain on each node (the filesystem is
+    pickled to the workers without them).
+    """
+    if is_local(uri):
+        return local_path(uri), None
+    import pyarrow.fs
+
+    options = {"retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS)}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.rpartition("://")
+        options.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["region"] = region
+    _, path = open_fs(uri)
+    return path, pyarrow.fs.S3FileSystem(**options)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from distilpose.options import option
 from pipeline import storage
 from pipeline.distill import DistillConfig
 
@@ -44,13 +45,18 @@ TRIAL_CPUS = 0.01
 
 @dataclass
 class SweepConfig:
-    cache: str
-    space: str
-    storage: str
-    name: str
-    trials: int | None = None  # run only the first N trials of the space
-    max_concurrent: int = 1
-    overrides: dict | None = None  # DistillConfig fields forced on every trial (e.g. val, data)
+    cache: str = option(help="teacher cache URI")
+    space: str = option(help="sweep YAML (base / trials / grid)")
+    storage: str = option("runs", help="sweep root (local or s3://)")
+    name: str = option("sweep", help="sweep name; the same name resumes")
+    trials: int | None = option(None, help="run only the first N trials")
+    max_concurrent: int = option(1, help="trials run at once")
+    overrides: dict = option(  # DistillConfig fields forced on every trial (e.g. val, data)
+        default_factory=dict,
+        flag="--set",
+        metavar="FIELD=VALUE",
+        help="override a DistillConfig field on every trial, e.g. --set epochs=8 (repeatable)",
+    )
 
 
 def load_space(path: str) -> list[dict]:
@@ -75,6 +81,10 @@ def load_space(path: str) -> list[dict]:
             bad = set(t) - fields
             if bad:
                 raise ValueError(f"{path}: trial {t['name']}: unknown fields {sorted(bad)}")
+            try:  # a value outside an option's choices (e.g. a misspelt backbone_init)
+                DistillConfig(**{"cache": "", **t})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}: trial {t['name']}: {e}") from None
             expanded.append(t)
     names = [t["name"] for t in expanded]
     if len(set(names)) != len(names):
@@ -173,7 +183,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     if cfg.trials:
         trials = trials[: cfg.trials]
     # Tune runs each trial in its own folder as working directory: only absolute paths work.
-    overrides = resolve_overrides(cfg.overrides or {})
+    overrides = resolve_overrides(cfg.overrides)
     sweep_root = storage.join(cfg.storage, cfg.name)
     param_space = {
         "trial": tune.grid_search(trials),

@@ -26,11 +26,12 @@ import numpy as np
 
 from distilpose.data.coco import Instance, load_instances
 from distilpose.data.layout import SplitFiles
+from distilpose.options import check_choices, option
 from pipeline import storage
 from pipeline.cache import open_writer
 from pipeline.cache.encodings import encode_views
 from pipeline.cache.manifest import DataInfo, Manifest, TeacherInfo
-from pipeline.cache.schema import CacheSpec
+from pipeline.cache.schema import FORMATS, HEATMAP_ENCODINGS, TOKEN_ENCODINGS, CacheSpec
 from pipeline.dataset_layout import resolve_layout
 from pipeline.mismatch import refuse_differences
 from pipeline.progress import Poller
@@ -38,25 +39,28 @@ from pipeline.progress import Poller
 
 @dataclass
 class CacheJobConfig:
-    data: str
-    teacher: str
-    out: str
-    checkpoint: str | None = None
-    format: str = "zarr"
-    views: int = 1
-    split: str = "train"
-    batch_size: int = 32
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    store_crops: str = "none"
-    shard_views: int = 256
-    seed: int = 0
-    heatmap_encoding: str = "u8-thresh"
-    token_encoding: str = "int8-token-scale"
-    ann_file: str | None = None
-    images: str | None = None
-    limit: int | None = None
+    data: str = option(help="data set root (local or s3://): COCO 2017 or synthetic layout")
+    teacher: str = option(help="teacher preset, e.g. tokenpose-w48 or tokenpose-tiny")
+    out: str = option(help="cache root URI (local path or s3://bucket/prefix)")
+    checkpoint: str | None = option(None, help="teacher checkpoint: ours or the official .pth (local or s3://)")
+    format: str = option("zarr", choices=FORMATS, help="cache store")
+    views: int = option(1, help="cached views per instance (view 0 = un-augmented)")
+    split: str = option("train", help="data split")
+    batch_size: int = option(32, help="teacher forward batch size")
+    workers: int = option(1, help="teacher actors")
+    gpus_per_worker: float = option(0.0, help="GPUs per teacher actor")
+    cpus_per_worker: float = option(1.0, help="CPUs per teacher actor")
+    store_crops: str = option("none", choices=("none", "jpeg"), help="also store each view's crop")
+    shard_views: int = option(256, help="views per shard")
+    seed: int = option(0, help="seed of the views' augmentation")
+    heatmap_encoding: str = option("u8-thresh", choices=tuple(HEATMAP_ENCODINGS), help="heatmap encoding")
+    token_encoding: str = option("int8-token-scale", choices=tuple(TOKEN_ENCODINGS), help="token encoding")
+    ann_file: str | None = option(None, help="override the split's annotation json")
+    images: str | None = option(None, help="override the split's image folder")
+    limit: int | None = option(None, help="cache only the first N instances (smoke runs)")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 @dataclass

@@ -89,6 +89,7 @@ def test_load_space_expands_grid_and_rejects_unknown_fields(tmp_path) -> None:
         ({"trials": [{"lr": 1}]}, "every trial needs a name"),
         ({"trials": [{"name": "a"}, {"name": "a"}]}, "names must be unique"),
         ({"trails": []}, "unknown top-level keys \\['trails'\\]"),
+        ({"base": {"backbone_init": "kaimnig"}}, "trial default: DistillConfig.backbone_init: 'kaimnig' is not one of"),
     ]
     for i, (doc, message) in enumerate(bad):
         with pytest.raises(ValueError, match=message):

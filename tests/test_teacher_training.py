@@ -26,7 +26,6 @@ from distilpose.teacher_training import (
     TeacherTrainConfig,
     joints_mse_loss,
     lr_factor,
-    parse_overrides,
     reinit_backbone,
     train_teacher,
 )
@@ -67,16 +66,6 @@ def test_lr_schedule_warms_up_then_steps_down():
     assert lr_factor(10, 0.4, 10, 0.05, decay_at) == 1.0
     assert lr_factor(50, 0.5, 10, 0.05, decay_at) == pytest.approx(0.1)
     assert lr_factor(90, 0.9, 10, 0.05, decay_at) == pytest.approx(0.01)
-
-
-def test_parse_overrides():
-    assert parse_overrides(["dim=96", "hrnet_modules=[1,1]", "name=x"]) == {
-        "dim": 96,
-        "hrnet_modules": [1, 1],
-        "name": "x",
-    }
-    with pytest.raises(ValueError, match="field=value"):
-        parse_overrides(["dim"])
 
 
 def test_recipes_set_defaults_that_explicit_values_override():

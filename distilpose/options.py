@@ -1,0 +1,154 @@
+"""Config options written once: a dataclass field holds an option's default, help text and
+allowed values; a job's argparse and the config's validation are generated from it.
+
+    @dataclass
+    class Config:
+        data: str = option(help="data set root")                   # required: --data
+        epochs: int = option(20, help="training epochs")            # --epochs 20
+        format: str = option("zarr", help="store", choices=FORMATS)  # --format {zarr,wds}
+
+        def __post_init__(self) -> None:
+            check_choices(self)                                      # a typo is an error
+
+    add_dataclass_args(parser, Config)
+    cfg = config_from_args(Config, parser.parse_args())
+
+Only fields declared with `option()` are on the command line; their flag is `--field-name`
+unless `flag=` names another. A bool option is a switch that flips its default (`--gpu`
+for default False, e.g. `flag="--no-flip-test"` for default True); a `tuple[int, ...]`
+option takes several values (none given: None); a `dict` option is repeated KEY=VALUE.
+
+KEY=VALUE (one rule for every job): VALUE is read as JSON when it parses as JSON
+(`8` -> 8, `1e-3` -> 0.001, `true` -> True, `null` -> None, `[1,1]` -> [1, 1]), else it is
+the text as written (`tokenpose-w48`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+MISSING = dataclasses.MISSING
+
+
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    choices: Sequence[str] | None = None,
+    flag: str | None = None,
+    metavar: str | None = None,
+    default_factory: Any = MISSING,
+    hidden: bool = False,
+) -> Any:
+    """A dataclass field that is also a command-line option (`hidden`: left out of --help)."""
+    metadata = {
+        "help": help,
+        "choices": tuple(choices) if choices is not None else None,
+        "flag": flag,
+        "metavar": metavar,
+        "hidden": hidden,
+    }
+    if default_factory is not MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_choices(cfg: Any) -> None:
+    """Raise ValueError for a string option outside its choices (call from __post_init__)."""
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and isinstance(value, str) and value not in choices:
+            raise ValueError(f"{type(cfg).__name__}.{f.name}: {value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def parse_key_values(items: Sequence[str], flag: str = "KEY=VALUE") -> dict[str, Any]:
+    """["views=2", "teacher.preset=tokenpose-w48"] -> {"views": 2, "teacher.preset": "tokenpose-w48"}."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r}: use KEY=VALUE, e.g. epochs=8")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+def _options(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, type without None) of each option of `cls`."""
+    hints = typing.get_type_hints(cls)
+    found = []
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        found.append((f, kind))
+    return found
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, required: bool = True) -> None:
+    """One argument per option of `cls`; an option without a default is required (unless
+    `required=False`: the job then checks what it needs). Options the user does not give are
+    absent from the parsed namespace, so the dataclass default applies."""
+    for f, kind in _options(cls):
+        meta = f.metadata
+        default = _default(f)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        kwargs["help"] = argparse.SUPPRESS if meta["hidden"] else meta["help"]
+        origin = typing.get_origin(kind)
+        if kind is bool:
+            kwargs["action"] = "store_false" if default is True else "store_true"
+        elif origin is tuple:
+            kwargs.update(nargs="*", type=typing.get_args(kind)[0])
+        elif origin is dict or kind is dict:
+            kwargs.update(action="append", metavar=meta["metavar"] or "KEY=VALUE")
+        else:
+            choices = meta["choices"]
+            kwargs.update(type=type(choices[0]) if choices else kind, choices=choices, metavar=meta["metavar"])
+        if default is MISSING and required:
+            kwargs["required"] = True
+        parser.add_argument(_flag(f), **kwargs)
+
+
+def option_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The options of `cls` given on the command line, as config values; raises ValueError
+    for a malformed KEY=VALUE."""
+    given = vars(args)
+    values: dict[str, Any] = {}
+    for f, kind in _options(cls):
+        if f.name not in given:
+            continue
+        value = given[f.name]
+        if typing.get_origin(kind) is tuple:
+            value = tuple(value) or None
+        elif typing.get_origin(kind) is dict or kind is dict:
+            value = parse_key_values(value, _flag(f))
+        values[f.name] = value
+    return values
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **fields: Any) -> Any:
+    """`cls` built from the options given on the command line plus `fields` (ValueError for
+    a malformed KEY=VALUE or a value outside an option's choices)."""
+    return cls(**option_values(cls, args), **fields)

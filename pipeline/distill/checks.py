@@ -1,0 +1,164 @@
+"""Driver-side checks before a fit: the cache is complete and fits the student, the images
+are the cached ones, and a resumed run is the same run (its record, `<run>/run.json`)."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline import storage
+from pipeline.distill.config import DistillConfig, resolve_paths, run_dir, worker_resources
+from pipeline.distill.state import has_checkpoint
+
+RUN_FILE = "run.json"  # what the run is; a resume must match it
+# Config fields that change what a run trains; resuming a run with other values would mix two runs.
+IDENTITY_FIELDS = (
+    "student",
+    "no_distill",
+    "alpha_kt",
+    "alpha_vt",
+    "alpha_sh",
+    "alpha_cs",
+    "sh_weighting",
+    "online_teacher",
+    "seed",
+)
+
+
+def check_cache_for_run(cfg: DistillConfig):
+    """Refuse early (on the driver) a cache that is incomplete, made for another
+    teacher/data, or whose teacher does not fit the student. Returns the cache's manifest."""
+    from pipeline.cache import open_reader
+    from pipeline.cache.manifest import check_compatible
+    from pipeline.cache_loader import steps_per_epoch
+
+    reader = open_reader(cfg.cache)  # no manifest yet: "not finalized" error naming the commits
+    if not reader.manifest.complete:
+        raise ValueError(f"cache {cfg.cache} is not complete; finish it with jobs/cache_teacher.py (it resumes)")
+    if cfg.expect_teacher:
+        check_compatible(reader.manifest, cfg.expect_teacher, uri=cfg.cache)
+    check_student_fits(cfg, reader.manifest)
+    if cfg.data:
+        check_data_matches(cfg, reader.manifest)
+    steps_per_epoch(reader, cfg.workers, cfg.batch_size)  # raises when a worker would get no batch
+    return reader.manifest
+
+
+def check_student_fits(cfg: DistillConfig, manifest) -> None:
+    """The student's crops, joints and tokens must line up with the teacher's, or the loss
+    would compare unrelated tensors (or fail deep inside a worker)."""
+    from distilpose.models import get_config
+    from pipeline.cache.schema import CacheMismatchError
+
+    student = get_config(cfg.student)
+    if student.kind != "student":
+        raise ValueError(f"--student {cfg.student!r} is a {student.kind} preset, not a student")
+    fields = cfg.teacher_fields()
+    if cfg.online_teacher:
+        source, teacher = f"online teacher {cfg.online_teacher!r}", get_config(cfg.online_teacher)
+        have = {
+            "input size": tuple(teacher.input_size),
+            "joints": teacher.num_joints,
+            "heatmap size": tuple(teacher.heatmap_size),
+            "token dim": teacher.dim,
+            "visual tokens": teacher.num_patches,
+        }
+    else:
+        spec = manifest.spec
+        source = f"teacher cache {cfg.cache} (teacher {manifest.teacher.preset!r})"
+        have = {
+            "input size": tuple(manifest.teacher.config.get("input_size", student.input_size)),
+            "joints": spec.num_joints,
+            "heatmap size": tuple(spec.heatmap_size),
+            "token dim": spec.dim,
+            "visual tokens": spec.num_patches,
+        }
+    want = {
+        "input size": tuple(student.input_size),  # cached joints / crops are in this crop's pixels
+        "joints": student.num_joints,
+        "heatmap size": tuple(student.heatmap_size) if "heatmaps" in fields else have["heatmap size"],
+        "token dim": student.dim if {"kpt_tokens", "vis_tokens"} & set(fields) else have["token dim"],
+        "visual tokens": student.num_patches if "vis_tokens" in fields else have["visual tokens"],
+    }
+    differences = [f"{key}: {have[key]} vs student {want[key]}" for key in want if have[key] != want[key]]
+    if differences:
+        raise CacheMismatchError(
+            f"student {cfg.student!r} does not fit the {source}:\n  - "
+            + "\n  - ".join(differences)
+            + "\nUse a cache made by a matching teacher, or pick a student preset of the same size."
+        )
+
+
+def check_data_matches(cfg: DistillConfig, manifest) -> None:
+    """Views are rebuilt from --data's images: its annotation file must be the cached one."""
+    from distilpose.data.coco import data_fingerprint
+    from pipeline.cache.schema import CacheMismatchError
+    from pipeline.dataset_layout import resolve_layout
+
+    layout = resolve_layout(cfg.data, manifest.data.split)
+    found = data_fingerprint(layout.ann_file).sha256
+    if found != manifest.data.ann_file_sha256:
+        raise CacheMismatchError(
+            f"--data {cfg.data}: {layout.ann_file} (sha256 {found[:12]}...) is not the annotation file the "
+            f"cache {cfg.cache} was built from (sha256 {manifest.data.ann_file_sha256[:12]}..., "
+            f"{manifest.data.ann_file}); the cached views would be cut from the wrong images"
+        )
+
+
+def run_identity(cfg: DistillConfig, manifest) -> dict:
+    identity = {k: getattr(cfg, k) for k in IDENTITY_FIELDS}
+    identity["cache_teacher"] = f"{manifest.teacher.preset}:{manifest.teacher.checkpoint_sha256}"
+    identity["cache_data"] = manifest.data.ann_file_sha256
+    return json.loads(json.dumps(identity))
+
+
+def check_run_record(cfg: DistillConfig, manifest, resumed: bool) -> None:
+    """Write `<run>/run.json` on a fresh start; on resume refuse a different student, loss
+    or teacher cache (the checkpoint would be continued with another objective)."""
+    uri = storage.join(run_dir(cfg), RUN_FILE)
+    identity = run_identity(cfg, manifest)
+    if resumed and storage.exists(uri):
+        recorded = json.loads(storage.read_bytes(uri))
+        differences = [
+            f"{k}: run has {recorded.get(k)!r}, this command {v!r}" for k, v in identity.items() if recorded.get(k) != v
+        ]
+        if differences:
+            raise ValueError(
+                f"run '{cfg.name}' at {run_dir(cfg)} was started with another configuration:\n  - "
+                + "\n  - ".join(differences)
+                + "\nUse a new --name to start a separate run (or the original settings to resume it)."
+            )
+        return
+    storage.atomic_write_bytes(uri, (json.dumps(identity, indent=2) + "\n").encode())
+
+
+def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
+    """Driver-side checks before a fit: absolute paths, cache, resume or fresh start.
+    Returns the resolved config and whether the run resumes."""
+    cfg = resolve_paths(cfg)
+    manifest = check_cache_for_run(cfg)
+    resumed = has_checkpoint(cfg)
+    check_run_record(cfg, manifest, resumed)
+    if resumed:
+        print(
+            f"[distill] run '{cfg.name}' exists at {run_dir(cfg)}: resuming from its last checkpoint "
+            "(use a new --name to start fresh)",
+            flush=True,
+        )
+    else:
+        print(f"[distill] starting new run '{cfg.name}' at {run_dir(cfg)}", flush=True)
+    warn_if_cluster_too_small(cfg)
+    return cfg, resumed
+
+
+def warn_if_cluster_too_small(cfg: DistillConfig) -> None:
+    """Ray Train waits, silently and forever, for resources that never come."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    have = ray.cluster_resources()
+    need = {k: cfg.workers * v for k, v in worker_resources(cfg).items()}
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v and have.get(k, 0.0) < v}
+    if short:
+        text = ", ".join(f"{k} {v:g} needed, {h:g} in the cluster" for k, (v, h) in short.items())
+        print(f"[distill] WARNING: {text}; training waits until the cluster grows (autoscaler)", flush=True)

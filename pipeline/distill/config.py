@@ -1,0 +1,134 @@
+"""What a distillation run is: its config (every field is also a jobs/distill.py option) and
+where the run keeps its files."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from distilpose.options import check_choices, option
+from pipeline import storage
+
+LOCAL_PATH_FIELDS = ("storage", "cache", "data", "val", "teacher_checkpoint", "init_backbone", "pid_dir")
+
+
+@dataclass
+class DistillConfig:
+    cache: str = option(help="teacher cache URI (from jobs/cache_teacher.py)")
+    student: str = option("distilpose-s", help="student preset")
+    storage: str = option("runs", help="checkpoint/log root (local or s3://)")
+    name: str = option("distill", help="run name; the same name resumes")
+    epochs: int = option(300, help="training epochs")
+    batch_size: int = option(32, help="per worker")
+    workers: int = option(1, help="Ray Train workers (one per GPU with --gpu)")
+    gpu: bool = option(False, help="one GPU per worker, NCCL")
+    cpus_per_worker: float = option(1.0, help="CPUs each worker asks Ray for")
+    lr: float = option(1e-3, help="base learning rate (Adam)")
+    warmup_iters: int = option(500, help="iterations of linear lr warm-up")
+    lr_steps: tuple[int, ...] | None = option(
+        None, help="epochs at which lr x0.1 (default 2/3, 13/15 of epochs)"
+    )  # 200, 260 of 300
+    alpha_kt: float = option(5e-4, help="weight of the keypoint-token loss L_KT")
+    alpha_vt: float = option(5e-4, help="weight of the visual-token loss L_VT")
+    alpha_sh: float = option(1.0, help="weight of the simulated-heatmap loss L_SH")
+    alpha_cs: float = option(0.01, help="weight of the confidence loss L_CS")
+    sh_weighting: str = option("per-sample", choices=("per-sample", "official"), help="L_SH weighting")
+    no_distill: bool = option(False, help="L_reg only (the paper's no-teacher row)")
+    online_teacher: str | None = option(
+        None, metavar="PRESET", help="run this teacher in the loop instead of the cache"
+    )
+    teacher_checkpoint: str | None = option(None, help="checkpoint for --online-teacher")
+    init_backbone: str | None = option(
+        None, metavar="CKPT", help="initialise the student backbone from a teacher checkpoint"
+    )
+    # "official" keeps the N(0, 0.001) convs of the official code; "kaiming" (He init) learns
+    # much faster in short runs (see distilpose.teacher_training.reinit_backbone).
+    backbone_init: str = option(
+        "official",
+        choices=("official", "kaiming"),
+        help="student conv init: official N(0, 0.001) or He init (much faster in short runs)",
+    )
+    data: str | None = option(None, help="data set root holding the cached split's images (default: as recorded)")
+    val: str | None = option(None, help="data set root whose val split is evaluated (pycocotools)")
+    val_boxes: str = option("gt", help="'gt' or a detector results json")
+    eval_every: int = option(0, help="also evaluate every N epochs")
+    flip_test: bool = option(True, flag="--no-flip-test", help="evaluate without the flip test")
+    amp: bool = option(False, help="mixed precision (GPU only)")
+    seed: int = option(0, help="random seed")
+    max_failures: int = option(2, help="worker-group restarts before giving up")
+    log_every: int = option(10, help="steps between step-metric rows")
+    # None: 2 on GPU workers or with >= 2 CPUs per worker, else 0 (on one CPU the loader
+    # thread competes with the training step).
+    prefetch: int | None = option(
+        None, help="batches a loader thread builds ahead (default: 2 with --gpu or >= 2 CPUs per worker, else 0)"
+    )
+    placement_strategy: str = option(
+        "PACK",
+        choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+        help="how Ray places the workers on nodes (SPREAD: one per node where possible)",
+    )
+    expect_teacher: dict = option(
+        default_factory=dict,
+        flag="--expect",
+        help="refuse a cache whose manifest differs, e.g. teacher.checkpoint_sha256=<sha> (repeatable)",
+    )
+    # Test hooks: a worker writes its pid (rank<r>.pid) and where it started training
+    # (start-rank<r>-<pid>.json) here so fault tests can kill it and check the restart.
+    pid_dir: str | None = option(None, hidden=True, help="test hook: where workers write their pids")
+    step_sleep_s: float = option(0.0, hidden=True, help="test hook: sleep after every step")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+    def alphas(self) -> dict[str, float]:
+        if self.no_distill:
+            return {"alpha_kt": 0.0, "alpha_vt": 0.0, "alpha_sh": 0.0, "alpha_cs": 0.0}
+        return {k: getattr(self, k) for k in ("alpha_kt", "alpha_vt", "alpha_sh", "alpha_cs")}
+
+    def milestones(self) -> tuple[int, ...]:
+        if self.lr_steps is not None:
+            return tuple(self.lr_steps)
+        return (round(self.epochs * 2 / 3), round(self.epochs * 13 / 15))
+
+    def teacher_fields(self) -> tuple[str, ...]:
+        """Teacher fields the enabled loss terms read (from the cache or the online teacher)."""
+        from distilpose.losses import DistillLoss
+
+        return tuple(DistillLoss(**self.alphas(), sh_weighting=self.sh_weighting).needed_teacher_fields)
+
+
+def run_dir(cfg: DistillConfig) -> str:
+    return storage.join(cfg.storage, cfg.name)
+
+
+def export_uri(cfg: DistillConfig, which: str) -> str:
+    """Where the run's exported student is: which = "latest" or "best"."""
+    return storage.join(run_dir(cfg), "export", f"student_{which}.pt")
+
+
+def resolve_paths(cfg: DistillConfig) -> DistillConfig:
+    """A copy with local paths made absolute. Ray workers do not share the driver's working
+    directory (and Tune trials chdir into their trial folder), so a relative path would
+    point somewhere else there."""
+    changes = {}
+    for name in LOCAL_PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value and storage.is_local(value):
+            changes[name] = storage.local_path(value)
+    if cfg.val_boxes != "gt" and storage.is_local(cfg.val_boxes):
+        changes["val_boxes"] = storage.local_path(cfg.val_boxes)
+    return dataclasses.replace(cfg, **changes)
+
+
+def loader_prefetch(cfg: DistillConfig) -> int:
+    if cfg.prefetch is not None:
+        return cfg.prefetch
+    return 2 if cfg.gpu or cfg.cpus_per_worker >= 2 else 0
+
+
+def worker_resources(cfg: DistillConfig) -> dict[str, float]:
+    """What each training worker asks Ray for (a run needs `workers` times this)."""
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.gpu:
+        resources["GPU"] = 1
+    return resources
