@@ -8,6 +8,7 @@ import json
 from pipeline import storage
 from pipeline.distill.config import DistillConfig, resolve_paths, run_dir, worker_resources
 from pipeline.distill.state import has_checkpoint
+from pipeline.mismatch import refuse_differences
 
 RUN_FILE = "run.json"  # what the run is; a resume must match it
 # Config fields that change what a run trains; resuming a run with other values would mix two runs.
@@ -79,13 +80,15 @@ def check_student_fits(cfg: DistillConfig, manifest) -> None:
         "token dim": student.dim if {"kpt_tokens", "vis_tokens"} & set(fields) else have["token dim"],
         "visual tokens": student.num_patches if "vis_tokens" in fields else have["visual tokens"],
     }
-    differences = [f"{key}: {have[key]} vs student {want[key]}" for key in want if have[key] != want[key]]
-    if differences:
-        raise CacheMismatchError(
-            f"student {cfg.student!r} does not fit the {source}:\n  - "
-            + "\n  - ".join(differences)
-            + "\nUse a cache made by a matching teacher, or pick a student preset of the same size."
-        )
+    refuse_differences(
+        have,
+        want,
+        what=f"student {cfg.student!r} does not fit the {source}",
+        advice="Use a cache made by a matching teacher, or pick a student preset of the same size.",
+        recorded_as="teacher",
+        current_as="student",
+        error=CacheMismatchError,
+    )
 
 
 def check_data_matches(cfg: DistillConfig, manifest) -> None:
@@ -117,16 +120,14 @@ def check_run_record(cfg: DistillConfig, manifest, resumed: bool) -> None:
     uri = storage.join(run_dir(cfg), RUN_FILE)
     identity = run_identity(cfg, manifest)
     if resumed and storage.exists(uri):
-        recorded = json.loads(storage.read_bytes(uri))
-        differences = [
-            f"{k}: run has {recorded.get(k)!r}, this command {v!r}" for k, v in identity.items() if recorded.get(k) != v
-        ]
-        if differences:
-            raise ValueError(
-                f"run '{cfg.name}' at {run_dir(cfg)} was started with another configuration:\n  - "
-                + "\n  - ".join(differences)
-                + "\nUse a new --name to start a separate run (or the original settings to resume it)."
-            )
+        refuse_differences(
+            json.loads(storage.read_bytes(uri)),
+            identity,
+            what=f"run '{cfg.name}' at {run_dir(cfg)} was started with another configuration",
+            advice="Use a new --name to start a separate run (or the original settings to resume it).",
+            recorded_as="run has",
+            current_as="this command",
+        )
         return
     storage.atomic_write_bytes(uri, (json.dumps(identity, indent=2) + "\n").encode())
 
