@@ -14,6 +14,7 @@ from torch import nn
 from distilpose.evaluation import (
     COCO_FLIP_PAIRS,
     FlipMode,
+    crop_box_areas,
     crop_to_image,
     flip_back,
     flip_permutation,
@@ -21,7 +22,7 @@ from distilpose.evaluation import (
     normalized_to_crop,
 )
 
-BATCH_KEYS = ("image", "affine", "image_id", "box_score", "area")
+BATCH_KEYS = ("image", "affine", "image_id", "box_score")
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -102,8 +103,8 @@ def predict(
     """Predict joints in image coordinates for every crop of ``batches``.
 
     ``batches`` yields dicts (a list of them or a torch DataLoader with default collation) with
-    ``image`` (N, 3, H, W) normalized, ``affine`` (N, 2, 3) image->crop, ``image_id`` (N,),
-    ``box_score`` (N,) and ``area`` (N,). The model is recognised by its output: ``.coords``
+    ``image`` (N, 3, H, W) normalized, ``affine`` (N, 2, 3) image->crop, ``image_id`` (N,) and
+    ``box_score`` (N,). The model is recognised by its output: ``.coords``
     (N, K, 2) in [0, 1] and ``.score`` (N, K) for a student; ``.heatmaps`` (N, K, Hh, Wh) for a
     teacher (decoded with ``distilpose.heatmaps.decode_heatmaps``; joint score = heatmap max).
 
@@ -113,7 +114,8 @@ def predict(
     ``flip_mode``; teachers: :func:`flip_heatmaps_back`, where both modes coincide).
 
     Returns ``image_ids`` (M,) int64, ``coords_img`` (M, K, 2), ``joint_scores`` (M, K),
-    ``box_scores`` (M,), ``areas`` (M,).
+    ``box_scores`` (M,), ``areas`` (M,) (the crop box areas OKS-NMS uses, from the affines:
+    :func:`distilpose.evaluation.crop_box_areas`).
     """
     if flip_mode not in ("exact", "official"):
         raise ValueError(f"flip_mode must be 'exact' or 'official', got {flip_mode!r}")
@@ -147,11 +149,12 @@ def predict(
                         f"predict: model output {type(out).__name__} has neither .coords (student) "
                         "nor .heatmaps (teacher)"
                     )
-                collected["coords_img"].append(crop_to_image(crop, _to_numpy(batch["affine"])))
+                affines = _to_numpy(batch["affine"])
+                collected["coords_img"].append(crop_to_image(crop, affines))
                 collected["joint_scores"].append(scores)
                 collected["image_ids"].append(_to_numpy(batch["image_id"]).astype(np.int64).reshape(-1))
                 collected["box_scores"].append(_to_numpy(batch["box_score"]).astype(np.float64).reshape(-1))
-                collected["areas"].append(_to_numpy(batch["area"]).astype(np.float64).reshape(-1))
+                collected["areas"].append(crop_box_areas(affines, batch_input))
     finally:
         model.train(was_training)
 

@@ -36,6 +36,7 @@ from distilpose.data.coco import DEFAULT_INPUT_SIZE, Instance, join_uri, load_co
 from distilpose.data.dataset import TopDownDataset
 from distilpose.data.transforms import affine_matrix, identity_view, transform_joints
 from distilpose.evaluation import (
+    crop_box_areas,
     crop_to_image,
     evaluate_keypoints,
     format_table,
@@ -227,7 +228,7 @@ def mean_pose_baseline(
         "coords_img": crop_to_image(crop, affines) if n else np.zeros((0, num_joints, 2)),
         "joint_scores": np.ones((n, num_joints)),
         "box_scores": np.array([inst.box_score for inst in instances], np.float64),
-        "areas": np.array([inst.area for inst in instances], np.float64),
+        "areas": crop_box_areas(affines, input_size) if n else np.zeros(0),
     }
     stats = score_predictions(coco_gt, preds, out_json)
     return {
