@@ -168,6 +168,11 @@ def test_decode_matches_mmpose_dark_near_all_borders():
         expected, expected_max = mmpose_dark(maps[0, k].double().numpy())
         np.testing.assert_allclose(coords[0, k].numpy(), expected, atol=1e-3, err_msg=f"map {k}")
         assert maxvals[0, k].item() == pytest.approx(expected_max)
+    # mmpose's kernel for sigma-3 teachers (modulate_kernel 17).
+    coords17, _ = decode_heatmaps(maps[:, ::8], blur_kernel=17)
+    for k in range(coords17.shape[1]):
+        expected, _ = mmpose_dark(maps[0, 8 * k].double().numpy(), kernel_size=17)
+        np.testing.assert_allclose(coords17[0, k].numpy(), expected, atol=1e-3, err_msg=f"map {8 * k}, kernel 17")
     # The +-2 px stencil: argmaxes on the two outer rows/columns keep integer coordinates.
     outer = (centres[0] < 1.5).any(-1) | (centres[0, :, 0] > 45.5) | (centres[0, :, 1] > 61.5)
     assert outer.sum() > 10
