@@ -1,10 +1,11 @@
-"""COCO keypoint evaluation: decoding to image coordinates, flip test, results, OKS-NMS, COCOeval.
+"""COCO keypoint evaluation as mmpose 0.x's top-down COCO evaluation does it: decoding to image
+coordinates, flip test, results with rescored persons, OKS-NMS on crop-box areas, COCOeval.
 
 Everything here works on plain arrays (image ids, box scores, crop affines, coordinates) so that
 it does not depend on the data or model classes. Coordinates are ``(x, y)``, sizes ``(H, W)``.
 
-Pixel convention (mmpose, spec section 0): pixel centres sit at integer coordinates, so mirroring
-a crop of width W maps pixel x to ``W - 1 - x``.
+Pixel convention (mmpose): pixel centres sit at integer coordinates, so mirroring a crop of
+width W maps pixel x to ``W - 1 - x``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,22 @@ def crop_to_image(coords_crop: np.ndarray, affines: np.ndarray) -> np.ndarray:
     return np.einsum("nij,nkj->nki", inverse, coords_crop - shift[:, None, :])
 
 
+def crop_box_areas(affines: np.ndarray, input_size: Sequence[int]) -> np.ndarray:
+    """Area in image px^2 of the box each (2, 3) image->crop affine maps onto the (H, W) crop.
+
+    For an evaluation crop this is the person box fitted to the input aspect ratio and padded
+    by 1.25, i.e. mmpose's ``prod(scale * 200)``: the area mmpose's top-down evaluation gives
+    OKS-NMS (not the annotation area and not the raw detector box, which are 2-6x smaller).
+    The crop is ``W x H`` px and the affine scales areas by ``|det|``; rotation and mirroring
+    do not change it.
+    """
+    affines = np.asarray(affines, dtype=np.float64)
+    if affines.ndim != 3 or affines.shape[1:] != (2, 3):
+        raise ValueError(f"affines must have shape (N, 2, 3), got {affines.shape}")
+    h_in, w_in = input_size
+    return h_in * w_in / np.abs(np.linalg.det(affines[:, :, :2]))
+
+
 # --------------------------------------------------------------------------------------------
 # Flip test
 # --------------------------------------------------------------------------------------------
@@ -85,7 +102,7 @@ def flip_back(
     Returns ``(coords, scores)`` expressed in the un-mirrored crop, ready to be averaged with the
     un-mirrored pass.
 
-    - ``"exact"`` (project default, spec section 9): mirror in pixel space,
+    - ``"exact"`` (project default): mirror in pixel space,
       ``x_px' = W - 1 - x_px`` i.e. ``x' = (W - 1) / W - x``, and swap left/right joints for the
       coordinates AND the scores, so each score stays with its joint. Needs ``input_width``.
     - ``"official"`` (DistilPose / mmpose v0.22 ``fliplr_regression``): ``x' = 1 - x`` in
@@ -135,8 +152,9 @@ def make_results(
     """One COCO keypoint result per instance.
 
     Each dict has ``image_id``, ``category_id`` (1), ``keypoints`` (flat ``[x, y, score] * K``
-    with the joint score as third value), ``score`` (see :func:`person_score`) and ``area`` (the
-    instance area, needed by :func:`oks_nms`; pycocotools recomputes its own and ignores it).
+    with the joint score as third value), ``score`` (see :func:`person_score`) and ``area``, the
+    OKS scale :func:`oks_nms` uses; mmpose passes the crop box area (:func:`crop_box_areas`).
+    pycocotools recomputes its own area and ignores this one.
     """
     coords_img = np.asarray(coords_img, dtype=np.float64)
     joint_scores = np.asarray(joint_scores, dtype=np.float64)
@@ -167,10 +185,10 @@ def make_results(
 def oks_one_to_many(
     kpts: np.ndarray, area: float, others: np.ndarray, other_areas: np.ndarray, sigmas: np.ndarray
 ) -> np.ndarray:
-    """OKS between one pose (K, 2) and M poses (M, K, 2), mmpose ``oks_iou`` style.
+    """OKS between one pose (K, 2) and M poses (M, K, 2), as mmpose's ``oks_iou``.
 
-    Uses the mean of the two instance areas as scale and all joints (no visibility gate), as
-    mmpose's top-down COCO evaluation calls it.
+    Uses the mean of the two areas as scale and all joints (no visibility gate), as mmpose's
+    top-down COCO evaluation calls it.
     """
     variances = (2.0 * sigmas) ** 2
     sq_dist = ((others - kpts[None]) ** 2).sum(axis=-1)  # (M, K)
@@ -179,11 +197,13 @@ def oks_one_to_many(
 
 
 def oks_nms(results: list[dict], thr: float = 0.9, sigmas: np.ndarray = COCO_SIGMAS) -> list[dict]:
-    """Greedy OKS non-maximum suppression per image (official test: ``oks_thr`` 0.9).
+    """Greedy OKS non-maximum suppression per image, as mmpose's ``oks_nms`` (official ``oks_thr`` 0.9).
 
     Within each image, repeatedly keep the highest-scoring result and drop the others whose OKS
-    with it exceeds ``thr``. Results need ``area`` (as :func:`make_results` writes). Returns the
-    kept results, grouped by image, each image's best first.
+    with it exceeds ``thr``. Results need ``area`` (as :func:`make_results` writes); the official
+    evaluation uses the crop box area (:func:`crop_box_areas`), and a larger area makes the same
+    pixel distance a higher OKS, so more near-duplicates are suppressed. Returns the kept
+    results, grouped by image, each image's best first.
     """
     sigmas = np.asarray(sigmas, dtype=np.float64)
     by_image: dict[int, list[dict]] = {}
@@ -196,7 +216,8 @@ def oks_nms(results: list[dict], thr: float = 0.9, sigmas: np.ndarray = COCO_SIG
         kpts = np.array([r["keypoints"] for r in image_results], dtype=np.float64).reshape(len(image_results), -1, 3)
         coords = kpts[..., :2]
         areas = np.array([r["area"] for r in image_results], dtype=np.float64)
-        order = np.argsort([-r["score"] for r in image_results], kind="stable")
+        # mmpose's order, scores.argsort()[::-1]: highest first, equal scores last-first.
+        order = np.argsort([r["score"] for r in image_results], kind="stable")[::-1]
         while order.size > 0:
             best, rest = order[0], order[1:]
             kept.append(image_results[best])

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distilpose.coco_metrics import (
+    crop_box_areas,
     crop_to_image,
     evaluate_keypoints,
     format_table,
@@ -45,8 +46,9 @@ from distilpose.data.transforms import affine_matrix, identity_view, transform_j
 from distilpose.inference import predict
 from distilpose.models import build_model
 from distilpose.models.checkpoints import CheckpointError, load_checkpoint, load_official
+from distilpose.profiles import DEFAULT_PROFILE, get_profile
 
-OKS_NMS_THR = 0.9  # official test setting (spec section 5)
+OKS_NMS_THR = 0.9  # the official test setting
 VIS_THR = 0.2
 DETECTIONS_FILE = "val_detections.json"
 METRIC_COLUMNS = ("AP", "AP50", "AP75", "APM", "APL", "AR", "num_instances")
@@ -129,9 +131,10 @@ def evaluate_model(
 
     boxes: "gt" or a person-detection results file (detections with score < `score_thr` are
     dropped). Works for teachers (heatmaps, DARK decoding) and students (coords + score);
-    `distilpose.inference.predict` tells them apart. `out_json` receives the COCO results
-    after OKS-NMS. Returns AP, AP50, AP75, APM, APL, AR (+ AR50..ARL), num_instances,
-    num_images, skipped (records the loader dropped), boxes, flip_test, wall_s.
+    `distilpose.inference.predict` tells them apart. `flip_mode` is the student flip test's
+    (see distilpose.profiles). `out_json` receives the COCO results after OKS-NMS. Returns AP,
+    AP50, AP75, APM, APL, AR (+ AR50..ARL), num_instances, num_images, skipped (records the
+    loader dropped), boxes, flip_test, flip_mode, wall_s.
     """
     start = time.perf_counter()
     config = model.config
@@ -148,6 +151,7 @@ def evaluate_model(
         "skipped": skipped,
         "boxes": boxes,
         "flip_test": bool(flip_test),
+        "flip_mode": flip_mode,
         "wall_s": time.perf_counter() - start,
     }
 
@@ -201,7 +205,7 @@ def mean_pose_baseline(
         "coords_img": crop_to_image(crop, affines) if n else np.zeros((0, num_joints, 2)),
         "joint_scores": np.ones((n, num_joints)),
         "box_scores": np.array([inst.box_score for inst in instances], np.float64),
-        "areas": np.array([inst.area for inst in instances], np.float64),
+        "areas": crop_box_areas(affines, input_size) if n else np.zeros(0),
     }
     stats = score_predictions(coco_gt, preds, out_json)
     return {
@@ -246,6 +250,7 @@ class EvalRequest:
     limit: int | None = None
     device: str = "cpu"
     threads: int = 2
+    profile: str = DEFAULT_PROFILE  # official quirks or intended behaviour (distilpose.profiles)
     results_json: str | None = None  # COCO results after OKS-NMS
     out: str | None = None  # metrics JSON
 
@@ -256,12 +261,17 @@ class EvalReport:
     metrics: dict[str, Any]
 
     def table(self) -> str:
-        row = {"model": self.request.model, "boxes": "gt" if self.request.boxes == "gt" else "det"}
+        row = {
+            "model": self.request.model,
+            "profile": self.request.profile,
+            "boxes": "gt" if self.request.boxes == "gt" else "det",
+        }
         return format_table([{**row, **{k: self.metrics.get(k) for k in METRIC_COLUMNS}}])
 
 
 def run_evaluation(request: EvalRequest) -> EvalReport:
     """Load the checkpoint, evaluate it on the split, write `request.out` if given."""
+    profile = get_profile(request.profile)
     torch.set_num_threads(request.threads)
     files = split_files(request.data, request.split)
     model = load_model(request.model, request.checkpoint).to(request.device)
@@ -276,11 +286,17 @@ def run_evaluation(request: EvalRequest) -> EvalReport:
         score_thr=request.score_thr,
         out_json=request.results_json,
         limit=request.limit,
+        flip_mode=profile.flip_mode,
     )
     report = EvalReport(request, metrics)
     if request.out:
         out = Path(request.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"metrics": metrics, "request": asdict(request), "model_config": asdict(model.config)}
+        payload = {
+            "metrics": metrics,
+            "request": asdict(request),
+            "profile": asdict(profile),
+            "model_config": asdict(model.config),
+        }
         out.write_text(json.dumps(payload, indent=2))
     return report

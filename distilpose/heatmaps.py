@@ -1,6 +1,6 @@
 """Heatmap maths: render, decode, fit and sample keypoint heatmaps.
 
-Conventions (mmpose, see spec section 0): pixel centres sit on integer coordinates,
+Conventions (mmpose): pixel centres sit on integer coordinates,
 coordinates are ``(x, y)``, sizes are ``(H, W)``. Every function is vectorized over the
 leading ``(N, K)`` batch x joint dimensions and works on CPU float32.
 """
@@ -10,13 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# cv2.GaussianBlur with ksize 11 and sigma 0 derives sigma = 0.3 * ((11 - 1) / 2 - 1) + 0.8 = 2.0;
-# this is the "modulate_kernel 11" the teacher's DARK post-processing uses.
+# The teacher's DARK post-processing kernel ("modulate_kernel 11"; sigma 2.0, see blur_sigma).
 DARK_BLUR_KERNEL = 11
-DARK_BLUR_SIGMA = 2.0
-# Taylor steps longer than one cell mean the local quadratic model is not trustworthy
-# (near-singular Hessian, noise); bounding the step keeps the answer next to the argmax.
-MAX_SUBPIXEL_STEP = 1.0
 # Logarithms of maps need strictly positive values; this is mmpose's floor for DARK.
 LOG_FLOOR = 1e-10
 
@@ -64,7 +59,7 @@ def render_gaussian_heatmaps(
 
 
 def render_simulated_heatmaps(mu: torch.Tensor, sigma: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The student's simulated heatmaps of L_SH (spec section 4), differentiable in mu and sigma.
+    """The student's simulated heatmaps of L_SH, differentiable in mu and sigma.
 
     S(y, x) = exp(-0.5 * ((x - mu_x)^2 / (sigma_x^2 + 1e-9) + (y - mu_y)^2 / (sigma_y^2 + 1e-9)))
     on the grid x in 0..W-1, y in 0..H-1. mu, sigma: (N, K, 2) heatmap px (x, y).
@@ -106,61 +101,82 @@ def _argmax_cells(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return flat_index % width, flat_index // width, maxvals
 
 
-def _gaussian_blur(heatmaps: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with reflect-101 borders (cv2.GaussianBlur's default)."""
+def blur_sigma(kernel_size: int) -> float:
+    """The sigma cv2.GaussianBlur derives from the kernel size when given sigma 0."""
+    if kernel_size % 2 != 1 or kernel_size < 9:
+        # Below 9, cv2 uses fixed binomial-like tables instead of this formula.
+        raise ValueError(f"DARK blur kernel must be odd and >= 9, got {kernel_size}")
+    return 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8
+
+
+def dark_blur(heatmaps: torch.Tensor, kernel_size: int = DARK_BLUR_KERNEL) -> torch.Tensor:
+    """mmpose 0.x DARK modulation: Gaussian blur with zero padding, rescaled to the original max.
+
+    mmpose pads each map with (kernel - 1) / 2 zeros before cv2.GaussianBlur and crops back,
+    so mass near the border leaks out instead of being mirrored back in; the blurred map is
+    then scaled so its maximum equals the unblurred one.
+    """
     n, k, height, width = heatmaps.shape
+    sigma = blur_sigma(kernel_size)
     offsets = torch.arange(kernel_size, dtype=heatmaps.dtype, device=heatmaps.device) - kernel_size // 2
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     pad = kernel_size // 2
     maps = heatmaps.reshape(n * k, 1, height, width)
-    # torch "reflect" mirrors without repeating the edge, i.e. reflect-101; it needs pad < size.
-    mode = "reflect" if pad < min(height, width) else "replicate"
-    maps = F.pad(maps, (pad, pad, pad, pad), mode=mode)
-    maps = F.conv2d(maps, kernel.view(1, 1, 1, -1))
-    maps = F.conv2d(maps, kernel.view(1, 1, -1, 1))
-    return maps.reshape(n, k, height, width)
+    maps = F.conv2d(maps, kernel.view(1, 1, 1, -1), padding=(0, pad))
+    maps = F.conv2d(maps, kernel.view(1, 1, -1, 1), padding=(pad, 0))
+    maps = maps.reshape(n, k, height, width)
+    original_max = heatmaps.amax(dim=(-2, -1), keepdim=True)
+    blurred_max = maps.amax(dim=(-2, -1), keepdim=True)
+    # mmpose divides unguarded; a blurred map without a positive value has no peak to refine
+    # (its log is the floor everywhere), so it stays unscaled instead of turning into inf/nan.
+    has_peak = blurred_max > 0
+    ratio = original_max / torch.where(has_peak, blurred_max, torch.ones_like(blurred_max))
+    return maps * torch.where(has_peak, ratio, torch.ones_like(ratio))
 
 
 def _taylor_offsets(log_maps: torch.Tensor, col: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """Newton step -H^-1 g of the log map at (col, row); zero where there is no proper maximum."""
+    """mmpose 0.x `_taylor`: one Newton step -H^-1 g of the log map at the integer argmax.
+
+    Derivatives come from central differences, the second ones over +-2 px
+    (dxx = (h[x+2] - 2 h[x] + h[x-2]) / 4), so the step is taken only where that stencil is
+    on the map: 2 <= x <= W-3 and 2 <= y <= H-3. Any Hessian with a non-zero determinant is
+    used and the step is not bounded, as in mmpose.
+    """
     height, width = log_maps.shape[-2:]
     flat_maps = log_maps.flatten(-2)
-    # The 3x3 stencil needs all neighbours on the map; border cells keep the integer argmax
-    # (as mmpose's DARK does) because padded neighbours would fake a slope towards the edge.
-    inside = (col >= 1) & (col <= width - 2) & (row >= 1) & (row <= height - 2)
+    inside = (col >= 2) & (col <= width - 3) & (row >= 2) & (row <= height - 3)
 
     def at(dx: int, dy: int) -> torch.Tensor:
+        # Clamped indices only feed cells outside `inside`, whose step is discarded.
         index = (row + dy).clamp(0, height - 1) * width + (col + dx).clamp(0, width - 1)
         return flat_maps.gather(-1, index.unsqueeze(-1)).squeeze(-1)
 
     centre = at(0, 0)
     grad_x = 0.5 * (at(1, 0) - at(-1, 0))
     grad_y = 0.5 * (at(0, 1) - at(0, -1))
-    hess_xx = at(1, 0) - 2 * centre + at(-1, 0)
-    hess_yy = at(0, 1) - 2 * centre + at(0, -1)
+    hess_xx = 0.25 * (at(2, 0) - 2 * centre + at(-2, 0))
+    hess_yy = 0.25 * (at(0, 2) - 2 * centre + at(0, -2))
     hess_xy = 0.25 * (at(1, 1) - at(1, -1) - at(-1, 1) + at(-1, -1))
     det = hess_xx * hess_yy - hess_xy**2
-    # Only a negative-definite Hessian describes a peak; flat maps (det 0) stay on the argmax.
-    is_peak = inside & (det > 1e-12) & (hess_xx < 0)
-    safe_det = torch.where(is_peak, det, torch.ones_like(det))
+    refine = inside & (det != 0)
+    safe_det = torch.where(refine, det, torch.ones_like(det))
     step_x = -(hess_yy * grad_x - hess_xy * grad_y) / safe_det
     step_y = -(hess_xx * grad_y - hess_xy * grad_x) / safe_det
-    step = torch.stack([step_x, step_y], dim=-1).clamp(-MAX_SUBPIXEL_STEP, MAX_SUBPIXEL_STEP)
-    return torch.where(is_peak.unsqueeze(-1), step, torch.zeros_like(step))
+    step = torch.stack([step_x, step_y], dim=-1)
+    return torch.where(refine.unsqueeze(-1), step, torch.zeros_like(step))
 
 
-def decode_heatmaps(
-    heatmaps: torch.Tensor, blur_kernel: int | None = DARK_BLUR_KERNEL
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Argmax + DARK sub-pixel refinement (Zhang et al. 2020, the teacher's 'unbiased' post-process).
+def decode_heatmaps(heatmaps: torch.Tensor, blur_kernel: int = DARK_BLUR_KERNEL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax + DARK sub-pixel refinement exactly as mmpose 0.x decodes (post_process 'unbiased').
 
-    The map is smoothed with a Gaussian (kernel 11, sigma 2; ``blur_kernel=None`` skips it),
-    floored at 1e-10 and logged; one Newton step of the second-order Taylor expansion of the
-    log map at the argmax gives the offset. The log of a Gaussian is quadratic, so the step is
-    exact for Gaussian-shaped peaks, unlike the classic quarter-pixel shift. Flat maps,
-    saddles and argmaxes on the border row/column keep the integer argmax; steps are bounded
-    to one cell.
+    Steps (mmpose ``keypoints_from_heatmaps``, ``_gaussian_blur``, ``_taylor``): integer argmax
+    and maximum of the raw map; :func:`dark_blur` (kernel 11, sigma 2, zero padding, rescaled
+    to the original max); log of the map floored at 1e-10; one Taylor (Newton) step at the
+    argmax, taken only where the +-2 px stencil fits (see :func:`_taylor_offsets`). The log of
+    a Gaussian is quadratic, so the step is exact for Gaussian-shaped peaks. A map whose
+    maximum is not positive gets the coordinates (-1, -1), as mmpose's ``_get_max_preds``
+    marks joints without a peak.
 
     heatmaps: (N, K, H, W). Returns coords (N, K, 2) heatmap px (x, y) and maxvals (N, K)
     (the raw map's maximum, mmpose's joint confidence).
@@ -168,10 +184,9 @@ def decode_heatmaps(
     _check_maps(heatmaps)
     maps = heatmaps.detach().float()
     col, row, maxvals = _argmax_cells(maps)
-    if blur_kernel:
-        maps = _gaussian_blur(maps, blur_kernel, DARK_BLUR_SIGMA)
-    log_maps = torch.log(maps.clamp(min=LOG_FLOOR))
+    log_maps = torch.log(dark_blur(maps, blur_kernel).clamp(min=LOG_FLOOR))
     coords = torch.stack([col, row], dim=-1).to(maps.dtype) + _taylor_offsets(log_maps, col, row)
+    coords = torch.where((maxvals > 0).unsqueeze(-1), coords, torch.full_like(coords, -1.0))
     return coords, maxvals
 
 

@@ -11,10 +11,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from distilpose.coco_metrics import FlipMode, crop_to_image, flip_back, heatmap_to_crop, normalized_to_crop
+from distilpose.coco_metrics import (
+    FlipMode,
+    crop_box_areas,
+    crop_to_image,
+    flip_back,
+    heatmap_to_crop,
+    normalized_to_crop,
+)
 from distilpose.keypoints import FLIP_PAIRS, flip_permutation
 
-BATCH_KEYS = ("image", "affine", "image_id", "box_score", "area")
+BATCH_KEYS = ("image", "affine", "image_id", "box_score")
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -95,8 +102,8 @@ def predict(
     """Predict joints in image coordinates for every crop of ``batches``.
 
     ``batches`` yields dicts (a list of them or a torch DataLoader with default collation) with
-    ``image`` (N, 3, H, W) normalized, ``affine`` (N, 2, 3) image->crop, ``image_id`` (N,),
-    ``box_score`` (N,) and ``area`` (N,). The model is recognised by its output: ``.coords``
+    ``image`` (N, 3, H, W) normalized, ``affine`` (N, 2, 3) image->crop, ``image_id`` (N,) and
+    ``box_score`` (N,). The model is recognised by its output: ``.coords``
     (N, K, 2) in [0, 1] and ``.score`` (N, K) for a student; ``.heatmaps`` (N, K, Hh, Wh) for a
     teacher (decoded with ``distilpose.heatmaps.decode_heatmaps``; joint score = heatmap max).
 
@@ -106,7 +113,8 @@ def predict(
     ``flip_mode``; teachers: :func:`flip_heatmaps_back`, where both modes coincide).
 
     Returns ``image_ids`` (M,) int64, ``coords_img`` (M, K, 2), ``joint_scores`` (M, K),
-    ``box_scores`` (M,), ``areas`` (M,).
+    ``box_scores`` (M,), ``areas`` (M,) (the crop box areas OKS-NMS uses, from the affines:
+    :func:`distilpose.coco_metrics.crop_box_areas`).
     """
     if flip_mode not in ("exact", "official"):
         raise ValueError(f"flip_mode must be 'exact' or 'official', got {flip_mode!r}")
@@ -140,11 +148,12 @@ def predict(
                         f"predict: model output {type(out).__name__} has neither .coords (student) "
                         "nor .heatmaps (teacher)"
                     )
-                collected["coords_img"].append(crop_to_image(crop, _to_numpy(batch["affine"])))
+                affines = _to_numpy(batch["affine"])
+                collected["coords_img"].append(crop_to_image(crop, affines))
                 collected["joint_scores"].append(scores)
                 collected["image_ids"].append(_to_numpy(batch["image_id"]).astype(np.int64).reshape(-1))
                 collected["box_scores"].append(_to_numpy(batch["box_score"]).astype(np.float64).reshape(-1))
-                collected["areas"].append(_to_numpy(batch["area"]).astype(np.float64).reshape(-1))
+                collected["areas"].append(crop_box_areas(affines, batch_input))
     finally:
         model.train(was_training)
 

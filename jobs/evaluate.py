@@ -6,12 +6,17 @@
 
 --checkpoint takes this project's format (jobs/train_teacher.py, jobs/distill.py) or an
 official mmpose / DistilPose .pth file. --boxes is 'gt' or a person-detection results file.
+--profile official reproduces the official code's student flip test (left/right joint scores
+not swapped, x mirrored as 1 - x); the default 'intended' mirrors exactly and swaps them.
+Teachers are evaluated the same way under both profiles.
 """
 
 import argparse
 import sys
 
 import _bootstrap  # noqa: F401
+
+from distilpose.profiles import DEFAULT_PROFILE, PROFILES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,6 +27,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--boxes", default="gt", help="'gt' or a person-detection results json")
     p.add_argument("--score-thr", type=float, default=0.0, help="drop detections below this score")
     p.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default=DEFAULT_PROFILE,
+        help="'official': the official code's quirks; 'intended': the behaviour they were meant to have",
+    )
     p.add_argument("--split", default="val")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
@@ -48,6 +59,7 @@ def main(argv=None) -> int:
         limit=args.limit,
         device=args.device,
         threads=args.threads,
+        profile=args.profile,
         results_json=args.results_json,
         out=args.out,
     )

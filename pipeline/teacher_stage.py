@@ -386,6 +386,7 @@ def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
             preset=cfg.teacher,
             checkpoint_sha256=identity["teacher"]["checkpoint_sha256"],
             config=dataclasses.asdict(teacher_cfg),
+            checkpoint=storage.absolute(cfg.checkpoint) if cfg.checkpoint else "",
         ),
         data=DataInfo(
             ann_file_sha256=fingerprint.sha256,

@@ -8,6 +8,7 @@ import pytest
 
 from distilpose.coco_metrics import (
     METRIC_NAMES,
+    crop_box_areas,
     crop_to_image,
     evaluate_keypoints,
     flip_back,
@@ -16,6 +17,7 @@ from distilpose.coco_metrics import (
     make_results,
     normalized_to_crop,
     oks_nms,
+    oks_one_to_many,
 )
 from distilpose.keypoints import FLIP_PAIRS, OKS_SIGMAS
 
@@ -163,6 +165,44 @@ def test_oks_nms_drops_duplicate_keeps_distinct_person(coco_gt):
     kept = oks_nms(dets, thr=0.9)
     assert [(r["image_id"], r["score"]) for r in kept] == [(1, 0.9), (1, 0.7), (2, 0.6)]
     assert len(oks_nms(dets, thr=1.0)) == 4
+
+
+def _eval_affines(boxes, input_size=(256, 192)):
+    from distilpose.data.coco import box_to_center_scale
+    from distilpose.data.transforms import ViewParams, affine_matrix
+
+    views = [ViewParams(*(tuple(v) for v in box_to_center_scale(box, input_size))) for box in boxes]
+    return np.stack([affine_matrix(view, input_size) for view in views])
+
+
+def test_crop_box_area_is_the_padded_aspect_fitted_box():
+    # (30, 80) is too narrow for 192:256 -> (60, 80), padded x1.25 -> (75, 100); (90, 40) too flat.
+    affines = _eval_affines([(10, 20, 30, 80), (5, 5, 90, 40)])
+    np.testing.assert_allclose(crop_box_areas(affines, (256, 192)), [75 * 100, 112.5 * 150], rtol=1e-5)
+
+
+def test_oks_nms_crop_box_areas_suppress_what_box_areas_keep():
+    # Two detections of one person, the second shifted by 4 px: with the padded crop-box area
+    # (as mmpose) they are one person (OKS > 0.9), with the raw box area they are two.
+    box = (100, 50, 60, 160)
+    pose = np.array([box[0], box[1]]) + TEMPLATE * np.array([box[2], box[3]])
+    coords = np.stack([pose, pose + 4.0])
+    crop_areas = crop_box_areas(_eval_affines([box, box]), (256, 192))
+    box_areas = [box[2] * box[3]] * 2
+    oks_crop = oks_one_to_many(pose, crop_areas[0], coords[1:], crop_areas[1:], OKS_SIGMAS)[0]
+    oks_box = oks_one_to_many(pose, box_areas[0], coords[1:], np.array(box_areas[1:]), OKS_SIGMAS)[0]
+    assert oks_box < 0.9 < oks_crop
+    for areas, survivors in ((crop_areas, [0.9]), (box_areas, [0.9, 0.8])):
+        results = make_results([1, 1], coords, np.ones((2, 17)), [0.9, 0.8], areas)
+        assert [r["score"] for r in oks_nms(results, thr=0.9)] == pytest.approx(survivors)
+
+
+def test_oks_nms_breaks_ties_as_mmpose():
+    # mmpose keeps scores.argsort()[::-1][0]: of equal scores, the later result.
+    pose = TEMPLATE * 100
+    results = make_results([1, 1], np.stack([pose, pose + 1.0]), np.ones((2, 17)), [0.5, 0.5], [1e4, 1e4])
+    kept = oks_nms(results, thr=0.9)
+    assert len(kept) == 1 and kept[0]["keypoints"][0] == pytest.approx(pose[0, 0] + 1.0)
 
 
 def test_crop_to_image_inverts_rotated_scaled_affine():

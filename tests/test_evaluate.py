@@ -221,10 +221,12 @@ def test_evaluate_cli_end_to_end(data, tmp_path):
     save_checkpoint(ckpt, build_model("tokenpose-tiny"))
     out = tmp_path / "metrics.json"
     cmd = [sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--data", str(data), "--model", "tokenpose-tiny"]
-    cmd += ["--checkpoint", str(ckpt), "--no-flip-test", "--out", str(out), "--threads", "1"]
+    cmd += ["--checkpoint", str(ckpt), "--no-flip-test", "--out", str(out), "--threads", "1", "--profile", "official"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "AP50" in result.stdout and "tokenpose-tiny" in result.stdout
+    assert "AP50" in result.stdout and "tokenpose-tiny" in result.stdout and "official" in result.stdout
     payload = json.loads(out.read_text())
     assert RESULT_KEYS <= set(payload["metrics"]) and payload["metrics"]["flip_test"] is False
     assert payload["request"]["checkpoint"] == str(ckpt)
+    assert payload["profile"] == {"name": "official", "sh_weighting": "official", "flip_mode": "official"}
+    assert payload["metrics"]["flip_mode"] == "official"

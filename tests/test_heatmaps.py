@@ -1,6 +1,7 @@
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,18 +96,96 @@ def test_decode_recovers_subpixel_centres():
     coords, maxvals = decode_heatmaps(maps)
     assert (coords - centres).abs().max().item() < 0.05
     assert ((maxvals > 0.7) & (maxvals <= 1.0)).all()
-    coords_unblurred, _ = decode_heatmaps(maps, blur_kernel=None)
-    assert (coords_unblurred - centres).abs().max().item() < 1e-3
 
 
-def test_decode_flat_and_border_maps_stay_finite():
-    maps = torch.zeros(1, 4, *HEATMAP_SIZE)
-    maps[0, 1] = 0.5
-    maps[0, 2:] = render_gaussian_heatmaps(torch.tensor([[[-1.0, 30.0], [47.0, 63.0]]]), HEATMAP_SIZE)
+def _cv2_kernel(size: int) -> np.ndarray:
+    """cv2.getGaussianKernel(size, 0) for size > 7: sigma from the size, normalized."""
+    sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
+    x = np.arange(size) - (size - 1) / 2
+    kernel = np.exp(-(x**2) / (2 * sigma**2))
+    return kernel / kernel.sum()
+
+
+def mmpose_dark(heatmap: np.ndarray, kernel_size: int = 11) -> tuple[np.ndarray, float]:
+    """mmpose 0.x DARK on one (H, W) map in float64, written from its description, loop style.
+
+    argmax (-1, -1 when the max is not positive); zero-pad by (k-1)/2, blur with the 2-D
+    kernel g g^T, crop, rescale to the original max; log(max(., 1e-10)); one Taylor step with
+    the +-2 px stencil only for 1 < px < W-2 and 1 < py < H-2, whenever det != 0.
+    """
+    height, width = heatmap.shape
+    index = int(np.argmax(heatmap))
+    maxval = float(heatmap.flat[index])
+    if maxval <= 0:
+        return np.array([-1.0, -1.0]), maxval
+    px, py = index % width, index // width
+    border = (kernel_size - 1) // 2
+    padded = np.zeros((height + 2 * border, width + 2 * border))
+    padded[border:-border, border:-border] = heatmap
+    g = _cv2_kernel(kernel_size)
+    blurred = np.zeros((height, width))
+    for i in range(kernel_size):
+        for j in range(kernel_size):
+            blurred += g[i] * g[j] * padded[i : i + height, j : j + width]
+    blurred *= maxval / blurred.max()
+    h = np.log(np.maximum(blurred, 1e-10))
+    coord = np.array([float(px), float(py)])
+    if 1 < px < width - 2 and 1 < py < height - 2:
+        dx = 0.5 * (h[py, px + 1] - h[py, px - 1])
+        dy = 0.5 * (h[py + 1, px] - h[py - 1, px])
+        dxx = 0.25 * (h[py, px + 2] - 2 * h[py, px] + h[py, px - 2])
+        dyy = 0.25 * (h[py + 2, px] - 2 * h[py, px] + h[py - 2, px])
+        dxy = 0.25 * (h[py + 1, px + 1] - h[py - 1, px + 1] - h[py + 1, px - 1] + h[py - 1, px - 1])
+        if dxx * dyy - dxy**2 != 0:
+            coord -= np.linalg.inv(np.array([[dxx, dxy], [dxy, dyy]])) @ np.array([dx, dy])
+    return coord, maxval
+
+
+def _border_centres(per_side: int, seed: int) -> torch.Tensor:
+    """(1, 4 * per_side, 2) sub-pixel centres within 6 px of the left, right, top, bottom border."""
+    rng = np.random.default_rng(seed)
+    height, width = HEATMAP_SIZE
+    along_x = rng.uniform(0, width - 1, per_side)
+    along_y = rng.uniform(0, height - 1, per_side)
+    near = rng.uniform(0, 6, (4, per_side))
+    centres = [
+        np.stack([near[0], along_y], -1),
+        np.stack([width - 1 - near[1], along_y], -1),
+        np.stack([along_x, near[2]], -1),
+        np.stack([along_x, height - 1 - near[3]], -1),
+    ]
+    return torch.from_numpy(np.concatenate(centres)[None]).float()
+
+
+def test_decode_matches_mmpose_dark_near_all_borders():
+    centres = _border_centres(40, seed=5)
+    clean = render_gaussian_heatmaps(centres, HEATMAP_SIZE, sigma=2.0)
+    # Teacher outputs are not clean Gaussians: a floor, noise, negative values.
+    noise = 0.02 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(6))
+    maps = torch.cat([clean, 0.8 * clean + noise - 0.01], dim=1)
     coords, maxvals = decode_heatmaps(maps)
-    assert torch.isfinite(coords).all() and torch.isfinite(maxvals).all()
-    torch.testing.assert_close(coords[0, :2], torch.zeros(2, 2))
-    torch.testing.assert_close(coords[0, 2:], torch.tensor([[0.0, 30.0], [47.0, 63.0]]))
+    for k in range(maps.shape[1]):
+        expected, expected_max = mmpose_dark(maps[0, k].double().numpy())
+        np.testing.assert_allclose(coords[0, k].numpy(), expected, atol=1e-3, err_msg=f"map {k}")
+        assert maxvals[0, k].item() == pytest.approx(expected_max)
+    # mmpose's kernel for sigma-3 teachers (modulate_kernel 17).
+    coords17, _ = decode_heatmaps(maps[:, ::8], blur_kernel=17)
+    for k in range(coords17.shape[1]):
+        expected, _ = mmpose_dark(maps[0, 8 * k].double().numpy(), kernel_size=17)
+        np.testing.assert_allclose(coords17[0, k].numpy(), expected, atol=1e-3, err_msg=f"map {8 * k}, kernel 17")
+    # The +-2 px stencil: argmaxes on the two outer rows/columns keep integer coordinates.
+    outer = (centres[0] < 1.5).any(-1) | (centres[0, :, 0] > 45.5) | (centres[0, :, 1] > 61.5)
+    assert outer.sum() > 10
+    torch.testing.assert_close(coords[0, : centres.shape[1]][outer], centres[0][outer].round())
+
+
+def test_decode_maps_without_a_positive_peak_as_mmpose():
+    maps = torch.zeros(1, 3, *HEATMAP_SIZE)
+    maps[0, 1] = -0.5
+    maps[0, 2] = 0.5  # flat: argmax is the first cell, a border cell
+    coords, maxvals = decode_heatmaps(maps)
+    torch.testing.assert_close(coords[0], torch.tensor([[-1.0, -1.0], [-1.0, -1.0], [0.0, 0.0]]))
+    torch.testing.assert_close(maxvals[0], torch.tensor([0.0, -0.5, 0.5]))
 
 
 # ---------------------------------------------------------------- fit

@@ -73,10 +73,9 @@ def make_samples(n=5, seed=0):
         image = torch.rand(3, H, W, generator=gen) * 0.2
         r, c = torch.randint(0, H - 3, (1,), generator=gen).item(), torch.randint(0, W - 3, (1,), generator=gen).item()
         image[0, r : r + 3, c : c + 2] += 2.0  # an off-centre blob so the halves differ
-        affine = np.array([[0.5, 0.0, -10.0 - i], [0.0, 0.5, -20.0]], dtype=np.float32)
-        samples.append(
-            {"image": image, "affine": affine, "image_id": 100 + i // 2, "box_score": 0.9, "area": 500.0 + i}
-        )
+        zoom = 0.5 + 0.25 * i  # image px -> crop px
+        affine = np.array([[zoom, 0.0, -10.0 - i], [0.0, zoom, -20.0]], dtype=np.float32)
+        samples.append({"image": image, "affine": affine, "image_id": 100 + i // 2, "box_score": 0.9})
     return samples
 
 
@@ -87,7 +86,6 @@ def as_batch(samples):
         "affine": np.stack([s["affine"] for s in samples]),
         "image_id": [s["image_id"] for s in samples],
         "box_score": [s["box_score"] for s in samples],
-        "area": [s["area"] for s in samples],
     }
 
 
@@ -108,15 +106,17 @@ def test_student_flip_test_exact_and_official():
     expected = crop_to_image(normalized_to_crop(direct.coords.numpy(), (H, W)), affines)
     np.testing.assert_allclose(plain["coords_img"], expected, atol=1e-4)
     np.testing.assert_array_equal(plain["image_ids"], [100, 100, 101, 101, 102])
-    np.testing.assert_allclose(plain["areas"], [500, 501, 502, 503, 504])
+    # The OKS-NMS area is the crop box in image px: (W / zoom) x (H / zoom).
+    np.testing.assert_allclose(plain["areas"], [H * W / (0.5 + 0.25 * i) ** 2 for i in range(5)], rtol=1e-6)
     np.testing.assert_allclose(plain["box_scores"], 0.9)
 
     # An exactly flip-equivariant model: exact flip-back reproduces the unflipped pass.
     np.testing.assert_allclose(exact["coords_img"], plain["coords_img"], atol=1e-4)
     np.testing.assert_allclose(exact["joint_scores"], plain["joint_scores"], atol=1e-6)
     # Official: x' = 1 - x puts the flipped pass one crop px right (half a px after averaging,
-    # 1 image px at this 0.5 crop/image scale), and unswapped scores mix left and right.
-    np.testing.assert_allclose(official["coords_img"][..., 0] - plain["coords_img"][..., 0], 1.0, atol=1e-4)
+    # 0.5 / zoom image px), and unswapped scores mix left and right.
+    shift = np.broadcast_to(0.5 / (0.5 + 0.25 * np.arange(5))[:, None], (5, 3))
+    np.testing.assert_allclose(official["coords_img"][..., 0] - plain["coords_img"][..., 0], shift, atol=1e-4)
     np.testing.assert_allclose(official["coords_img"][..., 1], plain["coords_img"][..., 1], atol=1e-4)
     np.testing.assert_allclose(official["joint_scores"][:, 1:], 0.5, atol=1e-6)
     assert not np.allclose(plain["joint_scores"][:, 1:], 0.5)

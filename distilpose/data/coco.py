@@ -60,7 +60,7 @@ class Instance:
     scale: np.ndarray  # (2,) float32, crop (w, h) in image px after aspect fit and padding
     joints: np.ndarray  # (K, 3) float32: x, y image px + visibility 0/1 (zeros for detections)
     box_score: float  # 1.0 for GT boxes
-    area: float  # COCO annotation area (GT) or box w*h (detections); used by OKS
+    area: float  # COCO annotation area (GT) or box w*h (detections); OKS-NMS uses the crop box instead
     bbox: np.ndarray = field(default_factory=lambda: np.zeros(4, np.float32))  # x, y, w, h used
     image_size: tuple[int, int] = (0, 0)  # (H, W) from the annotation file
 

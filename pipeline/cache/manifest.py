@@ -60,6 +60,9 @@ class TeacherInfo:
     preset: str
     checkpoint_sha256: str
     config: dict[str, Any] = field(default_factory=dict)
+    # Where the checkpoint was read from (absolute path or s3:// URI; "" without one): the
+    # DistilPose-L recipe starts the student backbone from it (pipeline.backbone_init).
+    checkpoint: str = ""
 
 
 @dataclass(frozen=True)
