@@ -50,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="instances per run, comma-separated")
     p.add_argument("--stores", default="local,s3")
     p.add_argument("--png", default=str(C.ROOT / "docs" / "scale.png"))
+    p.add_argument("--resume", action="store_true", help="keep the rows of runs/bench/scale.json, run the others")
+    p.add_argument("--plot-only", action="store_true", help="table and PNG again from runs/bench/scale.json")
     args = p.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     args.stores = [s for s in args.stores.split(",") if s]
@@ -156,10 +158,12 @@ def replicate(pool: str, out: str, instances: int) -> str:
 # ----------------------------------------------------------------------------- one run
 
 
-def build(data: str, out: str, moto_pid: int | None) -> dict:
+def build(data: str, out: str, checkpoint: str, moto_pid: int | None) -> dict:
     from pipeline.teacher_stage import CacheJobConfig, run_cache_job
 
-    cfg = CacheJobConfig(data=data, teacher=TEACHER, out=out, views=1, workers=1, shard_views=256, batch_size=32)
+    cfg = CacheJobConfig(
+        data=data, teacher=TEACHER, out=out, checkpoint=checkpoint, views=1, workers=1, shard_views=256, batch_size=32
+    )
     load0 = os.getloadavg()[0]
     start = time.perf_counter()
     with TreeCpu(os.getpid(), (moto_pid,) if moto_pid else ()) as cpu:
@@ -266,6 +270,19 @@ def per_instance(row: dict) -> dict:
     return {label: row[key] / n * (1e3 if key.endswith("_s") else 1) for key, label in PER_INSTANCE.items()}
 
 
+def marginal(rows: list[dict], row: dict) -> dict:
+    """CPU ms per added instance since the next smaller size: the per-job fixed cost (Ray
+    Data and actor start, teacher build) cancels, what grows faster than linear does not."""
+    smaller = [r for r in rows if r["store"] == row["store"] and r["instances"] < row["instances"]]
+    if not smaller:
+        return {"build cpu ms/added inst": "-", "read cpu ms/added inst": "-"}
+    prev, added = smaller[-1], row["instances"] - smaller[-1]["instances"]
+    return {
+        "build cpu ms/added inst": 1e3 * (row["build_cpu_s"] - prev["build_cpu_s"]) / added,
+        "read cpu ms/added inst": 1e3 * (row["read_cpu_s"] - prev["read_cpu_s"]) / added,
+    }
+
+
 def report(rows: list[dict]) -> str:
     table = []
     for row in rows:
@@ -289,6 +306,7 @@ def report(rows: list[dict]) -> str:
                 "load": row["load_1m"],
                 **{f"{k}/inst": v for k, v in per_instance(row).items() if k in ("build cpu ms", "read cpu ms")},
                 "max drift": max(abs(v - 1) for v in flat.values()),
+                **marginal(rows, row),
             }
         )
     return C.table(table)
@@ -296,6 +314,7 @@ def report(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], png: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -310,9 +329,10 @@ def plot(rows: list[dict], png: str) -> None:
             ax.plot(sizes, [per_instance(r)[label] / base[label] for r in mine], marker="o", label=label)
         ax.axhspan(0.8, 1.2, color="0.9", zorder=0)
         ax.set_xscale("log")
-        ax.set_xticks(sizes, [f"{s // 1000}k" for s in sizes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(sizes, [f"{s / 1000:g}k" for s in sizes])
         ax.set_xlabel("instances")
-        ax.set_ylabel(f"per instance / at {sizes[0] // 1000}k")
+        ax.set_ylabel(f"per instance / at {sizes[0] / 1000:g}k")
         ax.set_title(f"{store}: per-instance cost (grey: within 20%)")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -321,14 +341,30 @@ def plot(rows: list[dict], png: str) -> None:
     print(f"plot written to {png}", flush=True)
 
 
+def save(rows: list[dict], png: str) -> None:
+    rows.sort(key=lambda r: (r["store"], r["instances"]))
+    text = report(rows)
+    print("\n" + text, flush=True)
+    with open(C.RESULTS_DIR / f"{NAME}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, png)
+    C.write_results(NAME, {"context": C.context(), "rows": rows, "report": text})
+
+
 def main() -> None:
     args = parse_args()
+    if args.plot_only:
+        save(json.loads((C.RESULTS_DIR / f"{NAME}.json").read_text())["rows"], args.png)
+        return
     C.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="scale-", dir=C.RESULTS_DIR)
     ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
     os.environ["RAY_TMPDIR"] = ray_tmp  # a private cluster no other ray.init() can join
     moto = start_moto() if "s3" in args.stores else None
-    rows: list[dict] = []
+    saved = C.RESULTS_DIR / f"{NAME}.json"
+    rows: list[dict] = json.loads(saved.read_text())["rows"] if args.resume and saved.exists() else []
     try:
         from distilpose.data.synthetic import make_synthetic_coco
         from pipeline import storage
@@ -336,28 +372,28 @@ def main() -> None:
 
         pool = os.path.join(tmp, "pool")
         make_synthetic_coco(pool, POOL_IMAGES, 1, seed=0)
+        # BatchNorm-calibrated random weights: outputs vary with the crop as a trained
+        # teacher's do (a plain random init compresses unrealistically well).
+        checkpoint = C.save_teacher_checkpoint(C.calibrated_teacher(TEACHER), os.path.join(tmp, "teacher.pt"))
         init_ray(num_cpus=2)
+        # Warm-up job, not measured: Ray's worker processes and imports are paid once per
+        # driver, not per cache build.
+        build(replicate(pool, os.path.join(tmp, "data-warmup"), 64), os.path.join(tmp, "warmup"), checkpoint, None)
         for instances in args.sizes:
             data = replicate(pool, os.path.join(tmp, f"data-{instances}"), instances)
             for store in args.stores:
+                if any(r["store"] == store and r["instances"] == instances for r in rows):
+                    continue
                 out = f"s3://scale/cache-{instances}" if store == "s3" else os.path.join(tmp, f"cache-{instances}")
                 print(f"== {instances} instances, {store}", flush=True)
-                row = {"store": store, "instances": instances}
-                row |= build(data, out, moto[0].pid if store == "s3" else None)
-                row |= footprint(out) | read_epoch(out, moto[0].pid if store == "s3" else None) | planned(instances)
+                moto_pid = moto[0].pid if store == "s3" else None
+                row = {"store": store, "instances": instances} | build(data, out, checkpoint, moto_pid)
+                row |= footprint(out) | read_epoch(out, moto_pid) | planned(instances)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 storage.remove(out, recursive=True)  # moto keeps objects in memory
+                save(rows, args.png)  # after every row: a long run that is stopped keeps what it measured
             shutil.rmtree(data)
-        rows.sort(key=lambda r: (r["store"], r["instances"]))
-        text = report(rows)
-        print("\n" + text)
-        with open(C.RESULTS_DIR / f"{NAME}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        plot(rows, args.png)
-        C.write_results(NAME, {"context": C.context(), "rows": rows, "report": text})
     finally:
         import ray
 

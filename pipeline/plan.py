@@ -286,8 +286,8 @@ def estimate(
         largest_object = views_per_shard * max(fields.values())
     bytes_total = views_total * bytes_per_view + shards * shard_overhead
     per_shard_objects = objects_per_shard(spec, fmt)
-    objects_total = shards * per_shard_objects + 1  # + manifest.json
-    puts = shards * (per_shard_objects - 1 + put_requests(largest_object)) + 1  # the big object may be multipart
+    objects_total = shards * per_shard_objects + 2  # + manifest.json + job.json (the job's settings)
+    puts = shards * (per_shard_objects - 1 + put_requests(largest_object)) + 2  # the big object may be multipart
 
     teacher_cost = model_cost(teacher)
     teacher_hours = gpu_hours(views_total, teacher_cost.forward_gflops, gpu, utilization)
@@ -424,7 +424,7 @@ def format_plan(plan: Plan) -> str:
         ) + ")"),
         ("cache size (estimate)", _bytes(plan.bytes_total)),
         ("shards", f"{plan.shards:,} x {plan.views_per_shard} views"),
-        ("objects", f"{plan.shards:,} shards x {plan.objects_per_shard} objects + manifest = {plan.objects_total:,}"),
+        ("objects", f"{plan.shards:,} shards x {plan.objects_per_shard} objects + 2 = {plan.objects_total:,}"),
         ("PUT requests (cache)", f"{plan.put_requests:,}"),
         ("GET requests (teacher)", f"{plan.image_gets_teacher:,} image reads"),
         ("teacher forward", f"{plan.teacher_forward_gflops:.2f} GFLOPs/view"),
