@@ -54,7 +54,7 @@ class Sizes:
     image_size: tuple[int, int] = (480, 640)  # (H, W): COCO's typical image, what the loader decodes
 
 
-FULL = Sizes("tokenpose-w48", ("distilpose-s", "distilpose-l"), 1024, 2, 256, 128, 64, 20, 3)
+FULL = Sizes("tokenpose-w48", ("distilpose-s", "distilpose-l"), 768, 2, 256, 128, 64, 20, 3)
 SMOKE = Sizes("tokenpose-tiny", ("distilpose-tiny", "distilpose-l-tiny"), 6, 2, 8, 8, 4, 1, 1, (256, 256))
 LOADER_COST = Sizes("tokenpose-w48", ("distilpose-s",), 96, 1, 64, 8, 16, 1, 3)
 

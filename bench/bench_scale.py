@@ -355,8 +355,9 @@ def save(rows: list[dict], png: str) -> None:
 
 def main() -> None:
     args = parse_args()
-    if args.plot_only:
-        save(json.loads((C.RESULTS_DIR / f"{NAME}.json").read_text())["rows"], args.png)
+    if args.plot_only:  # the planner's figures recomputed: it may have changed since
+        rows = json.loads((C.RESULTS_DIR / f"{NAME}.json").read_text())["rows"]
+        save([row | planned(row["instances"]) for row in rows], args.png)
         return
     C.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="scale-", dir=C.RESULTS_DIR)
