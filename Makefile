@@ -32,7 +32,7 @@ test: venv
 test-heavy: venv
 	$(BIN)/python -m pytest -m heavy $(PYTEST_ARGS)
 
-# bench_gpu needs a CUDA GPU (BENCH_SMOKE=1: CPU smoke) and bench_scale runs ~30 min: own targets.
+# bench_gpu needs a CUDA GPU (BENCH_SMOKE=1: CPU smoke); bench_scale runs ~50 min on 2 cores: own targets.
 bench: venv
 	@for b in bench/bench_*.py; do case $$b in *bench_gpu.py|*bench_scale.py) continue;; esac; \
 		echo "== $$b"; $(BIN)/python $$b || exit 1; done

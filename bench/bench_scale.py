@@ -19,7 +19,7 @@ replicated under new image and instance ids, so every size reads the same image 
 - `pipeline.plan.estimate` for the same size beside the measured bytes and objects.
 
 Per-instance figures should stay flat (within 20% of the smallest size's). Writes
-runs/bench/scale.csv, scale.json and docs/scale.png.
+docs/scale.png, docs/scale.csv (beside the PNG) and runs/bench/scale.json.
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ def save(rows: list[dict], png: str) -> None:
     rows.sort(key=lambda r: (r["store"], r["instances"]))
     text = report(rows)
     print("\n" + text, flush=True)
-    with open(C.RESULTS_DIR / f"{NAME}.csv", "w", newline="") as f:
+    with open(Path(png).with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
