@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-heavy bench lint summary clean
+.PHONY: venv demo test test-heavy bench bench-gpu bench-scale lint summary clean
 
 venv: $(STAMP)
 
@@ -32,8 +32,16 @@ test: venv
 test-heavy: venv
 	$(BIN)/python -m pytest -m heavy $(PYTEST_ARGS)
 
+# bench_gpu needs a CUDA GPU (BENCH_SMOKE=1: CPU smoke); bench_scale runs ~50 min on 2 cores: own targets.
 bench: venv
-	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/bench_*.py; do case $$b in *bench_gpu.py|*bench_scale.py) continue;; esac; \
+		echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+bench-gpu: venv
+	$(BIN)/python bench/bench_gpu.py
+
+bench-scale: venv
+	$(BIN)/python bench/bench_scale.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -83,7 +83,9 @@ def plan(data: str, teacher: str, views: int, shard_views: int, limit: int | Non
     return layout, plan_shards(instances, views, shard_views)
 
 
-def precompute_crops(layout, shards, input_size, views: int, seed: int = 0) -> tuple[list[dict], float]:
+def precompute_crops(
+    layout, shards, input_size, views: int, seed: int = 0, store_crops: str = "none"
+) -> tuple[list[dict], float]:
     """Every shard's crop rows, made by the job's crop task function; and its seconds."""
     from pipeline.teacher_stage import crop_shard, instance_to_json
 
@@ -95,7 +97,12 @@ def precompute_crops(layout, shards, input_size, views: int, seed: int = 0) -> t
         }
         rows.append(
             crop_shard(
-                batch, image_root=layout.image_root, input_size=input_size, views=views, seed=seed, store_crops="none"
+                batch,
+                image_root=layout.image_root,
+                input_size=input_size,
+                views=views,
+                seed=seed,
+                store_crops=store_crops,
             )
         )
     return rows, time.perf_counter() - start

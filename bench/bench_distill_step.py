@@ -52,31 +52,51 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def step_inputs(teacher: str, batch: int):
+    """One training batch for `teacher`'s input size: the cache spec, the raw (encoded)
+    teacher fields a cache read hands to decode_fields, images, targets, joint weights."""
+    import torch
+
+    from distilpose.models import get_config
+    from pipeline.cache.encodings import encode_views
+    from pipeline.cache.schema import CacheSpec, arrays_for_fields
+
+    teacher_config = get_config(teacher)
+    h, w = teacher_config.input_size
+    spec = CacheSpec.from_model_config(teacher_config)
+    rows = C.teacher_like_views(batch, spec, np.random.default_rng(0), input_size=(h, w))
+    encoded = encode_views(rows, spec)
+    raw = {name: encoded[name] for name in arrays_for_fields(spec, TEACHER_FIELDS)}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        image = torch.randn(batch, 3, h, w)
+    target = torch.from_numpy(rows["joints"]) / torch.tensor([w, h], dtype=torch.float32)
+    weight = torch.from_numpy(rows["joint_weights"])
+    return spec, raw, image, target, weight
+
+
+def decode_teacher_fields(raw: dict, spec) -> dict:
+    """The loader's work on the teacher fields: decode to float32, make tensors."""
+    import torch
+
+    from pipeline.cache.encodings import decode_fields
+
+    fields = decode_fields(raw, spec, TEACHER_FIELDS)
+    return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in fields.items()}
+
+
 def main() -> None:
     import torch
 
     from distilpose.losses import DistillLoss
-    from distilpose.models import build_model, get_config
-    from pipeline.cache.encodings import decode_fields, encode_views
-    from pipeline.cache.schema import CacheSpec, arrays_for_fields
+    from distilpose.models import build_model
     from pipeline.distill import DistillConfig
     from pipeline.distill.worker import online_teacher
     from pipeline.plan import model_cost
 
     args = parse_args()
     C.set_threads(args.threads)
-    teacher_config = get_config(args.teacher)
-    h, w = teacher_config.input_size
-    spec = CacheSpec.from_model_config(teacher_config)
-    rows = C.teacher_like_views(args.batch, spec, np.random.default_rng(0), input_size=(h, w))
-    encoded = encode_views(rows, spec)
-    # Exactly the raw arrays a cache read of the loss's fields hands to decode_fields.
-    raw = {name: encoded[name] for name in arrays_for_fields(spec, TEACHER_FIELDS)}
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        image = torch.randn(args.batch, 3, h, w)
-    target = torch.from_numpy(rows["joints"]) / torch.tensor([w, h], dtype=torch.float32)
-    weight = torch.from_numpy(rows["joint_weights"])
+    spec, raw, image, target, weight = step_inputs(args.teacher, args.batch)
     loss_fn = DistillLoss()
     print(f"building {args.teacher} (online teacher, seeded random init) and students {args.students}", flush=True)
     teacher = online_teacher(
@@ -84,8 +104,7 @@ def main() -> None:
     )
 
     def decoded_fields() -> dict:
-        fields = decode_fields(raw, spec, TEACHER_FIELDS)
-        return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in fields.items()}
+        return decode_teacher_fields(raw, spec)
 
     # Where a step's time goes: seconds per part, one entry per call (first = warm-up).
     parts: dict[str, dict[str, list[float]]] = {}

@@ -14,7 +14,8 @@ With `prefetch` > 0, batches are built that many ahead in a background thread (d
 warp and the teacher fields' dequantisation release the GIL), so on a GPU worker the next
 batch is prepared while the current step runs. The order is the same with or without it.
 On a worker with one CPU the thread only competes with the step (measured 15% slower on
-the demo), hence off there (see `DistillConfig.prefetch`).
+the demo), hence off there (see `DistillConfig.prefetch`). With `pin_memory` (GPU workers)
+each batch is page-locked in that thread, so the step's `non_blocking` copy is asynchronous.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from distilpose.data.coco import read_image
 from distilpose.data.transforms import crop_of_view, normalize_batch
+from distilpose.device import pin_batch
 
 # Fields always read: the student's input view and its regression target.
 BASE_FIELDS = ("instance_id", "image_id", "view", "view_params", "joints", "joint_weights")
@@ -96,6 +98,7 @@ class CachedViewStream:
         seed: int,
         shuffle_shards: int = 4,
         prefetch: int = 0,
+        pin_memory: bool = False,
     ):
         self.reader = reader
         self.image_root = image_root
@@ -107,6 +110,7 @@ class CachedViewStream:
         self.seed = seed
         self.shuffle_shards = shuffle_shards
         self.prefetch = prefetch
+        self.pin_memory = pin_memory
         self.assignment = assign_shards(instances_per_shard(reader), rank, world_size)
         self.steps = steps_per_epoch(reader, world_size, batch_size)
         self.use_crops = bool(reader.spec.store_crops)
@@ -164,7 +168,8 @@ class CachedViewStream:
         }
         for key in self.teacher_fields:
             batch[key] = torch.from_numpy(np.ascontiguousarray(rows[key], dtype=np.float32))
-        return batch
+        # Pinned here, in the prefetch thread, so the step's non_blocking copy is asynchronous.
+        return pin_batch(batch) if self.pin_memory else batch
 
     def _crop(self, rows: dict[str, np.ndarray], i: int) -> np.ndarray:
         if self.use_crops:

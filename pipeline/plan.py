@@ -3,20 +3,13 @@
     python -m pipeline.plan --instances 149813 --views 8 --teacher tokenpose-w48 \\
         [--students distilpose-s,distilpose-l] [--gpu-type h100|a100|l4] [--epochs 300] \\
         [--format zarr|wds] [--shard-views 256] [--price-per-gpu-hour X] [--utilization 0.35]
+    print(estimate(instances=149_813, views=8, teacher="tokenpose-w48").table())
 
-    plan = estimate(instances=149_813, views=8, teacher="tokenpose-w48")
-    print(plan.table())
-
-Everything is arithmetic on the cache schema and the models' sizes; every constant below is
-an assumption and is printed with the table. Compute estimates are compute-bound lower
-bounds: a job that waits on JPEG decoding or storage runs below ``utilization`` (measure a
-short run and pass the real figure).
-
-Bytes: per view, each stored array's encoded size from ``pipeline.cache.schema`` (dtype x
-shape), uncompressed, except the heatmaps, which are multiplied by a measured zstd ratio
-(an estimate: it depends on the teacher's noise floor). Tokens and small fields are counted
-uncompressed (zstd saves ~6-8% on int8/fp16 tokens), so the figure leans high. Container
-overhead follows each store's layout (tar headers and padding; Zarr metadata objects).
+Arithmetic on the cache schema and the models' sizes; every constant below is an assumption
+printed with the table. Compute figures are compute-bound lower bounds (a job waiting on its
+input runs below ``utilization``: measure a short run and pass the real figure). Bytes per
+view: each stored array's dtype x shape, the heatmaps x a measured zstd ratio, tokens and
+small fields uncompressed (so it leans high), plus each store's container overhead.
 """
 
 from __future__ import annotations
@@ -25,7 +18,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cache
 
 import numpy as np
@@ -71,18 +64,10 @@ GIB = 2**30
 MULTIPART_THRESHOLD = 100 * 2**20
 MULTIPART_PART_SIZE = 50 * 2**20
 
-# Heatmap bytes after zstd-3 / raw encoded bytes (values + scales), measured with this
-# project's Zarr writer (16-view zstd-3 chunks) on 256 teacher-like views: 17 x 64 x 48 maps of
-# conf x Gaussian (conf 0.3-1, sigma 1.5-3 px) plus an N(0, 0.003) noise floor, as real teacher
-# output has (../shared/notes/storage.md section 3 used the same recipe). Noise-free maps
-# compress 2.5-7x better (u8-thresh 0.047, u8-joint-scale 0.052, fp16 0.128, fp16-thresh
-# 0.047), so these are the pessimistic figures. An encoding missing here is counted raw.
-HEATMAP_COMPRESSED_RATIO: dict[str, float] = {
-    "u8-thresh": 0.116,
-    "u8-joint-scale": 0.300,
-    "fp16": 0.925,
-    "fp16-thresh": 0.111,
-}
+# Heatmap bytes after zstd-3 / raw encoded bytes, measured with the Zarr writer on 256
+# teacher-like views (Gaussians on an N(0, 0.003) noise floor, as real teacher output has).
+# Noise-free maps compress 2.5-7x better: these are the pessimistic figures. Missing = raw.
+HEATMAP_COMPRESSED_RATIO = {"u8-thresh": 0.116, "u8-joint-scale": 0.300, "fp16": 0.925, "fp16-thresh": 0.111}
 # JPEG quality 95 of a natural-image crop: ~4 bits per pixel (assumption; depends on content).
 CROP_JPEG_BYTES_PER_PIXEL = 0.5
 
@@ -94,13 +79,15 @@ WDS_GROUPS_WITHOUT_CROPS = ("small", HEATMAP_FIELD, *TOKEN_FIELDS)
 # Zarr: a zarr.json per array (~1 KB with the sharding codec) and one for the group.
 ZARR_METADATA_BYTES = 1024
 
-# Fields a student epoch reads from the cache (pipeline.cache_loader.BASE_FIELDS + the teacher
-# fields of the paper's loss: L_KT, L_VT, L_SH/L_CS).
+# CPU ms per sample of the student loader (pipeline.cache_loader.CachedViewStream: shard reads,
+# the paper loss's teacher fields, crop + normalize) at 256x192, measured on a 2-core CPU by
+# `python bench/bench_gpu.py --loader-cost`: "rebuild" decodes the image and warps the crop,
+# "stored" decodes the cached JPEG crop (--store-crops).
+LOADER_CPU_MS_PER_SAMPLE = {"rebuild": 7.2, "stored": 3.4}  # 640x480 source images
+
+# Fields a student epoch reads (pipeline.cache_loader.BASE_FIELDS + the paper loss's teacher fields).
 STUDENT_BASE_FIELDS = ("instance_id", "image_id", "view", "view_params", "joints", "joint_weights")
 STUDENT_TEACHER_FIELDS = ("kpt_tokens", "vis_tokens", HEATMAP_FIELD)
-
-
-# ------------------------------------------------------------------------- models
 
 
 @dataclass(frozen=True)
@@ -137,9 +124,6 @@ def model_cost(preset: str) -> ModelCost:
 
 def gpu_hours(samples: float, gflops_per_sample: float, gpu: GpuType, utilization: float) -> float:
     return samples * gflops_per_sample * 1e9 / (gpu.peak_tflops * 1e12 * utilization) / 3600
-
-
-# ------------------------------------------------------------------------- bytes
 
 
 def field_bytes_per_view(spec: CacheSpec, input_size: tuple[int, int]) -> dict[str, float]:
@@ -192,9 +176,6 @@ def put_requests(object_bytes: float) -> int:
     return 2 + math.ceil(object_bytes / MULTIPART_PART_SIZE)
 
 
-# ------------------------------------------------------------------------- the plan
-
-
 @dataclass(frozen=True)
 class StudentPlan:
     preset: str
@@ -206,6 +187,8 @@ class StudentPlan:
     image_gets_per_epoch: int  # source images, to rebuild crops (0 with stored crops)
     online_teacher_gpu_hours_per_epoch: float
     teacher_to_epoch_ratio: float  # caching the teacher costs this many student epochs
+    samples_per_s_per_gpu: float  # compute-bound training rate
+    loader_cores_per_gpu: float  # CPU cores the loader needs to keep one GPU at that rate
 
 
 @dataclass(frozen=True)
@@ -239,11 +222,6 @@ class Plan:
     request_cost: float = 0.0
     total_cost: float = 0.0
     assumptions: tuple[str, ...] = field(default_factory=tuple)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["spec"] = self.spec.to_dict()
-        return d
 
     def table(self) -> str:
         return format_plan(self)
@@ -308,8 +286,8 @@ def estimate(
         largest_object = views_per_shard * max(fields.values())
     bytes_total = views_total * bytes_per_view + shards * shard_overhead
     per_shard_objects = objects_per_shard(spec, fmt)
-    objects_total = shards * per_shard_objects + 1  # + manifest.json
-    puts = shards * (per_shard_objects - 1 + put_requests(largest_object)) + 1  # the big object may be multipart
+    objects_total = shards * per_shard_objects + 2  # + manifest.json + job.json (the job's settings)
+    puts = shards * (per_shard_objects - 1 + put_requests(largest_object)) + 2  # the big object may be multipart
 
     teacher_cost = model_cost(teacher)
     teacher_hours = gpu_hours(views_total, teacher_cost.forward_gflops, gpu, utilization)
@@ -324,6 +302,8 @@ def estimate(
         # One view per instance per epoch (pipeline.cache_loader.select_views).
         per_epoch = gpu_hours(instances, FWD_BWD_FACTOR * cost.forward_gflops, gpu, utilization)
         online = gpu_hours(instances, teacher_cost.forward_gflops, gpu, utilization)
+        rate = instances / (per_epoch * 3600)
+        loader_ms = LOADER_CPU_MS_PER_SAMPLE["stored" if store_crops else "rebuild"]
         student_plans.append(
             StudentPlan(
                 preset=name,
@@ -335,6 +315,8 @@ def estimate(
                 image_gets_per_epoch=0 if store_crops else instances,
                 online_teacher_gpu_hours_per_epoch=online,
                 teacher_to_epoch_ratio=teacher_hours / per_epoch,
+                samples_per_s_per_gpu=rate,
+                loader_cores_per_gpu=rate * loader_ms / 1e3,
             )
         )
     gets_total = instances + sum((s.gets_per_epoch + s.image_gets_per_epoch) * epochs for s in student_plans)
@@ -382,10 +364,9 @@ def _check_inputs(
             f"need instances >= 1, views >= 1, epochs >= 0, shard_views >= 1; got {instances}, {views}, "
             f"{epochs}, {shard_views}"
         )
-    if gpu_type not in GPU_TYPES:
-        raise ValueError(f"unknown GPU type {gpu_type!r}; choose one of {list(GPU_TYPES)}")
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown cache format {fmt!r}; choose one of {list(FORMATS)}")
+    for what, value, choices in (("GPU type", gpu_type, GPU_TYPES), ("cache format", fmt, FORMATS)):
+        if value not in choices:
+            raise ValueError(f"unknown {what} {value!r}; choose one of {list(choices)}")
     if not 0 < utilization <= 1:
         raise ValueError(f"utilization must be in (0, 1], got {utilization}")
 
@@ -399,26 +380,21 @@ def _assumptions(gpu: GpuType, price: float, utilization: float, spec: CacheSpec
         "FLOPs = 2 x MACs; MACs = the paper's count (conv/linear + norms) + attention matmuls it omits; "
         f"training = {FWD_BWD_FACTOR:g} x forward; compute-bound (input pipeline stalls not modelled)",
         "teacher: one forward per cached view; student: one view per instance per epoch",
-        f"heatmaps {spec.heatmap_encoding}: raw bytes x {ratio:.3f} "
-        + (
-            "(measured zstd ratio with a noise floor; ESTIMATE, clean maps compress better)"
-            if measured
-            else "(no measured ratio for this encoding: counted uncompressed)"
-        )
-        + "; tokens and small fields counted uncompressed",
+        f"heatmaps {spec.heatmap_encoding}: raw bytes x {ratio:.3f} ("
+        + ("measured zstd ratio, noisy maps; ESTIMATE" if measured else "no measured ratio: counted raw")
+        + "); tokens and small fields counted uncompressed",
         f"S3 Standard ${S3_PRICE_PER_GB_MONTH}/GB-month (GB = 2^30 B), PUT ${S3_PUT_PRICE_PER_1000}/1000, "
         f"GET ${S3_GET_PRICE_PER_1000}/1000, in-region transfer free",
         "a student epoch reads every shard whole (all views; the loader keeps one per instance): "
         "Zarr = group + 2 GETs per array read, WDS = 1 GET per shard; without stored crops every instance's "
         "image is read from S3 once by the teacher stage and once per student epoch (upper bound: the "
         "loader's small image cache saves some)",
+        f"loader CPU per sample (measured on a 2-core CPU): crops rebuilt {LOADER_CPU_MS_PER_SAMPLE['rebuild']:g} "
+        f"ms, stored {LOADER_CPU_MS_PER_SAMPLE['stored']:g} ms; cores per GPU = its compute-bound samples/s x that",
     ]
     if store_crops:
         lines.append(f"crop JPEGs: {CROP_JPEG_BYTES_PER_PIXEL:g} B/pixel of the input crop")
     return tuple(lines)
-
-
-# ------------------------------------------------------------------------- report
 
 
 def _bytes(n: float) -> str:
@@ -448,7 +424,7 @@ def format_plan(plan: Plan) -> str:
         ) + ")"),
         ("cache size (estimate)", _bytes(plan.bytes_total)),
         ("shards", f"{plan.shards:,} x {plan.views_per_shard} views"),
-        ("objects", f"{plan.shards:,} shards x {plan.objects_per_shard} objects + manifest = {plan.objects_total:,}"),
+        ("objects", f"{plan.shards:,} shards x {plan.objects_per_shard} objects + 2 = {plan.objects_total:,}"),
         ("PUT requests (cache)", f"{plan.put_requests:,}"),
         ("GET requests (teacher)", f"{plan.image_gets_teacher:,} image reads"),
         ("teacher forward", f"{plan.teacher_forward_gflops:.2f} GFLOPs/view"),
@@ -457,18 +433,19 @@ def format_plan(plan: Plan) -> str:
         ("S3 storage", f"{_dollars(plan.storage_cost_per_month)} / month"),
     ]  # fmt: skip
     for s in plan.students:
+        cores = {k: s.samples_per_s_per_gpu * v / 1e3 for k, v in LOADER_CPU_MS_PER_SAMPLE.items()}
+        online = s.online_teacher_gpu_hours_per_epoch
         rows += [
             (f"student {s.preset}", f"{s.forward_gflops:.2f} GFLOPs fwd; {_hours(s.gpu_hours_per_epoch)} per epoch, "
                                     f"{_hours(s.gpu_hours_total)} for {plan.epochs} epochs = {_dollars(s.cost_total)}"),
             ("  GET requests", f"{s.gets_per_epoch:,} cache + {s.image_gets_per_epoch:,} image per epoch, "
                                f"{(s.gets_per_epoch + s.image_gets_per_epoch) * plan.epochs:,} per run"),
-            ("  teacher cost / epoch", f"{s.teacher_to_epoch_ratio:.2f} (building the cache costs as much compute "
-                                       f"as {s.teacher_to_epoch_ratio:.2f} epochs of this student)"),
-            ("  online teacher instead", f"+{_hours(s.online_teacher_gpu_hours_per_epoch)} per epoch "
-                                         f"(+{100 * s.online_teacher_gpu_hours_per_epoch / s.gpu_hours_per_epoch:.0f}% "
-                                         f"of the student's own compute), "
-                                         f"{_hours(s.online_teacher_gpu_hours_per_epoch * plan.epochs)} per run vs "
+            ("  teacher cost / epoch", f"{s.teacher_to_epoch_ratio:.2f} (the cache costs that many student epochs)"),
+            ("  online teacher instead", f"+{_hours(online)} per epoch (+{100 * online / s.gpu_hours_per_epoch:.0f}% "
+                                         f"of the student's compute), {_hours(online * plan.epochs)} per run vs "
                                          f"{_hours(plan.teacher_gpu_hours)} once for the cache"),
+            ("  loader CPU per GPU", f"{s.loader_cores_per_gpu:.1f} cores for {s.samples_per_s_per_gpu:,.0f} samples/s "
+                                     f"(crops rebuilt {cores['rebuild']:.1f}; stored {cores['stored']:.1f})"),
         ]  # fmt: skip
     rows += [
         ("S3 requests", f"{_dollars(plan.request_cost)}"),

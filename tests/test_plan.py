@@ -32,7 +32,7 @@ def test_bytes_hours_and_requests_scale_linearly_with_instances_and_views() -> N
         assert bigger.views_total == factor * base.views_total
         assert bigger.bytes_total == pytest.approx(factor * base.bytes_total)
         assert bigger.shards == factor * base.shards
-        assert bigger.objects_total - 1 == factor * (base.objects_total - 1)  # - the manifest
+        assert bigger.objects_total - 2 == factor * (base.objects_total - 2)  # - manifest.json, job.json
         assert bigger.teacher_gpu_hours == pytest.approx(factor * base.teacher_gpu_hours)
         assert bigger.storage_cost_per_month == pytest.approx(factor * base.storage_cost_per_month)
     # A student epoch sees one view per instance: it scales with instances, not views.
@@ -130,3 +130,13 @@ def test_coco_scale_plan_and_cli(capsys) -> None:
                  "--gpu-type", "l4", "--format", "wds"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "NVIDIA L4" in out and "format wds" in out
+
+
+def test_object_count_matches_a_real_cache_job(tiny_cache) -> None:
+    from pipeline import storage
+    from pipeline.cache import open_reader
+
+    manifest = open_reader(tiny_cache).manifest
+    plan = estimate(manifest.num_rows // manifest.views, manifest.views, "tokenpose-tiny", students=(), shard_views=32)
+    assert plan.shards == len(manifest.shards)
+    assert plan.objects_total == len(storage.find_files(tiny_cache))
