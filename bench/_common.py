@@ -166,7 +166,7 @@ def teacher_like_views(
 
     Heatmaps: per joint a Gaussian blob (sigma 1.5-3 px, peak 0.3-1.0; ~15% of joints weak
     and broad, like occluded joints) on an additive N(0, 0.003) noise floor - the floor is
-    what makes real teacher heatmaps incompressible as fp16 (notes/storage.md, section 3).
+    what makes real teacher heatmaps incompressible as fp16 (docs/method.md#heatmap-and-token-encodings).
     Tokens: unnormalized last-layer features, N(0, s_d) with per-channel scales s_d drawn
     log-normally and a few outlier channels (as transformer features have), and per-token
     magnitudes that vary. Geometry fields are plausible values of the right shape.

@@ -1,4 +1,4 @@
-"""DistilPose training losses (spec section 4), each term a small function.
+"""DistilPose training losses (docs/method.md#losses), each term a small function.
 
 Shapes: N batch, K joints, D token dim, P visual tokens. ``target_weight`` is per joint
 (N, K); the official (N, K, 2) layout (x and y duplicated) is accepted too.
@@ -85,7 +85,8 @@ def loss_sh(
 
     mu = coords * (W, H) (heatmap px, H / W not H - 1 / W - 1, as coded officially); sigma in
     heatmap px. Weight w (N, K) = target_weight * validity; invalid joints render all-zero.
-    - "per-sample" (project default, spec section 9): w_ik multiplies sample i, joint k:
+    - "per-sample" (project default, docs/method.md#official-quirks-and-switches): w_ik multiplies sample i,
+      joint k:
       loss = sum_k mean_{i,pixels} (w_ik (S_ik - T_ik))^2 / K.
     - "official": mmpose v0.22 JointsMSELoss fed (N, K, 1, 1) weights broadcasts to
       (N, N, HW): loss_k = mean_i(w_ik^2) * mean_{j,pixels} (S_jk - T_jk)^2, then

@@ -1,4 +1,4 @@
-"""Train a heatmap teacher (TokenPose) on a COCO-format data set (spec section 3).
+"""Train a heatmap teacher (TokenPose) on a COCO-format data set (docs/method.md#teacher-training).
 
 Recipe: JointsMSE with target weights on unit-peak Gaussian heatmaps, Adam, linear warm-up
 then step decay x0.1 at 2/3 and 13/15 of training (the official 200 / 260 of 300 epochs,
@@ -51,7 +51,8 @@ CHECKPOINT_FILE = "teacher.pt"
 TRAIN_STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.csv"
 EVAL_FILE = "eval.json"
-# Teacher augmentation of spec section 3 (the student recipe uses scale 0.35 / rotation 45).
+# Teacher augmentation of the official recipe (docs/method.md#teacher-training); students use scale 0.35 /
+# rotation 45.
 TEACHER_AUG = AugmentConfig(flip_prob=0.5, half_body_prob=0.3, scale_factor=0.5, rot_factor=40.0, rot_prob=0.6)
 AUG_PRESETS = {
     "spec": TEACHER_AUG,
@@ -61,8 +62,8 @@ AUG_PRESETS = {
     "none": AugmentConfig(flip_prob=0.0, half_body_prob=0.0, scale_factor=0.0, rot_factor=0.0, rot_prob=0.0),
 }
 BACKBONE_INITS = ("official", "kaiming")
-# Named training recipes (fields of TeacherTrainConfig). "spec" is the official recipe of
-# spec section 3 (the config defaults). "fast" is for minutes-long CPU runs such as the demo;
+# Named training recipes (fields of TeacherTrainConfig). "spec" is the official recipe
+# (docs/method.md#teacher-training; the config defaults). "fast" is for minutes-long CPU runs such as the demo;
 # measured on the synthetic set it reaches a usable teacher in ~1200 iterations where "spec"
 # is still at the mean-pose plateau: He init, a 3x higher lr and no augmentation (strong
 # jitter mostly slows early learning; the val crops are un-augmented).

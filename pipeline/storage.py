@@ -319,7 +319,7 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
 def zarr_store(uri: str, read_only: bool = True) -> Any:
     """A zarr v3 store rooted at ``uri``: LocalStore on disk, FsspecStore (async s3fs) on S3.
 
-    (obstore's ObjectStore is ~2x faster on S3 per notes/storage.md but is not a project
+    (obstore's ObjectStore is ~2x faster on S3, docs/platform-notes.md#zarr-on-s3, but is not a project
     dependency; switching is a change here only.)
     """
     import zarr.storage

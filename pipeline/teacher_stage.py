@@ -434,8 +434,8 @@ def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: Ca
     cpus_per_actor, side_cpus = cfg.cpus_per_worker, 1.0
     if cfg.gpus_per_worker == 0 and cfg.workers * cpus_per_actor >= total_cpus:
         # CPU-only and the actors would hold every CPU: the crop tasks upstream and the
-        # write tasks downstream could then never be scheduled (a Ray Data deadlock, see
-        # notes/ray.md; per node, fractional leftovers do not help). Give the actors the
+        # write tasks downstream could then never be scheduled (a Ray Data deadlock, see docs/platform-notes.md
+        # #ray-data-actor-pool-deadlock; per node, fractional leftovers do not help). Give the actors the
         # cluster and run the light crop/write tasks as zero-CPU tasks, bounded in number.
         cpus_per_actor, side_cpus = total_cpus / cfg.workers, 0.0
         print(

@@ -189,7 +189,7 @@ def test_library_renaming_agrees_with_official_names() -> None:
     with torch.device("meta"):
         teacher = to_official_state_dict(build_model("tokenpose-w48"))
         student = to_official_state_dict(build_model("distilpose-s"))
-    # Names from the spec (section 6) and mmpose's HRNet.
+    # Names from the official key map (docs/method.md#checkpoints) and mmpose's HRNet.
     for key in [
         "backbone.conv1.weight",
         "backbone.bn2.num_batches_tracked",

@@ -17,7 +17,7 @@ TINY = ["tokenpose-tiny", "distilpose-tiny", "distilpose-l-tiny"]
 PAPER = ["tokenpose-w48", "distilpose-s", "distilpose-l", "tokenpose-stemnet"]
 # (params, GFLOPs) published by the paper / official README.
 PAPER_FIGURES = {"distilpose-s": (5.36e6, 2.38), "distilpose-l": (21.27e6, 10.33), "tokenpose-w48": (69.41e6, 17.03)}
-# Exact trainable-parameter counts from the spec's arithmetic (sections 2.2, 2.3, 3).
+# Exact trainable-parameter counts, re-derived by arithmetic (docs/method.md#parameter-and-flop-counts).
 EXACT_PARAMS = {"distilpose-s": 5_364_101, "distilpose-l": 21_265_637, "tokenpose-w48": 69_411_360}
 
 
@@ -68,7 +68,7 @@ def test_paper_params_and_gflops(name: str) -> None:
     assert row["params"] == EXACT_PARAMS[name]
     assert abs(row["params"] - params) / params < 0.01
     assert abs(row["gflops"] - gflops) / gflops < 0.05
-    # The mmcv-convention recount of the spec (2.3826 / 10.3252 / 17.0281) is reproduced.
+    # The mmcv-convention recount (2.3826 / 10.3252 / 17.0281, docs/method.md#parameter-and-flop-counts) is reproduced.
     assert row["gflops"] == pytest.approx(gflops, abs=0.01)
 
 

@@ -59,7 +59,8 @@ def test_gpu_hours_follow_the_stated_formula() -> None:
 def test_attention_macs_match_the_spec_figure() -> None:
     from distilpose.models import get_config
 
-    # Spec 2.5: QK^T and AV for 273 tokens x 12 layers = 0.343 G, not in the paper's count.
+    # QK^T and AV for 273 tokens x 12 layers = 0.343 G, not in the paper's count
+    # (docs/method.md#parameter-and-flop-counts).
     assert attention_gmacs(get_config("tokenpose-w48")) == pytest.approx(0.343, abs=1e-3)
 
 

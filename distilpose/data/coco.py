@@ -1,11 +1,11 @@
 """Top-down person instances from COCO person-keypoints files.
 
-Conventions (spec sections 0 and 5): coordinates are (x, y) in image pixels with pixel
+Conventions (docs/method.md#conventions): coordinates are (x, y) in image pixels with pixel
 centres at integers; sizes are (H, W). A box becomes a crop centre and a crop size
 (`scale`, stored as the box (w, h) in image px, i.e. mmpose's `scale * 200`) by fitting the
 box to the model input's aspect ratio and padding it by 1.25 (mmpose `_xywh2cs`).
 
-Bad-input policy (design.md "Errors"): a record that is a normal quirk of real data sets
+Bad-input policy (docs/method.md#conventions, "Bad input"): a record that is a normal quirk of real data sets
 (crowd region, no labelled joints, degenerate or off-image box, detection below the score
 threshold, non-person detection) is skipped and counted in a `SkipReport` by reason. A file
 that is structurally wrong (unparsable JSON, missing sections, wrong keypoint count,
@@ -411,7 +411,7 @@ def load_instances(
 ) -> tuple[list[Instance], SkipReport]:
     """Top-down instances of a COCO person-keypoints file.
 
-    split_kind "train" uses GT boxes (spec section 5); "val" uses GT boxes (`boxes="gt"`) or
+    split_kind "train" uses GT boxes (docs/method.md#conventions); "val" uses GT boxes (`boxes="gt"`) or
     a person-detector results file (`boxes=<path or uri>`), keeping scores >= `score_thr`.
     `input_size` (H, W) sets the crop aspect ratio.
     """

@@ -6,7 +6,7 @@ cache stores `view.to_array()`, and the student loader rebuilds the identical cr
 so the values a view holds are rounded to float32 when it is made: what is stored is
 exactly what is applied.
 
-Geometry follows mmpose v0.22 (spec sections 0 and 5): pixel centres at integer
+Geometry follows mmpose v0.22 (docs/method.md#conventions and #student-recipe): pixel centres at integer
 coordinates, `get_affine_transform` (rotation about the box centre, uniform scale
 box width -> crop width), bilinear warp with black fill. One deliberate difference: a
 flipped view is the unflipped crop mirrored with x' = W - 1 - x (and left/right joints
@@ -93,7 +93,7 @@ class ViewParams:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training augmentation of spec section 5 (the student recipe)."""
+    """Training augmentation of the student recipe (docs/method.md#student-recipe)."""
 
     flip_prob: float = 0.5
     half_body_prob: float = 0.3

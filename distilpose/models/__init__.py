@@ -1,4 +1,4 @@
-"""DistilPose / TokenPose models (spec sections 1-3): presets, factory and output types."""
+"""DistilPose / TokenPose models (docs/method.md#teacher and #students): presets, factory and output types."""
 
 from .config import ModelConfig
 from .distilpose import DistilPose, StudentOutput

@@ -400,7 +400,7 @@ class BackboneInitReport:
 def init_student_backbone_from_teacher(student: nn.Module, teacher_ckpt: PathLike) -> BackboneInitReport:
     """Copy the teacher's backbone weights into the student's backbone by name.
 
-    For DistilPose-L this is HRNet stages 1-3 (spec 2.3, project decision: the 'backbone.'
+    For DistilPose-L this is HRNet stages 1-3, the official recipe (docs/method.md#distilpose-l; the 'backbone.'
     prefix is stripped explicitly). Teacher tensors with no student counterpart (transition3,
     stage4, the last stage-3 module's fuse_layers.1/2) are skipped and reported. Every student
     backbone tensor must be covered with the same shape, otherwise CheckpointError.

@@ -36,7 +36,7 @@ class ModelConfig:
     hrnet_modules: tuple[int, ...] = (1, 4, 3)
     hrnet_blocks: int = 4  # BasicBlocks per branch in every HR module
 
-    # Token encoder (spec section 1), identical for teacher and student so tokens align.
+    # Token encoder (docs/method.md#token-encoder), identical for teacher and student so tokens align.
     patch_size: tuple[int, int] = (4, 3)  # (rows, cols) of backbone cells per visual token
     dim: int = 192
     depth: int = 12

@@ -1,4 +1,4 @@
-"""Students: backbone -> TDE -> per-keypoint regression head (spec section 2).
+"""Students: backbone -> TDE -> per-keypoint regression head (docs/method.md#students).
 
 Official layout: ``backbone.*`` and ``keypoint_head.tokenhead.*``; here the head is split
 into ``tde.*`` and ``reg_head.*`` (the official ``mlp_head``: LayerNorm -> Linear(D -> 5)).

@@ -2,7 +2,7 @@
 
     python -m distilpose.models.summary [preset ...]
 
-Convention (spec 2.5, mmcv `get_model_complexity_info` as used by the official
+Convention (docs/method.md#parameter-and-flop-counts; mmcv `get_model_complexity_info` as used by the official
 tools/get_flops.py): "GFLOPs" = multiply-accumulates of Conv2d and Linear (bias not counted)
 + 2 x numel per BatchNorm / LayerNorm (affine) + numel per ReLU call + numel per upsample
 output; attention matmuls (QK^T, AV), softmax and GELU are not counted. Params = trainable

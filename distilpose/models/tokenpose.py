@@ -1,4 +1,4 @@
-"""Teacher: TokenPose (backbone + token encoder + heatmap MLP head), spec section 3.
+"""Teacher: TokenPose (backbone + token encoder + heatmap MLP head), docs/method.md#teacher.
 
 Official layout: ``backbone.*`` and ``keypoint_head.tokenpose.*``; here the head is split
 into ``encoder.*`` (shared TDE code) and ``heatmap_head.*`` (the official ``mlp_head``).

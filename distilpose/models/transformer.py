@@ -1,4 +1,4 @@
-"""The pre-norm token transformer of TokenPose / DistilPose (spec section 1).
+"""The pre-norm token transformer of TokenPose / DistilPose (docs/method.md#token-encoder).
 
 Module nesting reproduces the official key names:
 ``layers.{i}.0.fn.norm``, ``layers.{i}.0.fn.fn.to_qkv``, ``layers.{i}.0.fn.fn.to_out.0``,

@@ -5,7 +5,7 @@ bytes) use the sharding codec with the whole shard as one zarr shard and inner c
 ``CHUNK_ROWS`` views (so a random row fetches ~16 views, not 256); small arrays are one
 plain chunk. Chunks are zstd-3 with a content checksum (zarr's inner chunks carry none by
 default, and corrupt zstd data can decode silently); floats fill with NaN so a lost
-object never reads as a valid empty heatmap (see notes/storage.md §6).
+object never reads as a valid empty heatmap (see docs/platform-notes.md#zarr-integrity).
 
 A shard is encoded into an in-memory store first. That gives one code path for disk and
 S3, the exact bytes for sha256 and the per-field sizes, and lets the local writer publish
