@@ -145,6 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
                     export_extra(cfg, epoch + 1, metrics, needed),
                 )
         metrics["best_AP"] = best.get("AP", -1.0)
+        # Built on every rank: gathering the ranks' RNG states is a collective.
         state = TrainState(
             model=core.state_dict(),
             optimizer=optimizer.state_dict(),
