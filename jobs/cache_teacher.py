@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--token-encoding", default="int8-token-scale", choices=["int8-token-scale", "fp16"])
     p.add_argument("--limit", type=int, help="cache only the first N instances (smoke runs)")
+    p.add_argument(
+        "--strict", action="store_true", help="stop at the first malformed annotation instead of skipping it"
+    )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--verify", metavar="URI", help="verify a cache's checksums instead of building one")
     p.add_argument(
@@ -88,6 +91,7 @@ def main(argv=None) -> int:
         ann_file=args.ann_file,
         images=args.images,
         limit=args.limit,
+        strict=args.strict,
     )
     init_ray(args.address, verbose=args.verbose)
     summary = run_cache_job(cfg)

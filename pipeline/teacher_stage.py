@@ -54,6 +54,7 @@ class CacheJobConfig:
     ann_file: str | None = None
     images: str | None = None
     limit: int | None = None
+    strict: bool = False  # abort on the first malformed annotation instead of skipping it
 
 
 @dataclass
@@ -86,6 +87,7 @@ class CacheSummary:
             f"shards {self.shards_total} ({self.shards_skipped_as_committed} already committed, reused)",
             f"  wall {self.wall_s:.1f} s  throughput {self.views_per_s:.1f} views/s (views computed this run)",
             "  skipped: " + (", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"),
+            *([f"  annotations: {self.extra['annotation_skips']}"] if "annotation_skips" in self.extra else []),
         ]
         total = sum(self.bytes_per_field.values())
         rows = [{"field": k, "bytes/view": v} for k, v in sorted(self.bytes_per_field.items(), key=lambda kv: -kv[1])]
@@ -390,7 +392,9 @@ def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
     if teacher_cfg.kind != "teacher":
         raise ValueError(f"--teacher {cfg.teacher} is a {teacher_cfg.kind} preset, not a teacher")
     layout = resolve_layout(cfg.data, cfg.split, cfg.ann_file, cfg.images)
-    instances, skip_report = load_instances(layout.ann_file, split_kind="train", input_size=teacher_cfg.input_size)
+    instances, skip_report = load_instances(
+        layout.ann_file, split_kind="train", input_size=teacher_cfg.input_size, strict=cfg.strict
+    )
     if cfg.limit:
         instances = sorted(instances, key=lambda inst: inst.instance_id)[: cfg.limit]
     if not instances:
@@ -425,7 +429,8 @@ def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
         token_encoding=cfg.token_encoding,
         store_crops=cfg.store_crops == "jpeg",
     )
-    print("[cache] estimate before starting:\n" + plan.table(), flush=True)
+    if todo:  # a complete cache costs nothing more: no estimate to show
+        print("[cache] estimate before starting:\n" + plan.table(), flush=True)
     if resuming:
         print(f"[cache] resuming: {len(shards) - len(todo)} of {len(shards)} shards already committed", flush=True)
 
@@ -472,6 +477,7 @@ def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
         wall_s=wall,
         views_per_s=sum(len(s.instances) for s in todo) * cfg.views / wall,
         complete=final.complete,
+        extra={"annotation_skips": skip_report.summary()},  # names the first ids of malformed ones
     )
 
 
