@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a much smaller run (smoke test; AP is not meaningful)")
-    p.add_argument("--teacher-budget-s", type=float, help="CPU seconds for teacher training")
+    p.add_argument("--teacher-epochs", type=int)
     p.add_argument("--student-epochs", type=int)
     args = p.parse_args(argv)
 
@@ -29,14 +29,13 @@ def main(argv=None) -> int:
             train_images=40,
             val_images=12,
             teacher_epochs=1,
-            teacher_budget_s=20,
             student_epochs=1,
             batch_size=8,
             visualize=2,
             shard_views=16,
         )
-    if args.teacher_budget_s is not None:
-        cfg.teacher_budget_s = args.teacher_budget_s
+    if args.teacher_epochs is not None:
+        cfg.teacher_epochs = args.teacher_epochs
     if args.student_epochs is not None:
         cfg.student_epochs = args.student_epochs
     init_ray(num_cpus=2)
