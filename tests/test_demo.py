@@ -39,7 +39,8 @@ def _quick_demo(out: Path) -> tuple[str, list[dict]]:
 
 
 @pytest.mark.heavy
-def test_quick_demo_depends_on_seeds_only_and_a_rerun_shows_the_original_costs(tmp_path):
+@pytest.mark.timeout(1800)  # two quick demos: minutes each on a busy 2-core machine
+def test_quick_demo_rerun_reuses_every_stage_and_shows_the_original_costs(tmp_path):
     first_out, first = _quick_demo(tmp_path / "a")
     assert "estimate before starting" in first_out
     # A one-epoch teacher has not learnt the data: the demo says the comparison means little.
@@ -49,6 +50,3 @@ def test_quick_demo_depends_on_seeds_only_and_a_rerun_shows_the_original_costs(t
     assert "reused: data, teacher, cache, distill, no-distill" in again_out
     assert "estimate before starting" not in again_out
     assert again == first  # same metrics and the costs recorded when the stages ran
-
-    _, other = _quick_demo(tmp_path / "b")
-    assert [(r["model"], r["AP"], r["AP50"]) for r in other] == [(r["model"], r["AP"], r["AP50"]) for r in first]
