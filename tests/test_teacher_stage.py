@@ -154,7 +154,8 @@ def test_bad_inputs_are_counted_not_fatal(synth, ray_local, tmp_path):
     doc = json.loads(ann.read_text())
     broken = doc["images"][0]["file_name"]
     (data / "images" / "train" / broken).write_bytes(b"not a jpeg")
-    people = [a for a in doc["annotations"] if not a["iscrowd"]]
+    # People away from the broken image, so that image still has instances to fail on.
+    people = [a for a in doc["annotations"] if not a["iscrowd"] and a["image_id"] != doc["images"][0]["id"]]
     people[0]["keypoints"] = [0] * 51
     people[0]["num_keypoints"] = 0
     # Malformed rows: a keypoint list of the wrong length, a negative box size, an unknown image.
