@@ -13,10 +13,11 @@ Run directory (`out`):
     eval.json        final metrics on val (GT boxes, detections if present) + baseline
 
 Re-running with the same `out` resumes from `teacher.pt` (at an epoch boundary; an epoch
-cut short by the time budget is redone). With `time_budget_s` the run stops when the
-training time (summed over resumed runs) reaches the budget, and the learning-rate
-schedule follows whichever is further along, the epochs or the budget, so a budgeted run
-still warms up and decays.
+cut short by the time budget is redone). The run's length is `epochs`. The optional
+`time_budget_s` also stops it when the training time (summed over resumed runs) reaches
+the budget, and the learning-rate schedule then follows whichever is further along, the
+epochs or the budget, so a budgeted run still warms up and decays; its result depends on
+the machine's load, so reproducible runs leave it unset.
 
 Bad images are skipped (zero-weight samples) and counted; the summary names the count.
 """
@@ -107,15 +108,17 @@ class TeacherTrainConfig:
         choices=BACKBONE_INITS,
         help="backbone conv init: official = mmpose N(0, 0.001), kaiming = He (default: from the recipe)",
     )
+    # An optional cap on training time for interactive runs. The result then depends on the
+    # machine's speed and load; a reproducible run (the demo) fixes `epochs` instead.
     time_budget_s: float | None = option(None, help="stop training after this many seconds of training")
-    # "wall": the budget counts wall-clock training time (what a demo wants). "cpu": it counts
-    # this process's CPU time (training threads, not the loader workers), which is ~wall time
-    # on an idle machine with one thread but does not shrink when other jobs share the
-    # cores, so runs on a shared machine stay comparable.
+    # "wall": the budget counts wall-clock training time. "cpu": it counts this process's CPU
+    # time (training threads, not the loader workers), which is ~wall time on an idle machine
+    # with one thread and shrinks less when other jobs share the cores (but still does:
+    # contention slows each CPU second too).
     budget_clock: str = option(
         "wall",
         choices=("wall", "cpu"),
-        help="what --time-budget-s counts: wall-clock time or the training process CPU time (fair on shared machines)",
+        help="what --time-budget-s counts: wall-clock time or the training process's CPU time",
     )
     # One DataLoader worker + one torch thread keeps 2 cores busy without oversubscribing
     # them: with 2 threads plus a worker (or any other load) OpenMP's spinning threads

@@ -233,9 +233,34 @@ def _plot_series(ax, x: np.ndarray, columns: dict[str, np.ndarray], names: Seque
     ax.grid(alpha=0.3)
 
 
+def _plot_ap(ax, epochs: np.ndarray, columns: dict[str, np.ndarray], names: Sequence[str]) -> None:
+    """AP per evaluated epoch on a 0-based axis, readable with a single point: markers, the
+    values written next to a few points, and x from epoch 0 to the last epoch."""
+    _plot_series(ax, epochs, columns, names, log=False)
+    for line in ax.lines:
+        x, y = line.get_data()
+        line.set_marker("o")
+        line.set_markersize(5)
+        if len(x) <= 5:
+            for xi, yi in zip(x, y, strict=True):
+                ax.annotate(f"{yi:.3f}", (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    top = max((float(np.max(line.get_ydata())) for line in ax.lines), default=0.0)
+    ax.set_ylim(0.0, min(1.0, max(0.1, 1.25 * top)))
+    if len(epochs):
+        ax.set_xlim(0, float(np.nanmax(epochs)) + 1)
+    if ax.lines:
+        ax.legend(fontsize=7, loc="upper left")  # the points are on the right: late epochs
+    ax.set(title="validation AP (evaluated epochs)", xlabel="epoch")
+
+
 def plot_training_curves(run_dir: str, png_path: PathLike) -> Path:
     """Loss terms / lr per step and train loss / AP per epoch of ``run_dir``/logs as one PNG
     (CURVES_SIZE_PX). Raises FileNotFoundError when neither CSV exists."""
+    return _save(training_curves_figure(run_dir), png_path)
+
+
+def training_curves_figure(run_dir: str) -> Figure:
+    """The figure `plot_training_curves` writes."""
     steps_uri = join_uri(str(run_dir), "logs/steps.csv")
     epochs_uri = join_uri(str(run_dir), "logs/epochs.csv")
     steps, epochs = read_metrics_csv(steps_uri), read_metrics_csv(epochs_uri)
@@ -244,7 +269,8 @@ def plot_training_curves(run_dir: str, png_path: PathLike) -> Path:
     width, height = CURVES_SIZE_PX
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     axes = fig.subplots(2, 2)
-    fig.suptitle(f"training curves: {run_dir}", fontsize=10)
+    # The run's name, not its path: an absolute path is long and says nothing about the run.
+    fig.suptitle(f"training curves: {str(run_dir).rstrip('/').rsplit('/', 1)[-1]}", fontsize=10)
 
     step_x = steps.get("step", np.arange(len(next(iter(steps.values()), []))))
     loss_names = [c for c in STEP_LOSS_COLUMNS if c in steps]
@@ -258,10 +284,9 @@ def plot_training_curves(run_dir: str, png_path: PathLike) -> Path:
     _plot_series(axes[1, 0], epoch_x, epochs, loss_cols, log=True)
     axes[1, 0].set(title="loss per epoch", xlabel="epoch")
     ap_cols = [c for c in epochs if c.startswith("AP") or c.startswith("AR")]
-    _plot_series(axes[1, 1], epoch_x, epochs, [c for c in ap_cols if c in ("AP", "AP50", "AP75")], log=False)
-    axes[1, 1].set(title="validation AP (evaluated epochs)", xlabel="epoch")
+    _plot_ap(axes[1, 1], epoch_x, epochs, [c for c in ap_cols if c in ("AP", "AP50", "AP75")])
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.91, hspace=0.35, wspace=0.18)
-    return _save(fig, png_path)
+    return fig
 
 
 # ------------------------------------------------------------------ running models on instances

@@ -58,6 +58,7 @@ class CacheJobConfig:
     ann_file: str | None = option(None, help="override the split's annotation json")
     images: str | None = option(None, help="override the split's image folder")
     limit: int | None = option(None, help="cache only the first N instances (smoke runs)")
+    strict: bool = option(False, help="stop at the first malformed annotation instead of skipping it")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -93,6 +94,7 @@ class CacheSummary:
             f"shards {self.shards_total} ({self.shards_skipped_as_committed} already committed, reused)",
             f"  wall {self.wall_s:.1f} s  throughput {self.views_per_s:.1f} views/s (views computed this run)",
             "  skipped: " + (", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"),
+            *([f"  annotations: {self.extra['annotation_skips']}"] if "annotation_skips" in self.extra else []),
         ]
         total = sum(self.bytes_per_field.values())
         rows = [{"field": k, "bytes/view": v} for k, v in sorted(self.bytes_per_field.items(), key=lambda kv: -kv[1])]
@@ -337,7 +339,9 @@ def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
     if teacher_cfg.kind != "teacher":
         raise ValueError(f"--teacher {cfg.teacher} is a {teacher_cfg.kind} preset, not a teacher")
     layout = resolve_layout(cfg.data, cfg.split, cfg.ann_file, cfg.images)
-    instances, skip_report = load_instances(layout.ann_file, split_kind="train", input_size=teacher_cfg.input_size)
+    instances, skip_report = load_instances(
+        layout.ann_file, split_kind="train", input_size=teacher_cfg.input_size, strict=cfg.strict
+    )
     if cfg.limit:
         instances = sorted(instances, key=lambda inst: inst.instance_id)[: cfg.limit]
     if not instances:
@@ -372,7 +376,8 @@ def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
         token_encoding=cfg.token_encoding,
         store_crops=cfg.store_crops == "jpeg",
     )
-    print("[cache] estimate before starting:\n" + plan.table(), flush=True)
+    if todo:  # a complete cache costs nothing more: no estimate to show
+        print("[cache] estimate before starting:\n" + plan.table(), flush=True)
     if resuming:
         print(f"[cache] resuming: {len(shards) - len(todo)} of {len(shards)} shards already committed", flush=True)
 
@@ -420,6 +425,7 @@ def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
         wall_s=wall,
         views_per_s=sum(len(s.instances) for s in todo) * cfg.views / wall,
         complete=final.complete,
+        extra={"annotation_skips": skip_report.summary()},  # names the first ids of malformed ones
     )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from distilpose.data.coco import load_coco, load_instances, read_image
+from distilpose.data.coco import DataError, load_coco, load_instances, read_image
 from distilpose.data.synthetic import make_synthetic_coco
 from distilpose.data.transforms import apply_view
 from distilpose.data.views import view_for
@@ -155,15 +155,28 @@ def test_bad_inputs_are_counted_not_fatal(synth, ray_local, tmp_path):
     doc = json.loads(ann.read_text())
     broken = doc["images"][0]["file_name"]
     (data / "images" / "train" / broken).write_bytes(b"not a jpeg")
-    person = next(a for a in doc["annotations"] if not a["iscrowd"])
-    person["keypoints"] = [0] * 51
-    person["num_keypoints"] = 0
+    # People away from the broken image, so that image still has instances to fail on.
+    people = [a for a in doc["annotations"] if not a["iscrowd"] and a["image_id"] != doc["images"][0]["id"]]
+    people[0]["keypoints"] = [0] * 51
+    people[0]["num_keypoints"] = 0
+    # Malformed rows: a keypoint list of the wrong length, a negative box size, an unknown image.
+    people[1]["keypoints"] = people[1]["keypoints"][:-3]
+    people[2]["bbox"][2] = -people[2]["bbox"][2]
+    people[3]["image_id"] = 10**9
     ann.write_text(json.dumps(doc))
     summary = run_cache_job(_config(data, str(tmp_path / "cache")))
     assert summary.complete
     assert summary.skipped["no_labelled_joints"] >= 1
+    assert {k: summary.skipped[k] for k in ("bad_keypoints", "bad_box", "unknown_image_id")} == {
+        "bad_keypoints": 1,
+        "bad_box": 1,
+        "unknown_image_id": 1,
+    }
     assert any(k.startswith("image") and v >= 2 for k, v in summary.skipped.items()), summary.skipped
     assert "image" in summary.table()
+    assert f"bad_box=1 [ids {people[2]['id']}]" in summary.table()
+    with pytest.raises(DataError, match=f"annotation id {people[1]['id']}: expected 51 keypoint values"):
+        run_cache_job(_config(data, str(tmp_path / "strict"), strict=True))
 
 
 def test_verify_cli_detects_a_flipped_byte(synth, ray_local, tmp_path):

@@ -138,6 +138,16 @@ def test_smoke_train_checkpoints_resumes_and_evaluates(data, tmp_path):
     assert third.state.iteration == second.state.iteration
 
 
+def test_fixed_epochs_give_the_same_teacher_for_the_same_seed(data, tmp_path):
+    # What the demo relies on: with a fixed amount of work the result depends on the seed only.
+    runs = [train_teacher(_config(data, tmp_path / name, epochs=2, seed=seed), log=lambda m: None) for name, seed in
+            (("a", 3), ("b", 3), ("c", 4))]  # fmt: skip
+    weights = [load_checkpoint(Path(r.checkpoint))[0].state_dict() for r in runs]
+    losses = [[row["loss"] for row in r.state.history] for r in runs]
+    assert losses[0] == losses[1] and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert losses[2] != losses[0]
+
+
 def test_time_budget_stops_early_and_keeps_the_progress(data, tmp_path):
     cfg = _config(data, tmp_path / "run", epochs=50, time_budget_s=0.5)
     result = train_teacher(cfg, log=lambda m: None)

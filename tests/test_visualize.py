@@ -24,6 +24,7 @@ from distilpose.visualize import (
     render_heatmap_grid,
     render_pose_overlay,
     simulated_heatmaps,
+    training_curves_figure,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +99,17 @@ def test_training_curves_from_run_logs(tmp_path: Path) -> None:
     assert _png_size(path) == CURVES_SIZE_PX
     with pytest.raises(FileNotFoundError, match="steps.csv"):
         plot_training_curves(str(tmp_path / "empty"), tmp_path / "none.png")
+
+
+def test_training_curves_title_and_a_readable_single_ap_point(tmp_path: Path) -> None:
+    _fake_run(tmp_path / "runs" / "distilled")
+    fig = training_curves_figure(str(tmp_path / "runs" / "distilled"))
+    assert fig._suptitle.get_text() == "training curves: distilled"  # the run's name, no absolute path
+    ap = fig.axes[3]
+    (line,) = ap.lines  # only epoch 2 has an AP: one point, drawn as a marker with its value
+    assert line.get_marker() == "o" and list(line.get_xdata()) == [2]
+    assert ap.get_ylim() == (0.0, pytest.approx(1.25 * 0.31)) and ap.get_xlim() == (0.0, 3.0)
+    assert [t.get_text() for t in ap.texts] == ["0.310"]
 
 
 def test_visualize_job_writes_overlays_heatmaps_and_curves(tmp_path: Path) -> None:

@@ -5,12 +5,14 @@ centres at integers; sizes are (H, W). A box becomes a crop centre and a crop si
 (`scale`, stored as the box (w, h) in image px, i.e. mmpose's `scale * 200`) by fitting the
 box to the model input's aspect ratio and padding it by 1.25 (mmpose `_xywh2cs`).
 
-Bad-input policy (docs/method.md#conventions, "Bad input"): a record that is a normal quirk of real data sets
-(crowd region, no labelled joints, degenerate or off-image box, detection below the score
-threshold, non-person detection) is skipped and counted in a `SkipReport` by reason. A file
-that is structurally wrong (unparsable JSON, missing sections, wrong keypoint count,
-malformed box, unknown image id) raises `DataError` naming the file and the annotation,
-because continuing would silently train on a different data set than the one asked for.
+Bad-input policy (docs/method.md#conventions): one bad record never stops a job. A record that is a normal quirk of
+real data sets (crowd region, no labelled joints, degenerate or off-image box, detection
+below the score threshold, non-person detection) and a record that is malformed (no integer
+id, wrong keypoint count, negative or malformed box, unknown image id; `MALFORMED_REASONS`)
+are skipped and counted in a `SkipReport` by reason, with the first few ids. `strict=True`
+raises `DataError` on the first malformed record instead, for a data set that must be used
+as a whole. A file that is wrong as a whole (not JSON, missing sections, no person
+category, a bad images entry) always raises `DataError` naming the file.
 """
 
 from __future__ import annotations
@@ -33,10 +35,20 @@ PERSON_CATEGORY_ID = 1
 DEFAULT_INPUT_SIZE = (256, 192)  # (H, W) of the paper presets
 BOX_PADDING = 1.25
 MAX_SKIP_EXAMPLES = 5
+# Skip reasons of records that are broken rather than a quirk of the data: what --strict refuses.
+MALFORMED_REASONS = ("bad_keypoints", "bad_box", "unknown_image_id", "no_annotation_id", "bad_score")
 
 
 class DataError(ValueError):
     """An annotation or detection file that cannot be used as it is."""
+
+
+class RecordError(DataError):
+    """One malformed record; `reason` is its skip reason (one of MALFORMED_REASONS)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 class ImageError(OSError):
@@ -86,8 +98,16 @@ class SkipReport:
         return sum(self.counts.values())
 
     def summary(self) -> str:
-        parts = ", ".join(f"{reason}={n}" for reason, n in sorted(self.counts.items()))
+        """One line; malformed records also name their first ids, so they can be found and fixed."""
+        parts = ", ".join(f"{reason}={n}{self._ids(reason)}" for reason, n in sorted(self.counts.items()))
         return f"{self.source}: kept {self.kept}, skipped {self.total}" + (f" ({parts})" if parts else "")
+
+    def _ids(self, reason: str) -> str:
+        ids = self.examples.get(reason)
+        if reason not in MALFORMED_REASONS or not ids:
+            return ""
+        more = ", ..." if self.counts[reason] > len(ids) else ""
+        return f" [ids {', '.join(map(str, ids))}{more}]"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,13 +230,13 @@ def clip_box(bbox: Sequence[float], width: int, height: int) -> tuple[float, flo
 
 def _parse_box(bbox: Any, where: str) -> list[float]:
     if not isinstance(bbox, list | tuple) or len(bbox) != 4:
-        raise DataError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
+        raise RecordError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}", "bad_box")
     try:
         values = [float(v) for v in bbox]
     except (TypeError, ValueError) as e:
-        raise DataError(f"{where}: bbox has non-numeric values {bbox!r}") from e
+        raise RecordError(f"{where}: bbox has non-numeric values {bbox!r}", "bad_box") from e
     if not all(math.isfinite(v) for v in values) or values[2] < 0 or values[3] < 0:
-        raise DataError(f"{where}: bbox must be finite with w, h >= 0, got {bbox!r}")
+        raise RecordError(f"{where}: bbox must be finite with w, h >= 0, got {bbox!r}", "bad_box")
     return values
 
 
@@ -236,14 +256,18 @@ def _parse_joints(keypoints: Any, num_joints: int, where: str) -> np.ndarray:
     """COCO flat [x, y, v] * K -> (K, 3) float32 with visibility 1 for v in {1, 2}."""
     if not isinstance(keypoints, list) or len(keypoints) != 3 * num_joints:
         n = len(keypoints) if isinstance(keypoints, list) else type(keypoints).__name__
-        raise DataError(f"{where}: expected {3 * num_joints} keypoint values ({num_joints} joints), got {n}")
+        raise RecordError(
+            f"{where}: expected {3 * num_joints} keypoint values ({num_joints} joints), got {n}", "bad_keypoints"
+        )
     try:
         kp = np.asarray(keypoints, dtype=np.float64).reshape(num_joints, 3)
     except (TypeError, ValueError) as e:
-        raise DataError(f"{where}: keypoints are not numeric") from e
+        raise RecordError(f"{where}: keypoints are not numeric", "bad_keypoints") from e
     flags = kp[:, 2]
     if not np.isin(flags, (0, 1, 2)).all() or not np.isfinite(kp).all():
-        raise DataError(f"{where}: keypoint visibility flags must be 0, 1 or 2 and coordinates finite")
+        raise RecordError(
+            f"{where}: keypoint visibility flags must be 0, 1 or 2 and coordinates finite", "bad_keypoints"
+        )
     joints = np.zeros((num_joints, 3), dtype=np.float32)
     labelled = flags > 0
     joints[labelled, :2] = kp[labelled, :2]
@@ -271,12 +295,17 @@ def _index_images(data: dict[str, Any], ann_file: str) -> dict[int, ImageInfo]:
 
 
 def _check_category(data: dict[str, Any], ann_file: str, num_joints: int) -> None:
-    for cat in data.get("categories", []):
-        if cat.get("id") == PERSON_CATEGORY_ID and "keypoints" in cat:
-            if len(cat["keypoints"]) != num_joints:
-                raise DataError(
-                    f"{ann_file}: person category lists {len(cat['keypoints'])} keypoints, expected {num_joints}"
-                )
+    categories = data.get("categories")
+    person = [c for c in categories or [] if isinstance(c, dict) and c.get("id") == PERSON_CATEGORY_ID]
+    if not person:
+        raise DataError(
+            f"{ann_file}: no person category (id {PERSON_CATEGORY_ID}) in 'categories'; "
+            "pass a COCO person-keypoints file"
+        )
+    if "keypoints" in person[0] and len(person[0]["keypoints"]) != num_joints:
+        raise DataError(
+            f"{ann_file}: person category lists {len(person[0]['keypoints'])} keypoints, expected {num_joints}"
+        )
 
 
 def load_coco(ann_file: str, num_joints: int = NUM_JOINTS) -> tuple[dict[str, Any], dict[int, ImageInfo]]:
@@ -294,7 +323,8 @@ def _image_for(images: dict[int, ImageInfo], image_id: Any, where: str) -> Image
     try:
         return images[int(image_id)]
     except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{where}: image_id {image_id!r} is not in the annotation file's images") from e
+        message = f"{where}: image_id {image_id!r} is not in the annotation file's images"
+        raise RecordError(message, "unknown_image_id") from e
 
 
 def _gt_instances(
@@ -304,11 +334,14 @@ def _gt_instances(
     report: SkipReport,
     input_size: tuple[int, int],
     num_joints: int,
+    strict: bool,
 ) -> list[Instance]:
     instances = []
     for index, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or not isinstance(ann.get("id"), int):
-            raise DataError(f"{ann_file}: annotation #{index} is not an object with an integer 'id'")
+            message = f"{ann_file}: annotation #{index} is not an object with an integer 'id'"
+            _skip_or_raise(RecordError(message, "no_annotation_id"), report, None, strict)
+            continue
         ann_id = ann["id"]
         where = f"{ann_file}: annotation id {ann_id}"
         if ann.get("category_id", PERSON_CATEGORY_ID) != PERSON_CATEGORY_ID:
@@ -317,9 +350,13 @@ def _gt_instances(
         if ann.get("iscrowd", 0):
             report.add("crowd", ann_id)
             continue
-        info = _image_for(images, ann.get("image_id"), where)
-        joints = _parse_joints(ann.get("keypoints"), num_joints, where)
-        box = _parse_box(ann.get("bbox"), where)
+        try:
+            info = _image_for(images, ann.get("image_id"), where)
+            joints = _parse_joints(ann.get("keypoints"), num_joints, where)
+            box = _parse_box(ann.get("bbox"), where)
+        except RecordError as e:
+            _skip_or_raise(e, report, ann_id, strict)
+            continue
         if not joints[:, 2].any() or ann.get("num_keypoints", 1) == 0:
             report.add("no_labelled_joints", ann_id)
             continue
@@ -346,6 +383,19 @@ def _gt_instances(
     return instances
 
 
+def _parse_score(score: Any, where: str) -> float:
+    try:
+        return float(score)
+    except (TypeError, ValueError) as e:
+        raise RecordError(f"{where}: missing or non-numeric score", "bad_score") from e
+
+
+def _skip_or_raise(error: RecordError, report: SkipReport, record_id: int | None, strict: bool) -> None:
+    if strict:
+        raise error
+    report.add(error.reason, record_id)
+
+
 def _detection_instances(
     det_file: str,
     images: dict[int, ImageInfo],
@@ -353,6 +403,7 @@ def _detection_instances(
     score_thr: float,
     input_size: tuple[int, int],
     num_joints: int,
+    strict: bool,
 ) -> list[Instance]:
     """Person detections (list of {image_id, category_id, bbox, score}) -> instances.
 
@@ -371,14 +422,15 @@ def _detection_instances(
             report.add("not_person", index)
             continue
         try:
-            score = float(det["score"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{where}: missing or non-numeric score") from e
-        if score < score_thr:
-            report.add("below_score_thr", index)
+            score = _parse_score(det.get("score"), where)
+            if score < score_thr:
+                report.add("below_score_thr", index)
+                continue
+            info = _image_for(images, det.get("image_id"), where)
+            box = _parse_box(det.get("bbox"), where)
+        except RecordError as e:
+            _skip_or_raise(e, report, index, strict)
             continue
-        info = _image_for(images, det.get("image_id"), where)
-        box = _parse_box(det.get("bbox"), where)
         reason = _box_skip_reason(box, info.width, info.height)
         if reason is not None:
             report.add(reason, index)
@@ -408,12 +460,14 @@ def load_instances(
     score_thr: float = 0.0,
     input_size: tuple[int, int] = DEFAULT_INPUT_SIZE,
     num_joints: int = NUM_JOINTS,
+    strict: bool = False,
 ) -> tuple[list[Instance], SkipReport]:
     """Top-down instances of a COCO person-keypoints file.
 
-    split_kind "train" uses GT boxes (docs/method.md#conventions); "val" uses GT boxes (`boxes="gt"`) or
-    a person-detector results file (`boxes=<path or uri>`), keeping scores >= `score_thr`.
-    `input_size` (H, W) sets the crop aspect ratio.
+    split_kind "train" uses GT boxes (docs/method.md#conventions); "val" uses GT boxes
+    (`boxes="gt"`) or a person-detector results file (`boxes=<path or uri>`), keeping scores
+    >= `score_thr`. `input_size` (H, W) sets the crop aspect ratio. Malformed records are
+    skipped and counted in the report, or with `strict` raise `DataError` at the first one.
     """
     if split_kind not in ("train", "val"):
         raise ValueError(f"split_kind must be 'train' or 'val', got {split_kind!r}")
@@ -422,9 +476,9 @@ def load_instances(
     data, images = load_coco(ann_file, num_joints)
     if boxes == "gt":
         report = SkipReport(source=ann_file)
-        instances = _gt_instances(data, images, ann_file, report, input_size, num_joints)
+        instances = _gt_instances(data, images, ann_file, report, input_size, num_joints, strict)
     else:
         report = SkipReport(source=boxes)
-        instances = _detection_instances(boxes, images, report, score_thr, input_size, num_joints)
+        instances = _detection_instances(boxes, images, report, score_thr, input_size, num_joints, strict)
     report.kept = len(instances)
     return instances, report
