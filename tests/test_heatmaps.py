@@ -1,5 +1,4 @@
 import math
-import time
 
 import numpy as np
 import pytest
@@ -251,21 +250,3 @@ def test_fit_accepts_fp16_heatmaps():
     params, confidence = fit_gaussians(maps)
     assert params.dtype == torch.float32 and confidence.dtype == torch.float32
     assert fit_errors(maps, centres, sigmas)[0] < 0.05
-
-
-def test_fit_speed_one_core():
-    centres, sigmas = random_gaussians(64 * 17, seed=8)
-    maps = render_simulated_heatmaps(centres, sigmas, HEATMAP_SIZE).reshape(64, 17, *HEATMAP_SIZE)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        fit_gaussians(maps)  # warm-up
-        best = math.inf
-        for _ in range(3):
-            start = time.perf_counter()
-            fit_gaussians(maps)
-            best = min(best, time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    keypoints_per_second = maps.shape[0] * maps.shape[1] / best
-    assert keypoints_per_second >= 10_000, f"{keypoints_per_second:.0f} keypoints/s"
