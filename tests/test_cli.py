@@ -40,7 +40,7 @@ def student_checkpoint(tmp_path_factory) -> str:
     from distilpose.models.checkpoints import save_checkpoint
 
     path = str(tmp_path_factory.mktemp("student") / "student.pt")
-    save_checkpoint(build_model("distilpose-tiny"), path)
+    save_checkpoint(path, build_model("distilpose-tiny"))
     return path
 
 
