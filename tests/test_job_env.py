@@ -51,12 +51,14 @@ def cluster_address() -> Iterator[str]:
     """Dashboard address of a `ray start --head` cluster started the README's way (the
     venv's bin first on PATH), with a private temp dir; its processes are ended by pid."""
     temp_dir = private_ray_tmpdir()
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent, agent_grpc = (_free_port() for _ in range(4))
     env = {**os.environ, "PATH": f"{Path(PYTHON).parent}:{os.environ['PATH']}"}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     command = [str(Path(PYTHON).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2"]
     command += ["--include-dashboard=true", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}"]
+    # Not the agent's default ports: another cluster on this host may hold them.
+    command += [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}"]
     head = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -92,11 +94,18 @@ def test_submitted_job_refuses_relative_output_and_missing_relative_input(cluste
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(cluster_address)
-    job = client.submit_job(
-        entrypoint="python jobs/distill.py --cache runs/no-such-cache --student distilpose-tiny",
-        runtime_env={"working_dir": str(ROOT)},
-    )
     deadline = time.monotonic() + JOB_TIMEOUT_S
+    job = None
+    while job is None:
+        try:
+            job = client.submit_job(
+                entrypoint="python jobs/distill.py --cache runs/no-such-cache --student distilpose-tiny",
+                runtime_env={"working_dir": str(ROOT)},
+            )
+        except RuntimeError as e:  # the head's job agent starts a little after the dashboard
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
         time.sleep(0.5)
