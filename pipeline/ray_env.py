@@ -66,5 +66,6 @@ def quiet_ray_data(verbose: bool = False) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
-    # Ray Data logs each dataset's registration, plan and start to the console at INFO.
-    logging.getLogger("ray.data").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # Ray Data logs each dataset's registration, plan and start at INFO, and that progress bars
+    # are off as a WARNING.
+    logging.getLogger("ray.data").setLevel(logging.DEBUG if verbose else logging.ERROR)
