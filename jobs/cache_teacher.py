@@ -11,18 +11,19 @@ import sys
 import _bootstrap  # noqa: F401
 
 from distilpose.options import add_dataclass_args, config_from_args
+from pipeline.cli import JobParser, run_job
+from pipeline.job_env import check_job_paths
 from pipeline.teacher_stage import CacheJobConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(p, CacheJobConfig, required=False)  # --verify needs none of them
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--verify", metavar="URI", help="verify a cache's checksums instead of building one")
     p.add_argument(
         "--spot-check", type=int, default=0, metavar="N", help="with --verify: re-run the teacher on N views"
     )
-    p.add_argument("--verbose", action="store_true", help="Ray progress bars and worker logs")
     return p
 
 
@@ -40,10 +41,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Under `ray job submit --working-dir`: outputs and inputs must be outside the upload."""
+    if args.verify:
+        check_job_paths(outputs={}, inputs={"--verify": args.verify, "--checkpoint": getattr(args, "checkpoint", None)})
+        return
+    cfg = args.config
+    inputs = {"--data": cfg.data, "--checkpoint": cfg.checkpoint, "--ann-file": cfg.ann_file, "--images": cfg.images}
+    check_job_paths(outputs={"--out": cfg.out}, inputs=inputs)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline.ray_env import init_ray
 
+    check_paths(args)
     if args.verify:
         from pipeline.cache.verify import spot_check, verify_cache
 
@@ -59,11 +71,10 @@ def main(argv=None) -> int:
 
     from pipeline.teacher_stage import run_cache_job
 
-    init_ray(args.address, verbose=args.verbose)
-    summary = run_cache_job(args.config)
+    summary = run_cache_job(args.config, start_ray=lambda: init_ray(args.address, verbose=args.verbose))
     print(summary.table())
     return 0 if summary.complete else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

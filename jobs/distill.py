@@ -15,21 +15,30 @@ import _bootstrap  # noqa: F401
 
 from distilpose import options
 from distilpose.options import add_dataclass_args
+from pipeline.cli import JobParser, run_job
 from pipeline.distill.config import DistillConfig
+from pipeline.job_env import check_job_paths
 
 
 def add_distill_args(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(p, DistillConfig)
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--verbose", action="store_true")
 
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
     return options.config_from_args(DistillConfig, args)
 
 
+def check_paths(cfg: DistillConfig) -> None:
+    """Under `ray job submit --working-dir`: outputs and inputs must be outside the upload."""
+    boxes = None if cfg.val_boxes == "gt" else cfg.val_boxes
+    inputs = {"--cache": cfg.cache, "--data": cfg.data, "--val": cfg.val, "--val-boxes": boxes}
+    inputs |= {"--teacher-checkpoint": cfg.teacher_checkpoint, "--init-backbone": cfg.init_backbone}
+    check_job_paths(outputs={"--storage": cfg.storage}, inputs=inputs)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_distill_args(p)
     args = p.parse_args(argv)
     try:
@@ -37,8 +46,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     from distilpose.coco_metrics import format_table
-    from pipeline.distill import run_distill
+    from pipeline.distill import check_cache_for_run, resolve_paths, run_distill
     from pipeline.ray_env import init_ray
+
+    check_paths(cfg)
+    check_cache_for_run(resolve_paths(cfg))  # a wrong cache or student costs seconds, not Ray's start-up
 
     init_ray(args.address, num_cpus=None, verbose=args.verbose)
     result = run_distill(cfg)
@@ -51,4 +63,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

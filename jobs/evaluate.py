@@ -17,10 +17,12 @@ import sys
 import _bootstrap  # noqa: F401
 
 from distilpose.profiles import DEFAULT_PROFILE, PROFILES
+from pipeline.cli import JobParser, run_job
+from pipeline.job_env import check_job_paths
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="data set root (synthetic or COCO 2017 layout)")
     p.add_argument("--model", required=True, help="preset the checkpoint was made for")
     p.add_argument("--checkpoint", required=True, help="our checkpoint or an official .pth")
@@ -45,6 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    boxes = None if args.boxes == "gt" else args.boxes
+    check_job_paths(
+        outputs={"--out": args.out, "--results-json": args.results_json},
+        inputs={"--data": args.data, "--checkpoint": args.checkpoint, "--boxes": boxes},
+    )
     from distilpose.evaluate import EvalRequest, run_evaluation
 
     request = EvalRequest(
@@ -71,4 +78,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

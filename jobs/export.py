@@ -15,15 +15,18 @@ import _bootstrap  # noqa: F401
 
 from distilpose.export import ExportRequest, export_student
 from distilpose.options import add_dataclass_args, config_from_args
+from pipeline.cli import JobParser, run_job
+from pipeline.job_env import check_job_paths
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(p, ExportRequest)
     try:
         req = config_from_args(ExportRequest, p.parse_args(argv))
     except ValueError as e:
         p.error(str(e))
+    check_job_paths(outputs={"--out": req.out}, inputs={"--checkpoint": req.checkpoint})
     report = export_student(req.checkpoint, req.format, req.out, req.opset, req.tokens)
     print(report.summary())
     if report.worst_diff > req.tolerance:
@@ -33,4 +36,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

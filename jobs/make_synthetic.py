@@ -11,9 +11,12 @@ import sys
 
 import _bootstrap  # noqa: F401
 
+from pipeline.cli import JobParser, run_job
+from pipeline.job_env import check_job_paths
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (local)")
     p.add_argument("--train", type=int, required=True, help="number of training images")
     p.add_argument("--val", type=int, required=True, help="number of validation images")
@@ -29,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_job_paths(outputs={"--out": args.out}, inputs={})
     from distilpose.data.synthetic import make_synthetic_coco
 
     def progress(split: str, done: int, total: int) -> None:
@@ -41,4 +45,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

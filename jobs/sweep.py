@@ -13,16 +13,19 @@ import sys
 import _bootstrap  # noqa: F401
 
 from distilpose.options import add_dataclass_args, config_from_args
-from pipeline.sweep import SweepConfig, load_space
+from pipeline.cli import JobParser, run_job
+from pipeline.job_env import check_job_paths
+from pipeline.sweep import SweepConfig, check_sweep, load_space
+
+PATH_OVERRIDES = ("data", "val", "val_boxes", "teacher_checkpoint", "init_backbone")  # inputs given by --set
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(p, SweepConfig)
     p.add_argument("--val", help="data set root whose val split scores each trial (same as --set val=...)")
     p.add_argument("--data", help="data set root holding the cached split's images (same as --set data=...)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     try:
         cfg = config_from_args(SweepConfig, args)
@@ -30,6 +33,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     cfg.overrides.update({key: getattr(args, key) for key in ("val", "data") if getattr(args, key)})
+    inputs = {"--cache": cfg.cache, "--space": cfg.space}
+    inputs |= {f"--set {k}": v for k, v in cfg.overrides.items() if k in PATH_OVERRIDES and isinstance(v, str)}
+    check_job_paths(outputs={"--storage": cfg.storage}, inputs=inputs)
+    check_sweep(cfg)  # a wrong cache or student costs seconds, not Ray's start-up
 
     from distilpose.coco_metrics import format_table
     from pipeline.ray_env import init_ray
@@ -42,4 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

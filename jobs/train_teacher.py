@@ -16,10 +16,12 @@ import _bootstrap  # noqa: F401
 
 from distilpose.options import add_dataclass_args, option_values
 from distilpose.teacher_training import RECIPES, TeacherTrainConfig
+from pipeline.cli import JobParser, run_job
+from pipeline.job_env import check_job_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(p, TeacherTrainConfig)
     p.add_argument(
         "--recipe",
@@ -37,6 +39,7 @@ def main(argv=None) -> int:
         cfg = TeacherTrainConfig.from_recipe(args.recipe, **option_values(TeacherTrainConfig, args))
     except ValueError as e:
         p.error(str(e))
+    check_job_paths(outputs={"--out": cfg.out}, inputs={"--data": cfg.data})
     from distilpose.teacher_training import train_teacher
 
     result = train_teacher(cfg)
@@ -50,4 +53,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

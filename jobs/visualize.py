@@ -14,9 +14,12 @@ import sys
 
 import _bootstrap  # noqa: F401
 
+from pipeline.cli import JobParser, run_job
+from pipeline.job_env import check_job_paths
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="data set root (local or s3://): COCO 2017 or synthetic layout")
     p.add_argument("--split", default="val", help="data split (default: val)")
     p.add_argument("--checkpoint", help="student checkpoint (this project's format)")
@@ -46,6 +49,8 @@ def load_teacher_model(path: str, preset: str | None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    inputs = {"--data": args.data, "--checkpoint": args.checkpoint, "--curves": args.curves}
+    check_job_paths(outputs={"--out": args.out}, inputs={**inputs, "--teacher-checkpoint": args.teacher_checkpoint})
     from pathlib import Path
 
     written = []
@@ -70,4 +75,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

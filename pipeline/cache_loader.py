@@ -31,6 +31,7 @@ import torch
 from distilpose.data.coco import read_image
 from distilpose.data.transforms import crop_of_view, normalize_batch
 from distilpose.device import pin_batch
+from distilpose.errors import UserError
 
 # Fields always read: the student's input view and its regression target.
 BASE_FIELDS = ("instance_id", "image_id", "view", "view_params", "joints", "joint_weights")
@@ -57,7 +58,7 @@ def steps_per_epoch(reader, world_size: int, batch_size: int) -> int:
     """Batches every rank runs per epoch: the smallest rank's share decides (DDP lockstep)."""
     counts = instances_per_shard(reader)
     if len(counts) < world_size:
-        raise ValueError(
+        raise UserError(
             f"the cache has {len(counts)} shard(s) for {world_size} workers: a worker would get no data "
             "(shards are the unit each worker reads); use fewer --workers or rebuild the cache with a "
             "smaller --shard-views"
@@ -65,7 +66,7 @@ def steps_per_epoch(reader, world_size: int, batch_size: int) -> int:
     per_rank = [assign_shards(counts, r, world_size).rows for r in range(world_size)]
     steps = min(per_rank) // batch_size
     if steps == 0:
-        raise ValueError(
+        raise UserError(
             f"batch size {batch_size} x {world_size} workers is larger than the smallest worker's share "
             f"({min(per_rank)} instances); lower --batch-size or --workers"
         )

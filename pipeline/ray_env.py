@@ -38,6 +38,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
 
     if ray.is_initialized():
         return
+    if not verbose:
+        # The driver's core worker writes Ray's C++ log lines to stderr (e.g. an "E" line
+        # saying an actor's constructor arguments live in the object store): Ray's
+        # bookkeeping, not the job's, and it reads like a failure.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(
         runtime_env={"env_vars": worker_env()},
@@ -54,8 +59,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
 
 
 def quiet_ray_data(verbose: bool = False) -> None:
+    import logging
+
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
+    # Ray Data logs each dataset's registration, plan and start at INFO, and that progress bars
+    # are off as a WARNING.
+    logging.getLogger("ray.data").setLevel(logging.DEBUG if verbose else logging.ERROR)

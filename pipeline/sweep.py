@@ -174,27 +174,38 @@ def resolve_overrides(overrides: dict) -> dict:
     return {k: getattr(resolved, k) for k in overrides}
 
 
-def run_sweep(cfg: SweepConfig) -> list[dict]:
-    from ray import tune
-
-    from pipeline.distill import check_cache_for_run
-
+def sweep_trials(cfg: SweepConfig) -> tuple[list[dict], dict]:
+    """The space's trials (the first `trials`) and what every trial shares (absolute paths:
+    Tune runs each trial in its own folder as working directory)."""
     trials = load_space(cfg.space)
     if cfg.trials:
         trials = trials[: cfg.trials]
-    # Tune runs each trial in its own folder as working directory: only absolute paths work.
-    overrides = resolve_overrides(cfg.overrides)
-    sweep_root = storage.join(cfg.storage, cfg.name)
-    param_space = {
-        "trial": tune.grid_search(trials),
+    shared = {
         "cache": storage.absolute(cfg.cache),
-        "runs_storage": storage.absolute(storage.join(sweep_root, "runs")),
-        "overrides": overrides,
+        "runs_storage": storage.absolute(storage.join(cfg.storage, cfg.name, "runs")),
+        "overrides": resolve_overrides(cfg.overrides),
     }
-    configs = [trial_config({**param_space, "trial": trial}) for trial in trials]
-    for config in configs:  # refuse a bad cache / student before any trial starts
+    return trials, shared
+
+
+def check_sweep(cfg: SweepConfig) -> list[DistillConfig]:
+    """Refuse a bad space, cache or student before any trial starts; the trials' configs."""
+    from pipeline.distill import check_cache_for_run
+
+    trials, shared = sweep_trials(cfg)
+    configs = [trial_config({**shared, "trial": trial}) for trial in trials]
+    for config in configs:
         check_cache_for_run(config)
-    warn_if_cluster_too_small(configs, cfg.max_concurrent)
+    return configs
+
+
+def run_sweep(cfg: SweepConfig) -> list[dict]:
+    from ray import tune
+
+    trials, shared = sweep_trials(cfg)
+    sweep_root = storage.join(cfg.storage, cfg.name)
+    param_space = {"trial": tune.grid_search(trials), **shared}
+    warn_if_cluster_too_small(check_sweep(cfg), cfg.max_concurrent)
     trainable = tune.with_resources(_trial_fn, {"cpu": TRIAL_CPUS})
     tune_storage = storage.absolute(cfg.storage)
     experiment = storage.join(tune_storage, cfg.name)
@@ -223,13 +234,17 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
 
 
 def result_row(result) -> dict:
-    trial = result.config["trial"] if result.config else {}
-    metrics = result.metrics or {}
+    return trial_row(result.config, result.metrics or {}, result.error)
+
+
+def trial_row(config: dict | None, metrics: dict, error: BaseException | None) -> dict:
+    """One results row; the student is the one the trial ran (the space's value, then --set)."""
+    student = trial_config(config).student if config else ""
     return {
-        "trial": trial.get("name", "?"),
-        "student": trial.get("student", ""),
+        "trial": config["trial"]["name"] if config else "?",
+        "student": student,
         **{k: metrics.get(k) for k in RESULT_COLUMNS[2:]},
-        "error": repr(result.error)[:200] if result.error else "",
+        "error": repr(error)[:200] if error else "",
     }
 
 

@@ -20,12 +20,14 @@ import dataclasses
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from distilpose.data.coco import Instance, load_instances
 from distilpose.data.layout import SplitFiles
+from distilpose.errors import UserError
 from distilpose.options import check_choices, option
 from pipeline import storage
 from pipeline.cache import open_writer
@@ -329,15 +331,19 @@ def claim_output(out: str, identity: dict) -> bool:
     return False
 
 
-def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
-
+def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = None) -> CacheSummary:
+    """Cache the teacher's outputs over the split. `start_ray` starts or joins Ray once the
+    inputs are checked and shards are left to do: a mistake costs seconds, not Ray's start-up."""
     from distilpose.data.coco import data_fingerprint
     from distilpose.models import get_config
+    from distilpose.teacher_forward import build_teacher
 
     t0 = time.perf_counter()
     teacher_cfg = get_config(cfg.teacher)
     if teacher_cfg.kind != "teacher":
-        raise ValueError(f"--teacher {cfg.teacher} is a {teacher_cfg.kind} preset, not a teacher")
+        raise UserError(f"--teacher {cfg.teacher} is a {teacher_cfg.kind} preset, not a teacher")
+    if cfg.checkpoint:  # a checkpoint of another preset fails here, not inside every teacher actor
+        build_teacher(cfg.teacher, storage.local_copy(cfg.checkpoint))
     layout = resolve_layout(cfg.data, cfg.split, cfg.ann_file, cfg.images)
     instances, skip_report = load_instances(
         layout.ann_file, split_kind="train", input_size=teacher_cfg.input_size, strict=cfg.strict
@@ -345,7 +351,7 @@ def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
     if cfg.limit:
         instances = sorted(instances, key=lambda inst: inst.instance_id)[: cfg.limit]
     if not instances:
-        raise ValueError(f"no usable instances in {layout.ann_file}: {skip_report.summary()}")
+        raise UserError(f"no usable instances in {layout.ann_file}: {skip_report.summary()}")
     spec = CacheSpec.from_model_config(
         teacher_cfg,
         heatmap_encoding=cfg.heatmap_encoding,
@@ -382,6 +388,8 @@ def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
         print(f"[cache] resuming: {len(shards) - len(todo)} of {len(shards)} shards already committed", flush=True)
 
     if todo:
+        if start_ray is not None:
+            start_ray()
         _run_pipeline(cfg, layout, teacher_cfg, spec, todo)
 
     committed = writer.committed()

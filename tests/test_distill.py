@@ -17,6 +17,7 @@ import pytest
 import torch
 from pipeline_fixtures import epochs_of, local_ray, read_csv
 
+from distilpose.errors import UserError
 from distilpose.losses import DistillLoss
 from distilpose.models import get_config
 from distilpose.schedule import step_schedule
@@ -75,6 +76,25 @@ def test_lr_schedule_warmup_then_steps() -> None:
     # The recipe's defaults: x0.1 at 2/3 and 13/15 of the epochs (200 and 260 of 300).
     assert DistillConfig(cache="c", student=STUDENT, epochs=300).milestones() == (200, 260)
     assert DistillConfig(cache="c", student=STUDENT, lr_steps=(3,)).milestones() == (3,)
+
+
+def test_short_run_warmup_is_scaled_to_the_schedule_and_logged() -> None:
+    from distilpose.schedule import scaled_warmup
+    from pipeline.distill.checks import warmup_line
+
+    # 1 epoch of 100 steps with the recipe's 500-iteration warm-up: cut to 10% of the run,
+    # so the run trains at the full lr instead of ending at lr x 0.2.
+    assert scaled_warmup(500, 100) == 10
+    f = step_schedule(scaled_warmup(500, 100), milestones=())
+    assert f(99) == 1.0
+    assert step_schedule(500, ())(99) == pytest.approx(0.001 + 0.999 * 99 / 500)
+    assert scaled_warmup(500, 300 * 3000) == 500  # a full run keeps the recipe's warm-up
+    assert (scaled_warmup(500, 5), scaled_warmup(0, 100)) == (1, 0)
+    cfg = DistillConfig(cache="c", student=STUDENT, epochs=1)
+    assert warmup_line(cfg, 100) == (
+        "[distill] lr warm-up scaled to 10 of 100 iterations (--warmup-iters 500 is more than 10% of this run)"
+    )
+    assert warmup_line(cfg, 100_000) == "[distill] lr warm-up: 500 of 100000 iterations"
 
 
 def test_stream_equal_steps_one_view_per_instance(tiny_cache) -> None:
@@ -235,7 +255,7 @@ def test_incomplete_cache_refused(tiny_cache, tmp_path) -> None:
     (partial / "manifest.json").unlink()  # the job died before finalizing
     with pytest.raises(FileNotFoundError, match="not finalized \\(3 shard\\(s\\) committed\\)"):
         run_distill(_cfg(str(partial), tmp_path, "p"))
-    with pytest.raises(FileNotFoundError, match="not finalized \\(0 shard"):
+    with pytest.raises(UserError, match="cache .*nothing does not exist"):  # not "not finalized"
         run_distill(_cfg(str(tmp_path / "nothing"), tmp_path, "p"))
 
 

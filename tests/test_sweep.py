@@ -112,7 +112,8 @@ def test_two_trial_sweep_ranks_by_ap_and_rerun_trains_nothing(tiny_cache, tiny_d
     space = _write(
         tmp_path / "space.yaml",
         {
-            "base": {"student": "distilpose-tiny", "epochs": 1, "batch_size": 8, "warmup_iters": 2, "log_every": 1},
+            # The YAML's student (distilpose-s) is overridden by --set: the results must say what ran.
+            "base": {"student": "distilpose-s", "epochs": 1, "batch_size": 8, "warmup_iters": 2, "log_every": 1},
             "trials": [{"name": "none", "no_distill": True}, {"name": "all"}],
         },
     )
@@ -120,6 +121,7 @@ def test_two_trial_sweep_ranks_by_ap_and_rerun_trains_nothing(tiny_cache, tiny_d
     args = [
         *("--cache", tiny_cache, "--space", space, "--storage", str(tmp_path / "sweeps"), "--name", "abl"),
         *("--val", tiny_data, "--set", f"pid_dir={pid_dir}", "--set", "flip_test=false"),
+        *("--set", "student=distilpose-tiny"),
     ]
     first = run_job("sweep.py", args, timeout_s=360)
     assert first.returncode == 0, first.stdout[-4000:]
@@ -127,6 +129,9 @@ def test_two_trial_sweep_ranks_by_ap_and_rerun_trains_nothing(tiny_cache, tiny_d
     results = tmp_path / "sweeps" / "abl" / "results.csv"
     rows = read_csv(results)
     assert {r["trial"] for r in rows} == {"none", "all"} and not any(r["error"] for r in rows)
+    assert {r["student"] for r in rows} == {"distilpose-tiny"}
+    table_rows = [line for line in first.stdout.splitlines() if line.startswith(("none ", "all "))]
+    assert len(table_rows) == 2 and all("distilpose-tiny" in line for line in table_rows), first.stdout[-2000:]
     aps = [float(r["AP"]) for r in rows]  # --val: every trial is scored on COCO AP
     assert aps == sorted(aps, reverse=True)
     assert [r["trial"] for r in rows] == [r["trial"] for r in sorted(rows, key=_csv_rank_key)]
@@ -146,6 +151,20 @@ def test_two_trial_sweep_ranks_by_ap_and_rerun_trains_nothing(tiny_cache, tiny_d
     assert "resuming sweep 'abl'" in again.stdout
     assert len(read_starts(pid_dir)) == starts, "a finished trial was trained again"
     assert read_csv(results) == rows
+
+
+def test_results_name_the_student_the_trial_ran_not_the_spaces() -> None:
+    from pipeline.sweep import trial_row
+
+    config = {
+        "trial": {"name": "all", "student": "distilpose-s"},
+        "cache": "c",
+        "runs_storage": "r",
+        "overrides": {"student": "distilpose-tiny"},
+    }
+    row = trial_row(config, {"AP": 0.5}, None)
+    assert (row["trial"], row["student"], row["AP"], row["error"]) == ("all", "distilpose-tiny", 0.5, "")
+    assert trial_row({**config, "overrides": {}}, {}, None)["student"] == "distilpose-s"
 
 
 def _csv_rank_key(row: dict) -> tuple:

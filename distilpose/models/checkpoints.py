@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from distilpose.errors import UserError
+
 from .config import ModelConfig
 from .presets import build_model, get_config
 
@@ -251,7 +253,7 @@ def load_teacher(preset: str, checkpoint: PathLike | None = None) -> nn.Module:
     our format or an official mmpose file (detected from the content)."""
     config = get_config(preset)
     if config.kind != "teacher":
-        raise ValueError(f"preset {preset!r} is a {config.kind}, not a teacher")
+        raise UserError(f"preset {preset!r} is a {config.kind}, not a teacher")
     if checkpoint is None:
         return build_model(config).eval()
     raw = _read(checkpoint)

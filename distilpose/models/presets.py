@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from distilpose.errors import UserError
+
 from .config import ModelConfig
 from .distilpose import DistilPose
 from .tokenpose import TokenPose
@@ -73,7 +75,7 @@ def get_config(name: str | ModelConfig, **overrides) -> ModelConfig:
         try:
             config = PRESETS[name]
         except KeyError:
-            raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+            raise UserError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}") from None
     return config.replace(**overrides) if overrides else config
 
 

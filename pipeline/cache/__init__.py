@@ -13,6 +13,7 @@ batch = reader.read_shard(0, fields=["gauss", "confidence"])
 
 from __future__ import annotations
 
+from distilpose.errors import UserError
 from pipeline.cache.base import MANIFEST_NAME, CacheReader, CacheWriter, read_commits, read_manifest
 from pipeline.cache.encodings import decode_fields, encode_views
 from pipeline.cache.manifest import DataInfo, Manifest, ShardInfo, TeacherInfo, check_compatible
@@ -27,13 +28,17 @@ READERS: dict[str, type[CacheReader]] = {"zarr": ZarrCacheReader, "wds": WdsCach
 def open_writer(uri: str, spec: CacheSpec, fmt: str = "zarr") -> CacheWriter:
     """Writer for a new or partly written cache at ``uri`` ("zarr" or "wds")."""
     if fmt not in WRITERS:
-        raise ValueError(f"unknown cache format {fmt!r}; choose one of {list(FORMATS)}")
+        raise UserError(f"unknown cache format {fmt!r}; choose one of {list(FORMATS)}")
     return WRITERS[fmt](uri, spec)
 
 
 def open_reader(uri: str) -> CacheReader:
     """Reader for a finalized cache; the format is taken from its manifest."""
+    from pipeline import storage
+
     manifest = read_manifest(uri)
+    if manifest is None and not storage.exists(uri):
+        raise UserError(f"cache {uri} does not exist; check the path, or build it with jobs/cache_teacher.py")
     if manifest is None:
         committed = len(read_commits(uri))
         raise FileNotFoundError(

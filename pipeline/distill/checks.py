@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from distilpose.errors import UserError
 from pipeline import storage
 from pipeline.distill.config import DistillConfig, resolve_paths, run_dir, worker_resources
 from pipeline.distill.state import has_checkpoint
@@ -27,21 +28,22 @@ IDENTITY_FIELDS = (
 
 def check_cache_for_run(cfg: DistillConfig):
     """Refuse early (on the driver) a cache that is incomplete, made for another
-    teacher/data, or whose teacher does not fit the student. Returns the cache's manifest."""
+    teacher/data, or whose teacher does not fit the student. Returns the cache's manifest
+    and the steps of one epoch."""
     from pipeline.cache import open_reader
     from pipeline.cache.manifest import check_compatible
     from pipeline.cache_loader import steps_per_epoch
 
     reader = open_reader(cfg.cache)  # no manifest yet: "not finalized" error naming the commits
     if not reader.manifest.complete:
-        raise ValueError(f"cache {cfg.cache} is not complete; finish it with jobs/cache_teacher.py (it resumes)")
+        raise UserError(f"cache {cfg.cache} is not complete; finish it with jobs/cache_teacher.py (it resumes)")
     if cfg.expect_teacher:
         check_compatible(reader.manifest, cfg.expect_teacher, uri=cfg.cache)
     check_student_fits(cfg, reader.manifest)
     if cfg.data:
         check_data_matches(cfg, reader.manifest)
-    steps_per_epoch(reader, cfg.workers, cfg.batch_size)  # raises when a worker would get no batch
-    return reader.manifest
+    steps = steps_per_epoch(reader, cfg.workers, cfg.batch_size)  # raises when a worker would get no batch
+    return reader.manifest, steps
 
 
 def check_student_fits(cfg: DistillConfig, manifest) -> None:
@@ -52,7 +54,7 @@ def check_student_fits(cfg: DistillConfig, manifest) -> None:
 
     student = get_config(cfg.student)
     if student.kind != "student":
-        raise ValueError(f"--student {cfg.student!r} is a {student.kind} preset, not a student")
+        raise UserError(f"--student {cfg.student!r} is a {student.kind} preset, not a student")
     fields = cfg.teacher_fields()
     if cfg.online_teacher:
         source, teacher = f"online teacher {cfg.online_teacher!r}", get_config(cfg.online_teacher)
@@ -127,6 +129,7 @@ def check_run_record(cfg: DistillConfig, manifest, resumed: bool) -> None:
             advice="Use a new --name to start a separate run (or the original settings to resume it).",
             recorded_as="run has",
             current_as="this command",
+            error=UserError,
         )
         return
     storage.atomic_write_bytes(uri, (json.dumps(identity, indent=2) + "\n").encode())
@@ -136,7 +139,7 @@ def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
     """Driver-side checks before a fit: absolute paths, cache, resume or fresh start.
     Returns the resolved config and whether the run resumes."""
     cfg = resolve_paths(cfg)
-    manifest = check_cache_for_run(cfg)
+    manifest, steps = check_cache_for_run(cfg)
     resumed = has_checkpoint(cfg)
     check_run_record(cfg, manifest, resumed)
     if resumed:
@@ -147,8 +150,22 @@ def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
         )
     else:
         print(f"[distill] starting new run '{cfg.name}' at {run_dir(cfg)}", flush=True)
+    print(warmup_line(cfg, steps * cfg.epochs), flush=True)
     warn_if_cluster_too_small(cfg)
     return cfg, resumed
+
+
+def warmup_line(cfg: DistillConfig, total_steps: int) -> str:
+    """Says which lr warm-up the run uses: the asked one, or one scaled to a short run."""
+    from distilpose.schedule import MAX_WARMUP_FRACTION, scaled_warmup
+
+    used = scaled_warmup(cfg.warmup_iters, total_steps)
+    if used == cfg.warmup_iters:
+        return f"[distill] lr warm-up: {used} of {total_steps} iterations"
+    return (
+        f"[distill] lr warm-up scaled to {used} of {total_steps} iterations (--warmup-iters {cfg.warmup_iters} "
+        f"is more than {MAX_WARMUP_FRACTION:.0%} of this run)"
+    )
 
 
 def warn_if_cluster_too_small(cfg: DistillConfig) -> None:

@@ -34,7 +34,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from distilpose.losses import DistillLoss
     from distilpose.models import build_model
-    from distilpose.schedule import step_schedule
+    from distilpose.schedule import scaled_warmup, step_schedule
     from distilpose.teacher_training import reinit_backbone
     from pipeline.cache import open_reader
     from pipeline.cache_loader import CachedViewStream
@@ -79,7 +79,8 @@ def train_loop_per_worker(config: dict) -> None:
     core = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     milestones = tuple(m * stream.steps for m in cfg.milestones())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, step_schedule(cfg.warmup_iters, milestones))
+    warmup = scaled_warmup(cfg.warmup_iters, stream.steps * cfg.epochs)  # the driver logs which
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, step_schedule(warmup, milestones))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
 
     start_epoch, step, best = 0, 0, {}

@@ -1,0 +1,80 @@
+"""User mistakes end with one stderr line and exit code 2, before Ray starts (the jobs run
+as subprocesses with RAY_ADDRESS pointing nowhere: joining Ray would fail differently)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from pipeline_fixtures import PYTHON, ROOT, TEACHER
+
+from pipeline.cli import run_job
+
+NO_RAY = "127.0.0.1:9"  # nothing listens there: a job that tried to start or join Ray would fail on it
+JOB_TIMEOUT_S = 120
+
+
+def _job(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": NO_RAY}
+    return subprocess.run(
+        [PYTHON, str(ROOT / "jobs" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
+    )
+
+
+def _assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def student_checkpoint(tmp_path_factory) -> str:
+    from distilpose.models import build_model
+    from distilpose.models.checkpoints import save_checkpoint
+
+    path = str(tmp_path_factory.mktemp("student") / "student.pt")
+    save_checkpoint(path, build_model("distilpose-tiny"))
+    return path
+
+
+def test_missing_cache_says_it_does_not_exist(tmp_path) -> None:
+    missing = str(tmp_path / "no-cache")
+    _assert_user_error(_job("distill.py", "--cache", missing), f"cache {missing} does not exist")
+    _assert_user_error(_job("sweep.py", "--cache", missing, "--space", "sweeps/ablation.yaml"), "does not exist")
+    verbose = _job("distill.py", "--cache", missing, "--verbose")
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "does not exist" in verbose.stderr
+
+
+def test_bad_data_folder_json_and_checkpoint_are_one_line(tiny_data, student_checkpoint, tmp_path) -> None:
+    base = ["--teacher", TEACHER, "--out", str(tmp_path / "cache")]
+    _assert_user_error(_job("cache_teacher.py", "--data", str(tmp_path), *base), "no 'train' split under")
+    not_json = tmp_path / "notes.json"
+    not_json.write_text("these are not annotations")
+    with_bad_json = ["--data", tiny_data, "--ann-file", str(not_json), *base]
+    _assert_user_error(_job("cache_teacher.py", *with_bad_json), "not valid JSON")
+    other_preset = ["--data", tiny_data, "--checkpoint", student_checkpoint, *base]
+    _assert_user_error(_job("cache_teacher.py", *other_preset), "distilpose-tiny", TEACHER)
+    _assert_user_error(_job("cache_teacher.py", "--data", tiny_data, *base, "--views", "two"), "--views")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_student_that_does_not_fit_the_cache_is_one_line(tiny_cache, tmp_path) -> None:
+    args = ["--cache", tiny_cache, "--student", "distilpose-s", "--storage", str(tmp_path)]
+    _assert_user_error(_job("distill.py", *args), "does not fit the teacher cache", "pick a student preset")
+    _assert_user_error(_job("distill.py", "--cache", tiny_cache, "--sh-weighting", "offical"), "--sh-weighting")
+
+
+def test_real_bugs_keep_their_traceback() -> None:
+    def buggy() -> int:
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        run_job(buggy, argv=[])
+    assert run_job(lambda: 0, argv=[]) == 0
