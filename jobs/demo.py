@@ -11,11 +11,12 @@ import sys
 import _bootstrap  # noqa: F401
 
 from distilpose.options import add_dataclass_args, option_values
+from pipeline.cli import JobParser, run_job
 from pipeline.demo import QUICK, DemoConfig, run_demo
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(p, DemoConfig)
     p.add_argument("--quick", action="store_true", help="a much smaller run (smoke test; AP is not meaningful)")
     args = p.parse_args(argv)
@@ -23,10 +24,10 @@ def main(argv=None) -> int:
 
     from pipeline.ray_env import init_ray
 
-    init_ray(num_cpus=2)
+    init_ray(num_cpus=2, verbose=args.verbose)
     print(run_demo(cfg))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))
