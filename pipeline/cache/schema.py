@@ -118,9 +118,9 @@ class Precision:
     token_tolerance: float
 
 
-# bf16 measured on the CPU (autocast) against float32, on a trained tokenpose-tiny: up to 3.8%
-# of a joint's heatmap peak, 1.4-1.9% of token absmax; fp16 about 10x less. The fp32 tolerance
-# covers TF32 matmuls on a GPU (10 mantissa bits for the matmul inputs, as fp16).
+# bf16 autocast against float32, measured on the CPU on trained tokenpose-tiny teachers: up to
+# 2-4% of a joint's heatmap peak, 1-2% of a token's absmax; fp16 about 6x less. The fp32
+# tolerance covers TF32 matmuls on a GPU (10 mantissa bits for the matmul inputs, as fp16).
 TEACHER_PRECISIONS: dict[str, Precision] = {
     "fp32": Precision("fp32", "float32 (TF32 matmuls on a GPU)", 0.01, 0.01),
     "bf16": Precision("bf16", "bfloat16 autocast", 0.08, 0.04),
