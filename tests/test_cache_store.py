@@ -517,7 +517,7 @@ def test_paper_spec_bytes_per_view(tmp_path, paper_rows: dict) -> None:
     assert table[("fp16-thresh", "int8-token-scale", "zarr")]["TOTAL"] <= VIEW_BUDGET_BYTES
 
 
-# Measured before u8-thresh became the default: u8-joint-scale keeps the N(0, 0.003) noise
+# Measured when u8-thresh became the default (i8-thresh is now): u8-joint-scale keeps the N(0, 0.003) noise
 # floor (15.7 KB/view of heatmaps) and stores 65.9 KB/view in Zarr, 70.1 KB in WDS.
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_paper_spec_default_encodings_fit_64k_per_view(tmp_path, paper_rows: dict, fmt: str) -> None:
