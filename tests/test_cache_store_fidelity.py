@@ -76,3 +76,24 @@ def test_teacher_precisions_are_the_ones_the_forward_runs() -> None:
     assert set(TEACHER_PRECISIONS) == set(AUTOCAST_DTYPES)
     with pytest.raises(ValueError, match="teacher precision 'tf32'"):
         run_teacher(None, np.zeros((1, 8, 8, 3), np.uint8), 1, torch.device("cpu"), precision="tf32")
+
+
+def test_manifest_states_the_bound_and_the_teacher_precision(tmp_path) -> None:
+    from pipeline.cache import DataInfo, Manifest, TeacherInfo
+    from pipeline.teacher_stage import CacheJobConfig
+
+    spec = CacheSpec.from_model_config(get_config(TEACHER))
+    teacher = TeacherInfo(preset=TEACHER, checkpoint_sha256="c" * 64, precision="bf16")
+    manifest = Manifest(teacher=teacher, data=DataInfo("d" * 64, 3, "train"), views=2, seed=0, spec=spec)
+    doc = manifest.to_dict()
+    heatmaps = doc["encodings"]["heatmaps"]
+    assert heatmaps["name"] == "i8-thresh" and heatmaps["signed"] and heatmaps["threshold"] == 0.01
+    assert heatmaps["step"] == 1 / 254 and "sign kept" in heatmaps["error_bound"]
+    assert doc["teacher"]["precision"] == "bf16" and doc["teacher_precision"]["heatmap_tolerance"] == 0.08
+    assert Manifest.from_json(manifest.to_json()).teacher.precision == "bf16"
+    # A manifest from before the precision was recorded is taken as bf16 (GPU builds were).
+    del doc["teacher"]["precision"]
+    assert Manifest.from_dict(doc).teacher.effective_precision == "bf16"
+    assert CacheJobConfig(data="d", teacher="t", out="o").teacher_precision == "fp32"
+    with pytest.raises(ValueError, match="CacheJobConfig.teacher_precision"):
+        CacheJobConfig(data="d", teacher="t", out="o", teacher_precision="tf32")
