@@ -31,12 +31,12 @@ import _common as C
 import numpy as np
 
 NAME = "cache_bytes"
-HEATMAP_ENCODINGS = ("u8-thresh", "u8-joint-scale", "fp16-thresh", "fp16")
+HEATMAP_ENCODINGS = ("i8-thresh", "u8-thresh", "u8-joint-scale", "fp16-thresh", "fp16")
 TOKEN_ENCODINGS = ("int8-token-scale", "fp16")
 TERMS = ("sh", "cs", "kt", "vt")
 TERM_FIELD = {"sh": "heatmaps", "cs": "heatmaps", "kt": "kpt_tokens", "vt": "vis_tokens"}
 ALPHA = {"kt": 5e-4, "vt": 5e-4, "sh": 1.0, "cs": 0.01}
-DEFAULTS = ("u8-thresh", "int8-token-scale")
+DEFAULTS = ("i8-thresh", "int8-token-scale")
 
 
 def parse_args() -> argparse.Namespace:

@@ -2,7 +2,7 @@
 
     python bench/bench_cache_reader.py [--quick]
 
-A paper-size cache (K=17, 64x48 heatmaps, D=192, P=256; default encodings u8-thresh /
+A paper-size cache (K=17, 64x48 heatmaps, D=192, P=256; default encodings i8-thresh /
 int8-token-scale) is filled with teacher-like synthetic values (bench/_common.py) through
 the real writers, in both formats, with the production shard size (256 views). Its rows
 belong to real instances of a small synthetic COCO set (view parameters from the job's

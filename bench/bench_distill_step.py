@@ -9,7 +9,7 @@ paper weights, every term on) and the paper teacher tokenpose-w48 (random init, 
 built by the training code's own `pipeline.distill.worker.online_teacher`), measured side by side,
 interleaved, median:
 
-- cached: decode the batch's encoded teacher fields (heatmaps u8-thresh, tokens
+- cached: decode the batch's encoded teacher fields (heatmaps i8-thresh, tokens
   int8-token-scale: the raw arrays a cache read returns, decoded to float32 and made into
   tensors as the loader does), then student forward + loss + backward + optimizer step;
 - online: the teacher forward under no_grad on the same images (what `--online-teacher`
@@ -207,7 +207,7 @@ def main() -> None:
         "",
         C.table(rows_out),
         "",
-        f"decode of the batch's teacher fields (u8-thresh heatmaps, int8 tokens -> fp32 tensors): "
+        f"decode of the batch's teacher fields (i8-thresh heatmaps, int8 tokens -> fp32 tensors): "
         f"{1e3 * decode_s:.1f} ms/step",
         "",
         "CPU seconds per step by part (medians; 'teacher fields' = decode when cached, teacher forward when online)",

@@ -6,9 +6,10 @@
 
 (a) teacher caching vs the bare teacher forward, same crops, same batch, fp32 (TF32 on) and
     bf16 autocast: `bare` = model(x) on crops already on the device; `actor as coded` = the
-    cache actor's own work per shard (`run_teacher`: CPU normalize, float32 upload, bf16 on a
-    GPU; Gaussian fit; copies; `encode_shard_rows`); `actor, uint8 upload` = the same with the
-    crops uploaded as pinned uint8 and normalized on the device (distilpose.device).
+    cache actor's own work per shard (`run_teacher`: CPU normalize, float32 upload, fp32 with
+    TF32 matmuls, the cache job's default; Gaussian fit; copies; `encode_shard_rows`);
+    `actor, uint8 upload` = the same with the crops uploaded as pinned uint8 and normalized on
+    the device (distilpose.device).
 (b) one training step from the cache vs with the online teacher (`pipeline.distill.worker.online_teacher`),
     per student, AMP as the training loop runs it (fp16 autocast + GradScaler on a GPU),
     batches pinned and copied non_blocking (distilpose.device.to_device); + channels_last.
@@ -151,7 +152,7 @@ def caching(sizes: Sizes, device, model, crop_rows: list[dict], spec) -> tuple[l
     cases["actor as coded"] = actor_as_coded
     cases.update({f"actor, uint8 upload, {p}": actor_uint8(d) for p, d in precisions.items()})
     med, cpu, peaks = timed_cases(cases, device, sizes.reps, "caching")
-    coded = "bf16" if device.type == "cuda" else "fp32/TF32"  # run_teacher autocasts on CUDA only
+    coded = "fp32/TF32"  # run_teacher's default precision, as the cache job runs it
     rows = []
     for name, seconds in med.items():
         precision = next((p for p in precisions if name.endswith(p)), coded)  # "as coded": run_teacher's

@@ -7,6 +7,7 @@ distillation and the benchmarks, so all of them get the same teacher and the sam
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from distilpose.heatmaps import fit_gaussians
 from distilpose.models.checkpoints import load_teacher
 
 TEACHER_FIELDS = ("heatmaps", "kpt_tokens", "vis_tokens", "gauss", "confidence")
+# Precisions the teacher can run in: float32 by default, autocast only when asked for (the
+# cache records which one; bf16 moves outputs by a few % of their peak).
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_teacher(preset: str, checkpoint: str | Path | None) -> nn.Module:
@@ -36,19 +40,26 @@ def run_teacher(
     batch_size: int,
     device: torch.device,
     timings: dict[str, float] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, np.ndarray]:
     """Teacher forward + Gaussian fit on uint8 crops (N,H,W,3) -> fp32 numpy fields.
 
+    `precision`: "fp32" (TF32 matmuls allowed on a GPU), or "bf16" / "fp16" autocast.
     `timings`, when given, accumulates seconds of "forward" (normalize + forward) and "fit"
     (Gaussian fit + copies to numpy) - the benchmark's breakdown of the actor's work.
     """
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"teacher precision {precision!r}: choose one of {list(AUTOCAST_DTYPES)}")
+    amp_dtype = AUTOCAST_DTYPES[precision]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # ~fp16-level input rounding, well within the fp32 tolerance
     parts: dict[str, list[np.ndarray]] = {name: [] for name in TEACHER_FIELDS}
-    use_amp = device.type == "cuda"
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             t0 = time.perf_counter()
             x = normalize_batch(images[start : start + batch_size]).to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+            with autocast:
                 out = model(x)
             heatmaps = out.heatmaps.float()
             if timings is not None:

@@ -20,7 +20,6 @@ each batch is page-locked in that thread, so the step's `non_blocking` copy is a
 
 from __future__ import annotations
 
-import io
 import queue
 import threading
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from distilpose.data.coco import read_image
 from distilpose.data.transforms import crop_of_view, normalize_batch
 from distilpose.device import pin_batch
 from distilpose.errors import UserError
+from pipeline.cache.encodings import decode_crop_jpeg
 
 # Fields always read: the student's input view and its regression target.
 BASE_FIELDS = ("instance_id", "image_id", "view", "view_params", "joints", "joint_weights")
@@ -174,9 +174,7 @@ class CachedViewStream:
 
     def _crop(self, rows: dict[str, np.ndarray], i: int) -> np.ndarray:
         if self.use_crops:
-            from PIL import Image
-
-            return np.asarray(Image.open(io.BytesIO(bytes(rows["crop_jpeg"][i]))).convert("RGB"))
+            return decode_crop_jpeg(rows["crop_jpeg"][i])
         image = self._image(int(rows["image_id"][i]))
         return crop_of_view(image, rows["view_params"][i], self.input_size)
 

@@ -31,9 +31,9 @@ from distilpose.errors import UserError
 from distilpose.options import check_choices, option
 from pipeline import storage
 from pipeline.cache import open_writer
-from pipeline.cache.encodings import encode_views
+from pipeline.cache.encodings import decode_crop_jpeg, encode_crop_jpeg, encode_views
 from pipeline.cache.manifest import DataInfo, Manifest, TeacherInfo
-from pipeline.cache.schema import FORMATS, HEATMAP_ENCODINGS, TOKEN_ENCODINGS, CacheSpec
+from pipeline.cache.schema import FORMATS, HEATMAP_ENCODINGS, TEACHER_PRECISIONS, TOKEN_ENCODINGS, CacheSpec
 from pipeline.dataset_layout import resolve_layout
 from pipeline.mismatch import refuse_differences
 from pipeline.progress import Poller
@@ -55,7 +55,10 @@ class CacheJobConfig:
     store_crops: str = option("none", choices=("none", "jpeg"), help="also store each view's crop")
     shard_views: int = option(256, help="views per shard")
     seed: int = option(0, help="seed of the views' augmentation")
-    heatmap_encoding: str = option("u8-thresh", choices=tuple(HEATMAP_ENCODINGS), help="heatmap encoding")
+    heatmap_encoding: str = option("i8-thresh", choices=tuple(HEATMAP_ENCODINGS), help="heatmap encoding")
+    teacher_precision: str = option(
+        "fp32", choices=tuple(TEACHER_PRECISIONS), help="teacher forward: fp32 (TF32 on a GPU) or bf16/fp16 autocast"
+    )
     token_encoding: str = option("int8-token-scale", choices=tuple(TOKEN_ENCODINGS), help="token encoding")
     ann_file: str | None = option(None, help="override the split's annotation json")
     images: str | None = option(None, help="override the split's image folder")
@@ -151,8 +154,12 @@ def crop_shard(batch: dict, *, image_root: str, input_size, views: int, seed: in
                 image, reason = None, f"image: {type(exc).__name__}"
             for v in range(views):
                 view = view_for(inst, v, seed)
+                jpeg = b""
                 if image is not None:
                     crop, joints = apply_view(image, inst.joints, view, input_size)
+                    if store_crops == "jpeg":  # the teacher sees the stored crop's pixels, as the student will
+                        jpeg = encode_crop_jpeg(crop)
+                        crop = decode_crop_jpeg(jpeg)
                 else:
                     crop, joints = np.zeros((h, w, 3), np.uint8), np.zeros((len(inst.joints), 3), np.float32)
                 rows["shard"].append(int(shard))
@@ -167,7 +174,7 @@ def crop_shard(batch: dict, *, image_root: str, input_size, views: int, seed: in
                 rows["joints"].append(joints[:, :2].astype(np.float32))
                 rows["joint_weights"].append(joints[:, 2].astype(np.float32))
                 rows["image"].append(crop)
-                rows["crop_jpeg"].append(_encode_jpeg(crop) if store_crops == "jpeg" and image is not None else b"")
+                rows["crop_jpeg"].append(jpeg)
     out = {k: np.asarray(v) for k, v in rows.items() if k not in ("crop_jpeg", "skip_reason")}
     out["skip_reason"] = np.asarray(rows["skip_reason"], dtype=object)
     out["crop_jpeg"] = np.asarray(rows["crop_jpeg"], dtype=object)
@@ -175,30 +182,8 @@ def crop_shard(batch: dict, *, image_root: str, input_size, views: int, seed: in
 
 
 _CROP_COLUMNS = (
-    "shard",
-    "shard_rows",
-    "valid",
-    "skip_reason",
-    "instance_id",
-    "image_id",
-    "view",
-    "view_params",
-    "affine",
-    "joints",
-    "joint_weights",
-    "image",
-    "crop_jpeg",
-)
-
-
-def _encode_jpeg(crop: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(crop).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
+    "shard shard_rows valid skip_reason instance_id image_id view view_params affine joints joint_weights image"
+).split() + ["crop_jpeg"]
 
 
 # ----------------------------------------------------------------------------- teacher actor
@@ -207,7 +192,9 @@ def _encode_jpeg(crop: np.ndarray) -> bytes:
 class TeacherPredictor:
     """Ray Data callable class: builds the teacher once per actor, then runs whole shards."""
 
-    def __init__(self, preset: str, checkpoint: str | None, spec: CacheSpec, batch_size: int, threads: int):
+    def __init__(
+        self, preset: str, checkpoint: str | None, spec: CacheSpec, batch_size: int, threads: int, precision: str
+    ):
         import torch
 
         from distilpose.teacher_forward import build_teacher
@@ -217,11 +204,13 @@ class TeacherPredictor:
         self.model = build_teacher(preset, storage.local_copy(checkpoint) if checkpoint else None).to(self.device)
         self.spec = spec
         self.batch_size = batch_size
+        self.precision = precision
 
     def __call__(self, batch: dict) -> dict:
         from distilpose.teacher_forward import run_teacher
 
-        outputs = run_teacher(self.model, batch["image"][batch["valid"]], self.batch_size, self.device)
+        images = batch["image"][batch["valid"]]
+        outputs = run_teacher(self.model, images, self.batch_size, self.device, precision=self.precision)
         return encode_shard_rows(batch, outputs, self.spec)
 
 
@@ -303,6 +292,7 @@ def job_identity(cfg: CacheJobConfig, layout: SplitFiles, teacher_config: dict, 
             "preset": cfg.teacher,
             "checkpoint_sha256": storage.sha256(cfg.checkpoint) if cfg.checkpoint else "random-init",
             "config": teacher_config,
+            "precision": cfg.teacher_precision,
         },
         "data": {"ann_file_sha256": storage.sha256(layout.ann_file), "split": cfg.split, "limit": cfg.limit},
         "views": cfg.views,
@@ -400,6 +390,7 @@ def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = No
             checkpoint_sha256=identity["teacher"]["checkpoint_sha256"],
             config=dataclasses.asdict(teacher_cfg),
             checkpoint=storage.absolute(cfg.checkpoint) if cfg.checkpoint else "",
+            precision=cfg.teacher_precision,
         ),
         data=DataInfo(
             ann_file_sha256=fingerprint.sha256,
@@ -483,6 +474,7 @@ def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: Ca
             spec=spec,
             batch_size=cfg.batch_size,
             threads=max(1, round(cpus_per_actor)),
+            precision=cfg.teacher_precision,
         ),
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         num_cpus=cpus_per_actor,

@@ -8,6 +8,7 @@ whose outputs differ from crop to crop.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,11 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def _write_cache(out: Path, data: Path, checkpoint: str, mix_rows: bool = False) -> str:
-    """A one-shard cache of every instance x VIEWS views; `mix_rows` gives each view the
+def _write_cache(
+    out: Path, data: Path, checkpoint: str, mix_rows: bool = False, precision: str = "fp32", recorded: str = ""
+) -> str:
+    """A one-shard cache of every instance x VIEWS views, the teacher run in `precision` and
+    the manifest saying `recorded` (default: the same); `mix_rows` gives each view the
     teacher outputs of the next row (a cache whose content is wrong but whose checksums hold)."""
     config = get_config(TEACHER)
     input_size = tuple(config.input_size)
@@ -59,7 +63,8 @@ def _write_cache(out: Path, data: Path, checkpoint: str, mix_rows: bool = False)
     record = {k: np.asarray(v) for k, v in rows.items()}
     record["joint_weights"] = record["joints"][..., 2].astype(np.float32)
     record["joints"] = record["joints"][..., :2].astype(np.float32)
-    outputs = run_teacher(build_teacher(TEACHER, checkpoint), np.stack(crops), 8, torch.device("cpu"))
+    model = build_teacher(TEACHER, checkpoint)
+    outputs = run_teacher(model, np.stack(crops), 8, torch.device("cpu"), precision=precision)
     if mix_rows:
         outputs = {k: np.roll(v, 1, axis=0) for k, v in outputs.items()}
     record.update(outputs)
@@ -68,7 +73,9 @@ def _write_cache(out: Path, data: Path, checkpoint: str, mix_rows: bool = False)
     writer.write_shard(0, record)
     fingerprint = storage.sha256(ann_file)
     manifest = Manifest(
-        teacher=TeacherInfo(preset=TEACHER, checkpoint_sha256=storage.sha256(checkpoint)),
+        teacher=TeacherInfo(
+            preset=TEACHER, checkpoint_sha256=storage.sha256(checkpoint), precision=recorded or precision
+        ),
         data=DataInfo(fingerprint, 3, "train", ann_file=ann_file, image_root=image_root),
         views=VIEWS,
         seed=0,
@@ -100,3 +107,29 @@ def test_spot_check_refuses_a_checkpoint_the_cache_was_not_built_with(data, tiny
         spot_check(cache, 2, checkpoint=str(other))
     with pytest.raises(ValueError, match="needs --checkpoint"):
         spot_check(cache, 2)
+
+
+def test_spot_check_tolerance_follows_the_recorded_precision(data, tiny_teacher, tmp_path) -> None:
+    """A bf16 cache passes with the bf16 tolerance; fp32 gets the tight one, which the same
+    bf16 outputs fail when the manifest claims fp32."""
+    fp32 = spot_check(_write_cache(tmp_path / "fp32", data, tiny_teacher), 6, checkpoint=tiny_teacher)
+    bf16 = spot_check(_write_cache(tmp_path / "bf16", data, tiny_teacher, precision="bf16"), 6, checkpoint=tiny_teacher)
+    assert fp32.ok and fp32.precision == "fp32", fp32.summary()
+    assert bf16.ok and bf16.precision == "bf16" and "a bf16 cache" in bf16.summary(), bf16.summary()
+    for name in fp32.tolerance:
+        assert fp32.tolerance[name] < bf16.tolerance[name] / 2, name
+        # Same crops, same fp32 forward: only the encoding separates an fp32 cache from it.
+        assert fp32.max_abs[name] < bf16.max_abs[name], name
+    mislabeled = _write_cache(tmp_path / "bf16-as-fp32", data, tiny_teacher, precision="bf16", recorded="fp32")
+    check = spot_check(mislabeled, 6, checkpoint=tiny_teacher)
+    assert not check.ok and "MISMATCH" in check.summary(), check.summary()
+
+
+def test_spot_check_of_a_cache_without_recorded_precision_allows_bf16(data, tiny_teacher, tmp_path) -> None:
+    cache = _write_cache(tmp_path / "old", data, tiny_teacher, precision="bf16")
+    manifest_path = Path(cache) / "manifest.json"
+    doc = json.loads(manifest_path.read_text())
+    del doc["teacher"]["precision"]  # as written before the precision was recorded
+    manifest_path.write_text(json.dumps(doc))
+    check = spot_check(cache, 6, checkpoint=tiny_teacher)
+    assert check.ok and check.precision == "bf16", check.summary()

@@ -21,12 +21,13 @@ import torch
 
 from distilpose.data.coco import DataError, load_coco, load_instances, read_image
 from distilpose.data.synthetic import make_synthetic_coco
-from distilpose.data.transforms import apply_view
+from distilpose.data.transforms import apply_view, crop_of_view
 from distilpose.data.views import view_for
 from distilpose.teacher_forward import build_teacher, run_teacher
 from pipeline import storage
 from pipeline.cache import CacheMismatchError, check_compatible, open_reader
-from pipeline.cache.encodings import decode_field, encode_field
+from pipeline.cache.encodings import decode_crop_jpeg, decode_field, encode_crop_jpeg, encode_field, error_bound
+from pipeline.cache_loader import CachedViewStream
 from pipeline.teacher_stage import CacheJobConfig, run_cache_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +134,37 @@ def test_cache_job_same_bytes_local_and_s3_both_formats(synth, ray_local, tmp_pa
         for key in rows_a:
             np.testing.assert_array_equal(np.asarray(rows_a[key]), np.asarray(rows_b[key]), err_msg=key)
         assert len(rows_a["crop_jpeg"][0]) > 100  # stored JPEG crops
+
+
+def test_stored_jpeg_crops_are_the_pixels_the_teacher_saw(synth, ray_local, tmp_path, tiny_teacher):
+    """--store-crops jpeg: the teacher runs on the decoded stored crop, so the loader's crop
+    and the cached targets agree; rerunning the teacher on the loader's batch gives them back."""
+    out = str(tmp_path / "cache")
+    run_cache_job(_config(synth, out, store_crops="jpeg", checkpoint=tiny_teacher))
+    reader = open_reader(out)
+    rows = reader.read_shard(reader.manifest.shards[0].index, fields=["image_id", "view_params", "crop_jpeg"])
+    _, images = load_coco(str(synth / "annotations" / "person_keypoints_train.json"))
+    changed = 0
+    for image_id, params, jpeg in zip(rows["image_id"], rows["view_params"], rows["crop_jpeg"]):
+        raw = crop_of_view(
+            read_image(str(synth / "images" / "train"), images[int(image_id)].file_name), params, (128, 96)
+        )
+        np.testing.assert_array_equal(decode_crop_jpeg(jpeg), decode_crop_jpeg(encode_crop_jpeg(raw)))
+        changed += int(np.abs(decode_crop_jpeg(jpeg).astype(int) - raw).max() > 2)
+    assert changed > 0  # JPEG moves pixels: the teacher must see the decoded crop, not the raw one
+
+    fields = ("heatmaps", "kpt_tokens", "vis_tokens")
+    stream = CachedViewStream(reader, None, None, (128, 96), fields, rank=0, world_size=1, batch_size=8, seed=0)
+    batch = next(iter(stream.epoch(0)))
+    with torch.inference_mode():
+        again = build_teacher(TEACHER, tiny_teacher)(batch["image"])
+    for name in fields:
+        fresh = getattr(again, name).numpy()
+        # The encoding's bound, taken per (view, joint) / per token: the two forwards run in
+        # different batches, so a value on the threshold may fall on either side of it.
+        slice_axes = (-2, -1) if name == "heatmaps" else (-1,)
+        bound = error_bound(name, fresh, reader.spec).max(axis=slice_axes, keepdims=True)
+        assert np.all(np.abs(batch[name].numpy() - fresh) <= bound * 1.001 + 1e-6), name
 
 
 def test_rerun_reuses_committed_shards_and_refuses_other_settings(synth, ray_local, tmp_path):

@@ -6,13 +6,15 @@ keep them in the compact raw form produced by ``encode_views`` and give them bac
 ``decode_fields``. Encodings were chosen by measurement (see tests/test_cache_store.py and
 bench/bench_cache_bytes.py): the teacher's heatmaps carry a low noise floor that makes
 fp16 incompressible, and random-like tokens barely compress, so precision, not the codec,
-decides the size.
+decides the size. Heatmaps keep their sign by default (i8-thresh): a trained teacher's raw
+maps are about a third negative, and the online teacher's losses see those values.
 
 Stored ("raw") arrays per view, for a spec with K joints, Hh x Wh heatmaps, D-dim tokens,
 P visual tokens:
 
     small fields        exactly as given (int64 ids, int16 view, float32 geometry)
-    heatmaps            u8-thresh (default) / u8-joint-scale: uint8 (K,Hh,Wh) + heatmaps_scale float16 (K,)
+    heatmaps            i8-thresh (default): int8 (K,Hh,Wh) + heatmaps_scale float16 (K,)
+                        u8-thresh / u8-joint-scale: uint8 (K,Hh,Wh) + heatmaps_scale float16 (K,)
                         fp16 / fp16-thresh: float16 (K,Hh,Wh)
     kpt_tokens          int8-token-scale: int8 (K,D) + kpt_tokens_scale float16 (K,)
                         fp16: float16 (K,D)
@@ -72,6 +74,12 @@ def _to_fp16(x: np.ndarray, what: str) -> np.ndarray:
 
 def encode_heatmaps(x: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
     """(..., K, H, W) float32 -> {"heatmaps": values, ["heatmaps_scale": (..., K)]}."""
+    if encoding == "i8-thresh":
+        flat = x.reshape(*x.shape[:-2], -1)
+        scale = fp16_scale(np.abs(flat).max(axis=-1))
+        kept = np.where(np.abs(flat) < HEATMAP_THRESHOLD * scale.astype(np.float32)[..., None], np.float32(0), flat)
+        values = _quantize(kept, scale, 127, -127, "int8").reshape(x.shape)
+        return {HEATMAP_FIELD: values, HEATMAP_FIELD + SCALE_SUFFIX: scale}
     if encoding == "u8-thresh":
         peak = x.max(axis=(-2, -1), keepdims=True)
         return encode_heatmaps(np.where(x < HEATMAP_THRESHOLD * peak, np.float32(0), x), "u8-joint-scale")
@@ -90,6 +98,9 @@ def encode_heatmaps(x: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
 
 
 def decode_heatmaps(values: np.ndarray, scale: np.ndarray | None, encoding: str) -> np.ndarray:
+    if encoding == "i8-thresh":
+        step = scale.astype(np.float32) / np.float32(127)
+        return values.astype(np.float32) * step[..., None, None]
     if encoding in ("u8-joint-scale", "u8-thresh"):
         step = scale.astype(np.float32) / np.float32(255)
         return values.astype(np.float32) * step[..., None, None]
@@ -141,6 +152,10 @@ def error_bound(name: str, x: np.ndarray, spec: CacheSpec) -> np.ndarray:
     if encoding == "fp16-thresh":
         peak = x.max(axis=(-2, -1), keepdims=True)
         return np.where(x < HEATMAP_THRESHOLD * peak, np.abs(x), fp16_err)
+    if encoding == "i8-thresh":
+        scale = encode_heatmaps(x, encoding)[HEATMAP_FIELD + SCALE_SUFFIX].astype(np.float32)[..., None, None]
+        quant = scale / 254 + scale * slack
+        return np.where(np.abs(x) < HEATMAP_THRESHOLD * scale, np.maximum(np.abs(x), quant), quant)
     if encoding in ("u8-joint-scale", "u8-thresh"):
         raw = encode_heatmaps(x, encoding)
         scale = raw[HEATMAP_FIELD + SCALE_SUFFIX].astype(np.float32)[..., None, None]
@@ -237,6 +252,27 @@ def bytes_array(items: Sequence[bytes]) -> np.ndarray:
             raise ValueError(f"field {CROP_FIELD!r}: row {i} is {type(item).__name__}, expected bytes")
         out[i] = bytes(item)
     return out
+
+
+def encode_crop_jpeg(crop: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) crop -> JPEG bytes (quality 95)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(crop).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def decode_crop_jpeg(data: bytes) -> np.ndarray:
+    """JPEG bytes -> uint8 (H, W, 3). The teacher stage runs the teacher on this decode of
+    the stored crop and the loader gives the student the same decode: both see one image."""
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(bytes(data))).convert("RGB"))
 
 
 def is_encoded(rows: Mapping[str, Any], spec: CacheSpec) -> bool:

@@ -50,10 +50,12 @@ def _shard_lines(shards: list[ShardInfo]) -> list[str]:
 
 def _manifest_lines(manifest: Manifest) -> list[str]:
     spec = manifest.spec
+    teacher_precision = manifest.teacher.effective_precision
     lines = [
         f"schema version {manifest.schema_version}, created {manifest.created_at}, complete={manifest.complete}",
         f"rows (views): {manifest.num_rows:,}  views per instance: {manifest.views}  seed: {manifest.seed}",
-        f"teacher: {manifest.teacher.preset}  checkpoint sha256 {manifest.teacher.checkpoint_sha256}",
+        f"teacher: {manifest.teacher.preset}  checkpoint sha256 {manifest.teacher.checkpoint_sha256}  "
+        f"precision {manifest.teacher.precision or 'not recorded'} (spot-checked as {teacher_precision})",
         f"data: split {manifest.data.split}, {manifest.data.num_images:,} images, "
         f"annotation sha256 {manifest.data.ann_file_sha256}",
     ]

@@ -14,7 +14,9 @@ import numpy as np
 from pipeline.cache.schema import (
     HEATMAP_ENCODINGS,
     SCHEMA_VERSION,
+    TEACHER_PRECISIONS,
     TOKEN_ENCODINGS,
+    UNRECORDED_TEACHER_PRECISION,
     CacheMismatchError,
     CacheSpec,
     stored_arrays,
@@ -63,6 +65,12 @@ class TeacherInfo:
     # Where the checkpoint was read from (absolute path or s3:// URI; "" without one): the
     # DistilPose-L recipe starts the student backbone from it (pipeline.backbone_init).
     checkpoint: str = ""
+    # What the teacher ran in (schema.TEACHER_PRECISIONS); "" in caches made before it was recorded.
+    precision: str = ""
+
+    @property
+    def effective_precision(self) -> str:
+        return self.precision or UNRECORDED_TEACHER_PRECISION
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,9 @@ class Manifest:
                 "heatmaps": dataclasses.asdict(HEATMAP_ENCODINGS[self.spec.heatmap_encoding]),
                 "tokens": dataclasses.asdict(TOKEN_ENCODINGS[self.spec.token_encoding]),
             }
+            # Cached value vs a float32 forward: within the encoding's bound plus these
+            # fractions of the field's max |x| (what spot_check allows).
+            d["teacher_precision"] = dataclasses.asdict(TEACHER_PRECISIONS[self.teacher.effective_precision])
             d["arrays"] = {
                 a.name: {"field": a.field, "dtype": a.dtype, "shape": list(a.shape)}
                 for a in stored_arrays(self.spec).values()
@@ -165,6 +176,7 @@ KEY_LABELS = {
     "complete": "completeness (manifest.complete)",
     "teacher.preset": "teacher preset",
     "teacher.checkpoint_sha256": "teacher checkpoint",
+    "teacher.precision": "teacher precision",
     "data.ann_file_sha256": "data fingerprint (annotation file sha256)",
     "data.num_images": "data fingerprint (number of images)",
     "data.split": "data split",

@@ -22,7 +22,8 @@ TOKEN_FIELDS = ("kpt_tokens", "vis_tokens")
 CROP_FIELD = "crop_jpeg"
 SCALE_SUFFIX = "_scale"
 
-# fp16-thresh and u8-thresh zero values below this fraction of the (view, joint) maximum.
+# The *-thresh heatmap encodings zero values below this fraction of the (view, joint) peak
+# (i8-thresh: |value| below this fraction of the (view, joint) max |value|).
 HEATMAP_THRESHOLD = 0.01
 
 
@@ -32,34 +33,63 @@ class CacheMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class Encoding:
-    """One way of storing a float tensor, with the error bound it promises."""
+    """One way of storing a float tensor, with the error bound it promises.
+
+    The numbers state the bound for tools reading manifest.json: values kept are within
+    ``step`` x scale (scale = the slice's stored scale) or ``relative`` x |value| (fp16);
+    values under ``threshold`` x the slice's peak are stored as 0; ``signed`` False means
+    negative values are stored as 0."""
 
     name: str
     value_dtype: str
     has_scale: bool
     error_bound: str
+    signed: bool = True
+    threshold: float = 0.0
+    step: float = 0.0
+    relative: float = 0.0
 
 
 HEATMAP_ENCODINGS: dict[str, Encoding] = {
+    "i8-thresh": Encoding(
+        "i8-thresh",
+        "int8",
+        True,
+        f"|x| < {HEATMAP_THRESHOLD} * scale stored as 0 (scale = per-(view,joint) max |x| rounded up to fp16; "
+        "removes the low-amplitude floor, which otherwise dominates the compressed size); others "
+        f"|err| <= scale/254; sign kept, so |err| <= {HEATMAP_THRESHOLD} * scale everywhere",
+        signed=True,
+        threshold=HEATMAP_THRESHOLD,
+        step=1 / 254,
+    ),
     "u8-joint-scale": Encoding(
         "u8-joint-scale",
         "uint8",
         True,
         "|err| <= scale/510 (scale = per-(view,joint) max rounded up to fp16); negative values stored as 0",
+        signed=False,
+        step=1 / 510,
     ),
     "u8-thresh": Encoding(
         "u8-thresh",
         "uint8",
         True,
-        f"x < {HEATMAP_THRESHOLD} * per-(view,joint) max stored as 0 (removes the teacher's noise floor, "
-        "which otherwise dominates the compressed size); others |err| <= scale/510",
+        f"x < {HEATMAP_THRESHOLD} * per-(view,joint) max stored as 0 (negative values included); "
+        "others |err| <= scale/510",
+        signed=False,
+        threshold=HEATMAP_THRESHOLD,
+        step=1 / 510,
     ),
-    "fp16": Encoding("fp16", "float16", False, "|err| <= 2^-11 |x| (fp16 rounding)"),
+    "fp16": Encoding("fp16", "float16", False, "|err| <= 2^-11 |x| (fp16 rounding)", relative=2.0**-11),
     "fp16-thresh": Encoding(
         "fp16-thresh",
         "float16",
         False,
-        f"x < {HEATMAP_THRESHOLD} * per-(view,joint) max stored as 0; others |err| <= 2^-11 |x|",
+        f"x < {HEATMAP_THRESHOLD} * per-(view,joint) max stored as 0 (negative values included); "
+        "others |err| <= 2^-11 |x|",
+        signed=False,
+        threshold=HEATMAP_THRESHOLD,
+        relative=2.0**-11,
     ),
 }
 TOKEN_ENCODINGS: dict[str, Encoding] = {
@@ -68,11 +98,37 @@ TOKEN_ENCODINGS: dict[str, Encoding] = {
         "int8",
         True,
         "|err| <= scale/254 (scale = per-token absmax rounded up to fp16)",
+        step=1 / 254,
     ),
-    "fp16": Encoding("fp16", "float16", False, "|err| <= 2^-11 |x| (fp16 rounding)"),
+    "fp16": Encoding("fp16", "float16", False, "|err| <= 2^-11 |x| (fp16 rounding)", relative=2.0**-11),
 }
-DEFAULT_HEATMAP_ENCODING = "u8-thresh"
+DEFAULT_HEATMAP_ENCODING = "i8-thresh"
 DEFAULT_TOKEN_ENCODING = "int8-token-scale"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A precision the teacher may run in while caching, and how far its outputs may then
+    be from a float32 forward on the CPU (what ``spot_check`` reruns), as a fraction of the
+    field's max |x| over the checked views, on top of the encoding's own bound."""
+
+    name: str
+    doc: str
+    heatmap_tolerance: float
+    token_tolerance: float
+
+
+# bf16 autocast against float32, measured on the CPU on trained tokenpose-tiny teachers: up to
+# 2-4% of a joint's heatmap peak, 1-2% of a token's absmax; fp16 about 6x less. The fp32
+# tolerance covers TF32 matmuls on a GPU (10 mantissa bits for the matmul inputs, as fp16).
+TEACHER_PRECISIONS: dict[str, Precision] = {
+    "fp32": Precision("fp32", "float32 (TF32 matmuls on a GPU)", 0.01, 0.01),
+    "bf16": Precision("bf16", "bfloat16 autocast", 0.08, 0.04),
+    "fp16": Precision("fp16", "float16 autocast", 0.01, 0.01),
+}
+DEFAULT_TEACHER_PRECISION = "fp32"
+# Caches from before the precision was recorded ran bf16 autocast on a GPU, fp32 on the CPU.
+UNRECORDED_TEACHER_PRECISION = "bf16"
 
 
 @dataclass(frozen=True)
@@ -182,7 +238,7 @@ class ArrayDef:
         if kind == "f":
             return float("nan")
         if self.dtype == "int8":
-            return -128  # int8-token-scale only produces -127..127
+            return -128  # the int8 encodings only produce -127..127
         if kind == "i":
             return -1
         return 0

@@ -7,7 +7,9 @@ a partial copy is only found by hashing the stored bytes.
 
 ``spot_check`` re-runs the teacher on a few cached views and compares its outputs with the
 stored ones: it finds a cache whose bytes are intact but whose content is wrong (another
-teacher, other images, rows mixed up), which no checksum can.
+teacher, other images, rows mixed up), which no checksum can. It allows what the cache
+promises: the encoding's bound plus the tolerance of the precision the teacher ran in, both
+recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import numpy as np
 from pipeline import storage
 from pipeline.cache import open_reader, wds_store, zarr_store
 from pipeline.cache.base import SHARDS_DIR, TMP_PREFIX, parse_shard_stem, read_commits, read_manifest
-from pipeline.cache.encodings import decode_field, encode_field
+from pipeline.cache.encodings import decode_crop_jpeg, encode_crop_jpeg, error_bound
 from pipeline.cache.manifest import ShardInfo
+from pipeline.cache.schema import HEATMAP_FIELD, TEACHER_PRECISIONS
 
 OK, MISSING, TRUNCATED, CORRUPT = "ok", "missing", "truncated", "corrupt"
 DIGESTS: dict[str, Callable[[str], tuple[str, int] | None]] = {
@@ -175,6 +178,7 @@ class SpotCheck:
     rows: list[int]
     max_abs: dict[str, float]
     tolerance: dict[str, float]
+    precision: str = "fp32"  # what the cache says its teacher ran in
 
     @property
     def ok(self) -> bool:
@@ -183,7 +187,8 @@ class SpotCheck:
     def summary(self) -> str:
         parts = [f"{k} max|diff| {v:.4g} (tol {self.tolerance[k]:.3g})" for k, v in self.max_abs.items()]
         verdict = "OK" if self.ok else "MISMATCH: the cache does not match this teacher (stale or wrong cache?)"
-        return f"[spot-check] {len(self.rows)} views re-run through the teacher: " + "; ".join(parts) + f" -> {verdict}"
+        head = f"[spot-check] {len(self.rows)} views re-run through the teacher (fp32 vs a {self.precision} cache): "
+        return head + "; ".join(parts) + f" -> {verdict}"
 
 
 def spot_check(uri: str, n: int, checkpoint: str | None = None, seed: int = 0, batch_size: int = 16) -> SpotCheck:
@@ -217,16 +222,19 @@ def spot_check(uri: str, n: int, checkpoint: str | None = None, seed: int = 0, b
             for i, v in zip(cached["image_id"], cached["view_params"])
         ]
     )
+    if reader.spec.store_crops:  # the teacher ran on the decoded stored JPEG
+        crops = np.stack([decode_crop_jpeg(encode_crop_jpeg(crop)) for crop in crops])
     fresh = run_teacher(model, crops, batch_size, torch.device("cpu"))
-    # Compare in the cache's own encoding, so only a different teacher or input shows up,
-    # not the (documented) quantization error.
+    precision = TEACHER_PRECISIONS[manifest.teacher.effective_precision]
     max_abs, tolerance = {}, {}
     for name in ("heatmaps", "kpt_tokens", "vis_tokens"):
-        again = decode_field(name, encode_field(name, fresh[name], reader.spec), reader.spec)
-        max_abs[name] = float(np.abs(again - cached[name]).max())
-        # One quantization step of slack for values that sit on a rounding boundary.
-        tolerance[name] = float(np.abs(fresh[name]).max()) / 100 + 1e-4
-    return SpotCheck(rows=rows, max_abs=max_abs, tolerance=tolerance)
+        max_abs[name] = float(np.abs(cached[name] - fresh[name]).max())
+        # What the cache promises: the encoding's bound, plus the drift of the precision it
+        # was computed in (a few % for bf16), relative to the field's largest value.
+        rel = precision.heatmap_tolerance if name == HEATMAP_FIELD else precision.token_tolerance
+        bound = float(error_bound(name, fresh[name], reader.spec).max())
+        tolerance[name] = bound + rel * float(np.abs(fresh[name]).max()) + 1e-6
+    return SpotCheck(rows=rows, max_abs=max_abs, tolerance=tolerance, precision=precision.name)
 
 
 def main(argv: list[str] | None = None) -> int:
