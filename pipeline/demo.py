@@ -138,7 +138,7 @@ def distill_stage(cfg: DemoConfig, cache: str, data: Path, teacher_ckpt: str, na
         lr=cfg.lr,
         warmup_iters=50,
         backbone_init="kaiming",  # layers the teacher checkpoint does not cover
-        init_backbone=teacher_ckpt if cfg.init_backbone_from_teacher else None,
+        init_backbone=None if cfg.init_backbone_from_teacher else "none",  # None: the cache's teacher
         no_distill=no_distill,
         val=str(data),
         seed=cfg.seed,

@@ -33,10 +33,11 @@ from dataclasses import dataclass
 import yaml
 
 from distilpose.options import option
+from distilpose.profiles import DEFAULT_PROFILE
 from pipeline import storage
 from pipeline.distill import DistillConfig
 
-RESULT_COLUMNS = ("trial", "student", "AP", "AP50", "AP75", "APM", "APL", "AR", "train/loss", "epoch")
+RESULT_COLUMNS = ("trial", "student", "profile", "AP", "AP50", "AP75", "APM", "APL", "AR", "train/loss", "epoch")
 # The trial's own driver only waits on its TorchTrainer; the workers hold the CPUs. Its
 # share is carved out of the workers' (see trial_config), so N concurrent trials of W
 # workers x C CPUs fit in exactly N*W*C CPUs (a 2-CPU machine runs 2 one-worker trials).
@@ -223,12 +224,14 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
 
 
 def result_row(result) -> dict:
-    trial = result.config["trial"] if result.config else {}
+    config = result.config or {}
+    trial = {**config.get("trial", {}), **(config.get("overrides") or {})}  # --set wins, as in trial_config
     metrics = result.metrics or {}
     return {
         "trial": trial.get("name", "?"),
         "student": trial.get("student", ""),
-        **{k: metrics.get(k) for k in RESULT_COLUMNS[2:]},
+        "profile": trial.get("profile", DEFAULT_PROFILE),
+        **{k: metrics.get(k) for k in RESULT_COLUMNS[3:]},
         "error": repr(result.error)[:200] if result.error else "",
     }
 

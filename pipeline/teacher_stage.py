@@ -328,7 +328,6 @@ def claim_output(out: str, identity: dict) -> bool:
 
 
 def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
-
     from distilpose.data.coco import data_fingerprint
     from distilpose.models import get_config
 
@@ -352,8 +351,8 @@ def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
     resuming = claim_output(cfg.out, identity)
     shards = plan_shards(instances, cfg.views, cfg.shard_views)
     writer = open_writer(cfg.out, spec, cfg.format)
-    committed = writer.committed()
-    todo = [s for s in shards if s.index not in committed]
+    committed_before = writer.committed_indices()
+    todo = [s for s in shards if s.index not in committed_before]
     print(
         f"[cache] {len(instances)} instances x {cfg.views} views -> {len(shards)} shards at {cfg.out} "
         f"({cfg.format}); annotations skipped: {skip_report.summary()}",
@@ -399,7 +398,7 @@ def run_cache_job(cfg: CacheJobConfig) -> CacheSummary:
         seed=cfg.seed,
         extra={"annotation_skips": skip_report.to_dict(), "limit": cfg.limit, "shard_views": cfg.shard_views},
     )
-    final = writer.finalize(manifest, expected_shards=len(shards))
+    final = writer.finalize(manifest, expected_shards=len(shards), committed=committed)
     wall = time.perf_counter() - t0
     skipped = Counter(skip_report.counts)
     for info in committed.values():
@@ -479,8 +478,8 @@ def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: Ca
 
 
 class ShardProgress(Poller):
-    """Committed shards / views per second / ETA, read from the commit records, so it is
-    right on any cluster and costs one listing per interval."""
+    """Committed shards / views per second / ETA, from the names in the commits folder, so it
+    is right on any cluster and costs one listing per interval (no record is read)."""
 
     def __init__(self, writer, todo: list[ShardSpec], views: int, interval_s: float = 10.0):
         super().__init__(self._report, interval_s)
@@ -489,7 +488,7 @@ class ShardProgress(Poller):
         self.t0 = time.perf_counter()
 
     def _report(self) -> None:
-        done = [i for i in self.writer.committed() if i in self.todo]
+        done = self.writer.committed_indices() & self.todo.keys()
         views_done = sum(self.todo[i] for i in done)
         total = sum(self.todo.values())
         elapsed = time.perf_counter() - self.t0
