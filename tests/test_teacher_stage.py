@@ -267,7 +267,7 @@ def _free_port() -> int:
 
 
 def test_ray_job_submit_against_a_local_head(synth, tmp_path):
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent = _free_port(), _free_port(), _free_port()
     env = _env()
     head = subprocess.Popen(
         [
@@ -280,6 +280,9 @@ def test_ray_job_submit_against_a_local_head(synth, tmp_path):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            # Not the fixed default (52365): another Ray on this host may hold it, and without
+            # its HTTP port the job agent never comes up ("No available agent to submit job").
+            f"--dashboard-agent-listen-port={agent}",
             "--disable-usage-stats",
         ],
         stdout=subprocess.DEVNULL,
