@@ -46,7 +46,8 @@ from distilpose.data.transforms import affine_matrix, identity_view, transform_j
 from distilpose.inference import predict
 from distilpose.models import build_model
 from distilpose.models.checkpoints import CheckpointError, load_checkpoint, load_official
-from distilpose.profiles import DEFAULT_PROFILE, get_profile
+from distilpose.options import check_choices, option
+from distilpose.profiles import DEFAULT_PROFILE, PROFILES, get_profile
 
 OKS_NMS_THR = 0.9  # the official test setting
 VIS_THR = 0.2
@@ -239,20 +240,27 @@ def load_model(preset: str, checkpoint: str | Path) -> nn.Module:
 class EvalRequest:
     """What jobs/evaluate.py asks for."""
 
-    data: str
-    model: str
-    checkpoint: str
-    boxes: str = "gt"
-    score_thr: float = 0.0
-    flip_test: bool = True
-    split: str = "val"
-    batch_size: int = 64
-    limit: int | None = None
-    device: str = "cpu"
-    threads: int = 2
-    profile: str = DEFAULT_PROFILE  # official quirks or intended behaviour (distilpose.profiles)
-    results_json: str | None = None  # COCO results after OKS-NMS
-    out: str | None = None  # metrics JSON
+    data: str = option(help="data set root (synthetic or COCO 2017 layout)")
+    model: str = option(help="preset the checkpoint was made for")
+    checkpoint: str = option(help="our checkpoint or an official .pth")
+    boxes: str = option("gt", help="'gt' or a person-detection results json")
+    score_thr: float = option(0.0, help="drop detections below this score")
+    flip_test: bool = option(True, negatable=True, help="flip test")
+    profile: str = option(
+        DEFAULT_PROFILE,
+        choices=tuple(sorted(PROFILES)),
+        help="'official': the official code's quirks; 'intended': the behaviour they were meant to have",
+    )
+    split: str = option("val", help="data split")
+    batch_size: int = option(64, help="inference batch size")
+    limit: int | None = option(None, help="evaluate only the first N images of the split")
+    device: str = option("cpu", help="torch device")
+    threads: int = option(2, help="torch threads")
+    results_json: str | None = option(None, help="also write the COCO keypoint results (after OKS-NMS) here")
+    out: str | None = option(None, help="write the metrics (and what was evaluated) as JSON here")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 @dataclass

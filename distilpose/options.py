@@ -15,7 +15,8 @@ allowed values; a job's argparse and the config's validation are generated from 
 
 Only fields declared with `option()` are on the command line; their flag is `--field-name`
 unless `flag=` names another. A bool option is a switch that flips its default (`--gpu`
-for default False, e.g. `flag="--no-flip-test"` for default True); a `tuple[int, ...]`
+for default False, e.g. `flag="--no-flip-test"` for default True), or with `negatable=True`
+takes both `--flip-test` and `--no-flip-test`; a `tuple[int, ...]`
 option takes several values (none given: None); a `dict` option is repeated KEY=VALUE.
 
 KEY=VALUE (one rule for every job): VALUE is read as JSON when it parses as JSON
@@ -45,10 +46,13 @@ def option(
     metavar: str | None = None,
     default_factory: Any = MISSING,
     hidden: bool = False,
+    negatable: bool = False,
 ) -> Any:
-    """A dataclass field that is also a command-line option (`hidden`: left out of --help)."""
+    """A dataclass field that is also a command-line option (`hidden`: left out of --help;
+    `negatable`: a bool option given as --x or --no-x)."""
     metadata = {
         "help": help,
+        "negatable": negatable,
         "choices": tuple(choices) if choices is not None else None,
         "flag": flag,
         "metavar": metavar,
@@ -117,7 +121,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, required: boo
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         kwargs["help"] = argparse.SUPPRESS if meta["hidden"] else meta["help"]
         origin = typing.get_origin(kind)
-        if kind is bool:
+        if kind is bool and meta["negatable"]:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is bool:
             kwargs["action"] = "store_false" if default is True else "store_true"
         elif origin is tuple:
             kwargs.update(nargs="*", type=typing.get_args(kind)[0])

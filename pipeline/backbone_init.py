@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pipeline import storage
-from pipeline.cache.manifest import TeacherInfo
+
+if TYPE_CHECKING:  # job parsers import FROM_SCRATCH without the cache stores
+    from pipeline.cache.manifest import TeacherInfo
 
 FROM_SCRATCH = "none"  # init_backbone value that opts out of the teacher init
 RANDOM_TEACHER = "random-init"  # checkpoint_sha256 of a cache built without a checkpoint

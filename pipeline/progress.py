@@ -8,6 +8,7 @@ calls a report function every few seconds on a daemon thread and once more at th
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 
@@ -35,3 +36,26 @@ class Poller:
             self.report()
         except Exception:  # a progress line is never worth failing the job
             pass
+
+
+class ShardProgress(Poller):
+    """Committed shards / views per second / ETA, from the names in the commits folder, so it
+    is right on any cluster and costs one listing per interval (no record is read)."""
+
+    def __init__(self, writer, todo: list, views: int, interval_s: float = 10.0):
+        super().__init__(self._report, interval_s)
+        self.writer = writer
+        self.todo = {s.index: len(s.instances) * views for s in todo}
+        self.t0 = time.perf_counter()
+
+    def _report(self) -> None:
+        done = self.writer.committed_indices() & self.todo.keys()
+        views_done = sum(self.todo[i] for i in done)
+        total = sum(self.todo.values())
+        elapsed = time.perf_counter() - self.t0
+        rate = views_done / elapsed if elapsed > 0 else 0.0
+        eta = f", ETA {(total - views_done) / rate:.0f} s" if 0 < rate and views_done < total else ""
+        print(
+            f"[cache] {len(done)}/{len(self.todo)} shards, {views_done}/{total} views, {rate:.1f} views/s{eta}",
+            flush=True,
+        )

@@ -36,7 +36,7 @@ from distilpose.options import option
 from pipeline import storage
 from pipeline.distill import DistillConfig
 
-RESULT_COLUMNS = ("trial", "student", "AP", "AP50", "AP75", "APM", "APL", "AR", "train/loss", "epoch")
+RESULT_COLUMNS = ("trial", "student", "profile", "AP", "AP50", "AP75", "APM", "APL", "AR", "train/loss", "epoch")
 # The trial's own driver only waits on its TorchTrainer; the workers hold the CPUs. Its
 # share is carved out of the workers' (see trial_config), so N concurrent trials of W
 # workers x C CPUs fit in exactly N*W*C CPUs (a 2-CPU machine runs 2 one-worker trials).
@@ -238,12 +238,13 @@ def result_row(result) -> dict:
 
 
 def trial_row(config: dict | None, metrics: dict, error: BaseException | None) -> dict:
-    """One results row; the student is the one the trial ran (the space's value, then --set)."""
-    student = trial_config(config).student if config else ""
+    """One results row; student and profile are the ones the trial ran (the space's value, then --set)."""
+    cfg = trial_config(config) if config else None
     return {
         "trial": config["trial"]["name"] if config else "?",
-        "student": student,
-        **{k: metrics.get(k) for k in RESULT_COLUMNS[2:]},
+        "student": cfg.student if cfg else "",
+        "profile": cfg.profile if cfg else "",
+        **{k: metrics.get(k) for k in RESULT_COLUMNS[3:]},
         "error": repr(error)[:200] if error else "",
     }
 

@@ -36,7 +36,7 @@ from pipeline.cache.manifest import DataInfo, Manifest, TeacherInfo
 from pipeline.cache.schema import FORMATS, HEATMAP_ENCODINGS, TEACHER_PRECISIONS, TOKEN_ENCODINGS, CacheSpec
 from pipeline.dataset_layout import resolve_layout
 from pipeline.mismatch import refuse_differences
-from pipeline.progress import Poller
+from pipeline.progress import ShardProgress
 
 
 @dataclass
@@ -352,8 +352,8 @@ def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = No
     resuming = claim_output(cfg.out, identity)
     shards = plan_shards(instances, cfg.views, cfg.shard_views)
     writer = open_writer(cfg.out, spec, cfg.format)
-    committed = writer.committed()
-    todo = [s for s in shards if s.index not in committed]
+    committed_before = writer.committed_indices()
+    todo = [s for s in shards if s.index not in committed_before]
     print(
         f"[cache] {len(instances)} instances x {cfg.views} views -> {len(shards)} shards at {cfg.out} "
         f"({cfg.format}); annotations skipped: {skip_report.summary()}",
@@ -403,7 +403,7 @@ def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = No
         seed=cfg.seed,
         extra={"annotation_skips": skip_report.to_dict(), "limit": cfg.limit, "shard_views": cfg.shard_views},
     )
-    final = writer.finalize(manifest, expected_shards=len(shards))
+    final = writer.finalize(manifest, expected_shards=len(shards), committed=committed)
     wall = time.perf_counter() - t0
     skipped = Counter(skip_report.counts)
     for info in committed.values():
@@ -482,26 +482,3 @@ def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: Ca
     )
     with ShardProgress(open_writer(cfg.out, spec, cfg.format), todo, cfg.views):
         ds.write_datasink(CacheSink(cfg.out, spec, cfg.format), ray_remote_args={"num_cpus": min(side_cpus, 0.5)})
-
-
-class ShardProgress(Poller):
-    """Committed shards / views per second / ETA, read from the commit records, so it is
-    right on any cluster and costs one listing per interval."""
-
-    def __init__(self, writer, todo: list[ShardSpec], views: int, interval_s: float = 10.0):
-        super().__init__(self._report, interval_s)
-        self.writer = writer
-        self.todo = {s.index: len(s.instances) * views for s in todo}
-        self.t0 = time.perf_counter()
-
-    def _report(self) -> None:
-        done = [i for i in self.writer.committed() if i in self.todo]
-        views_done = sum(self.todo[i] for i in done)
-        total = sum(self.todo.values())
-        elapsed = time.perf_counter() - self.t0
-        rate = views_done / elapsed if elapsed > 0 else 0.0
-        eta = f", ETA {(total - views_done) / rate:.0f} s" if 0 < rate and views_done < total else ""
-        print(
-            f"[cache] {len(done)}/{len(self.todo)} shards, {views_done}/{total} views, {rate:.1f} views/s{eta}",
-            flush=True,
-        )

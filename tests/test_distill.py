@@ -8,6 +8,7 @@ session's tiny cache (tests/pipeline_fixtures.py). About 4 fits of ~20-40 s each
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -24,7 +25,9 @@ from distilpose.schedule import step_schedule
 from pipeline.cache import open_reader
 from pipeline.cache.schema import CacheMismatchError
 from pipeline.cache_loader import BASE_FIELDS, CachedViewStream, steps_per_epoch
-from pipeline.distill import DistillConfig, run_distill
+from pipeline.distill import DistillConfig, prepare_run, run_distill
+from pipeline.distill.state import export_extra
+from pipeline.distill.worker import build_student
 
 STUDENT = "distilpose-tiny"
 RAY_TIMEOUT = pytest.mark.timeout(300)  # one fit (plus the module's Ray start / first run)
@@ -257,6 +260,47 @@ def test_incomplete_cache_refused(tiny_cache, tmp_path) -> None:
         run_distill(_cfg(str(partial), tmp_path, "p"))
     with pytest.raises(UserError, match="cache .*nothing does not exist"):  # not "not finalized"
         run_distill(_cfg(str(tmp_path / "nothing"), tmp_path, "p"))
+
+
+def test_profile_sets_the_loss_and_flip_test_and_the_run_record_says_both(tiny_cache, tmp_path, capsys) -> None:
+    default = _cfg(tiny_cache, tmp_path, "official")
+    assert (default.profile, default.loss_sh_weighting(), default.flip_mode()) == ("official", "official", "official")
+    intended = _cfg(tiny_cache, tmp_path, "intended", profile="intended")
+    assert (intended.loss_sh_weighting(), intended.flip_mode()) == ("per-sample", "exact")
+    # An explicit --sh-weighting overrides the profile's; the run record states both.
+    cfg, _ = prepare_run(_cfg(tiny_cache, tmp_path, "mixed", sh_weighting="per-sample"))
+    record = json.loads((tmp_path / "mixed" / "run.json").read_text())
+    assert (record["profile"], record["sh_weighting"]) == ("official", "per-sample")
+    assert "profile official" in capsys.readouterr().out
+    assert export_extra(cfg, 1, {}, ())["profile"] == "official"
+    # Resuming under another profile is another run.
+    (tmp_path / "mixed" / "last_checkpoint.json").write_text("{}")
+    with pytest.raises(ValueError, match="profile: run has 'official', this command 'intended'"):
+        prepare_run(_cfg(tiny_cache, tmp_path, "mixed", sh_weighting="per-sample", profile="intended"))
+
+
+def test_l_student_starts_from_the_cache_teacher(tiny_cache, tiny_teacher, tmp_path, capsys) -> None:
+    """DistilPose-L default: the teacher checkpoint the cache manifest records. The driver
+    records the choice; the worker's build_student loads it (a fit is not needed to see it)."""
+    cfg, _ = prepare_run(_cfg(tiny_cache, tmp_path, "l", student="distilpose-l-tiny"))
+    assert "WARNING" not in capsys.readouterr().out
+    record = json.loads((tmp_path / "l" / "run.json").read_text())
+    assert record["backbone"] == {"source": "the cache's teacher", "checkpoint": tiny_teacher}
+    student, line = build_student(cfg, open_reader(tiny_cache).manifest.teacher, fresh=True)
+    sha256 = hashlib.sha256(Path(tiny_teacher).read_bytes()).hexdigest()
+    tensors = student.backbone.state_dict()
+    assert line.startswith(f"backbone: {len(tensors)} tensors from teacher {tiny_teacher} (sha256 {sha256[:12]}")
+    teacher = torch.load(tiny_teacher, map_location="cpu", weights_only=False)["state_dict"]
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(tensor, teacher[f"backbone.{name}"], msg=name)
+    # A resumed run loads every weight from its checkpoint: no teacher init then.
+    assert build_student(cfg, open_reader(tiny_cache).manifest.teacher, fresh=False)[1] == ""
+    # --init-backbone none starts from scratch ("none" is not a path to make absolute).
+    scratch, _ = prepare_run(_cfg(tiny_cache, tmp_path, "l0", student="distilpose-l-tiny", init_backbone="none"))
+    assert scratch.init_backbone == "none"
+    assert json.loads((tmp_path / "l0" / "run.json").read_text())["backbone"]["checkpoint"] == ""
+    _, line = build_student(scratch, open_reader(tiny_cache).manifest.teacher, fresh=True)
+    assert line == "backbone: from scratch (--init-backbone none)"
 
 
 # ----------------------------------------------------------------------------- Ray runs

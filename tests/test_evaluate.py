@@ -216,6 +216,38 @@ def test_load_model_reads_our_format_and_official_files(tmp_path):
         load_model("distilpose-tiny", ours)
 
 
+def test_evaluate_cli_options_are_the_request_fields(monkeypatch):
+    import importlib.util
+
+    from distilpose.evaluate import EvalRequest
+    from distilpose.options import config_from_args
+
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    parser = job.build_parser()
+
+    def parse(*extra):
+        args = parser.parse_args(["--data", "d", "--model", "m", "--checkpoint", "c", *extra])
+        return config_from_args(EvalRequest, args)
+
+    default = parse()
+    assert default == EvalRequest(data="d", model="m", checkpoint="c")
+    assert (default.profile, default.flip_test, default.boxes, default.batch_size) == ("official", True, "gt", 64)
+    assert parse("--flip-test").flip_test and not parse("--no-flip-test").flip_test
+    given = parse("--profile", "intended", "--boxes", "b.json", "--score-thr", "0.3", "--limit", "5")
+    given_too = parse("--split", "train", "--batch-size", "8", "--device", "cuda", "--threads", "1")
+    assert (given.profile, given.boxes, given.score_thr, given.limit) == ("intended", "b.json", 0.3, 5)
+    assert (given_too.split, given_too.batch_size, given_too.device, given_too.threads) == ("train", 8, "cuda", 1)
+    written = parse("--results-json", "r.json", "--out", "o.json")
+    assert (written.results_json, written.out) == ("r.json", "o.json")
+    with pytest.raises(SystemExit):
+        parse("--profile", "paper")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--data", "d", "--model", "m"])  # --checkpoint is required
+
+
 def test_evaluate_cli_end_to_end(data, tmp_path):
     ckpt = tmp_path / "teacher.pt"
     save_checkpoint(ckpt, build_model("tokenpose-tiny"))

@@ -96,6 +96,30 @@ def test_load_space_expands_grid_and_rejects_unknown_fields(tmp_path) -> None:
             load_space(_write(tmp_path / f"bad{i}.yaml", doc))
 
 
+def test_sweeps_take_the_profile_from_the_space_or_set_and_show_it(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from pipeline.sweep import RESULT_COLUMNS, result_row, trial_config
+
+    space = {"trials": [{"name": "paper"}, {"name": "ours", "profile": "intended"}]}
+    trials = load_space(_write(tmp_path / "p.yaml", space))
+    config = {"cache": "c", "runs_storage": "r", "overrides": {}}
+    assert [trial_config({**config, "trial": t}).profile for t in trials] == ["official", "intended"]
+    forced = {**config, "overrides": {"profile": "intended"}}
+    assert trial_config({**forced, "trial": trials[0]}).profile == "intended"
+    with pytest.raises(ValueError, match="DistillConfig.profile: 'paper' is not one of"):
+        load_space(_write(tmp_path / "bad.yaml", {"base": {"profile": "paper"}}))
+    # The results table has a profile column, as the trial ran it (--set wins over the space).
+    assert "profile" in RESULT_COLUMNS
+
+    def row(config):
+        return result_row(SimpleNamespace(config=config, metrics={"AP": 0.5}, error=None))
+
+    assert row({**config, "trial": trials[0]})["profile"] == "official"
+    assert row({**config, "trial": trials[1]})["profile"] == "intended"
+    assert row({**forced, "trial": trials[0]})["profile"] == "intended"
+
+
 def test_results_rank_by_ap_then_loss_failures_last() -> None:
     rows = [
         {"trial": "low", "AP": 0.1, "train/loss": 0.1, "error": ""},

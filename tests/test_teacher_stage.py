@@ -312,7 +312,7 @@ def _free_port() -> int:
 
 
 def test_ray_job_submit_against_a_local_head(synth, tmp_path):
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent = _free_port(), _free_port(), _free_port()
     env = _env()
     head = subprocess.Popen(
         [
@@ -325,6 +325,9 @@ def test_ray_job_submit_against_a_local_head(synth, tmp_path):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            # Not the fixed default (52365): another Ray on this host may hold it, and without
+            # its HTTP port the job agent never comes up ("No available agent to submit job").
+            f"--dashboard-agent-listen-port={agent}",
             "--disable-usage-stats",
         ],
         stdout=subprocess.DEVNULL,
@@ -356,10 +359,13 @@ def test_ray_job_submit_against_a_local_head(synth, tmp_path):
             "--shard-views",
             "16",
         ]
+        # The jobs API comes up a few seconds after the head, and on a loaded machine its job
+        # agent later still (HTTP 500 "No available agent"): retry both, for a bounded time.
+        not_ready = ("Connection", "No available agent to submit job")
         deadline, result = time.time() + 120, None
-        while time.time() < deadline:  # the jobs API comes up a few seconds after the head
+        while time.time() < deadline:
             result = subprocess.run(submit, capture_output=True, text=True, timeout=300, env=env)
-            if result.returncode == 0 or "Connection" not in (result.stdout + result.stderr):
+            if result.returncode == 0 or not any(m in result.stdout + result.stderr for m in not_ready):
                 break
             time.sleep(2)
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -379,3 +385,44 @@ def test_storage_layout_has_no_pickle(synth, ray_local, tmp_path):
     run_cache_job(_config(synth, out, format="wds"))
     names = storage.find_files(out)
     assert not any(n.endswith((".pkl", ".pickle", ".pyd", ".pth")) for n in names), names
+
+
+def test_progress_counts_shards_from_one_listing_without_reading_records(tmp_path, monkeypatch, capsys):
+    """The progress line polls every 10 s during a run: one listing each time, never one read
+    per commit record (on S3 that grew with shards^2 over a run). finalize then reuses the
+    records the job read once."""
+    from test_cache_store import SMALL_SPEC, base_manifest, teacher_like_rows
+
+    from pipeline.cache import open_writer
+    from pipeline.progress import ShardProgress
+    from pipeline.teacher_stage import ShardSpec
+
+    uri = str(tmp_path / "cache")
+    writer = open_writer(uri, SMALL_SPEC, "zarr")
+    shards = 40
+    for index in range(shards - 10):
+        writer.write_shard(index, teacher_like_rows(SMALL_SPEC, 2, seed=index, first_instance=2 * index))
+    calls = {"listdir": 0, "read": 0}
+
+    def counted(name, fn, key):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(storage, name, wrapper)
+
+    counted("listdir", storage.listdir, "listdir")
+    counted("read_bytes", storage.read_bytes, "read")
+    counted("read_many_bytes", storage.read_many_bytes, "read")
+    # The shard count is all progress needs of a shard's instances: two per shard, one view each.
+    todo = [ShardSpec(index, instances=[None, None]) for index in range(5, shards)]
+    ShardProgress(writer, todo, views=1)._report()
+    assert "25/35 shards, 50/70 views" in capsys.readouterr().out
+    assert calls == {"listdir": 1, "read": 0}
+
+    for index in range(shards - 10, shards):
+        writer.write_shard(index, teacher_like_rows(SMALL_SPEC, 2, seed=index, first_instance=2 * index))
+    committed = writer.committed()
+    calls.update(listdir=0, read=0)
+    final = writer.finalize(base_manifest(), expected_shards=shards, committed=committed)
+    assert calls["read"] == 0 and final.num_rows == 2 * shards

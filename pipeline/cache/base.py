@@ -76,10 +76,16 @@ def commit_record(fmt: str, spec: CacheSpec, info: ShardInfo) -> bytes:
     return (json.dumps(record, indent=2) + "\n").encode()
 
 
+def commit_names(uri: str) -> list[str]:
+    """File names of the commit records below a cache root (one listing, nothing read)."""
+    names = storage.listdir(storage.join(uri, COMMITS_DIR))
+    return [n for n in names if n.endswith(".json") and parse_shard_stem(n) is not None]
+
+
 def read_commits(uri: str, first_only: bool = False) -> dict[int, dict[str, Any]]:
     """Commit records below a cache root, by shard index (only the lowest with ``first_only``)."""
     commits_uri = storage.join(uri, COMMITS_DIR)
-    names = [n for n in storage.listdir(commits_uri) if n.endswith(".json") and parse_shard_stem(n) is not None]
+    names = commit_names(uri)
     names = sorted(names, key=parse_shard_stem)[:1] if first_only else names
     blobs = storage.read_many_bytes([storage.join(commits_uri, n) for n in names])
     return {parse_shard_stem(n): json.loads(blobs[storage.join(commits_uri, n)]) for n in names}
@@ -196,14 +202,22 @@ class CacheWriter(ABC):
         """Shards with a commit record (the only ones that exist), by index."""
         return {i: ShardInfo.from_dict(r["shard"]) for i, r in read_commits(self.uri).items()}
 
-    def finalize(self, manifest: Manifest, expected_shards: int | None = None) -> Manifest:
+    def committed_indices(self) -> set[int]:
+        """Indices of the committed shards from one listing: no commit record is read, so
+        polling it costs one request however many shards there are."""
+        return {parse_shard_stem(n) for n in commit_names(self.uri)}
+
+    def finalize(
+        self, manifest: Manifest, expected_shards: int | None = None, committed: dict[int, ShardInfo] | None = None
+    ) -> Manifest:
         """Write manifest.json (complete=true) listing every committed shard.
 
         ``manifest`` supplies teacher, data, views, seed and extra; shards, rows, spec,
         format and timestamps are filled in here. With ``expected_shards`` every index
-        0..expected_shards-1 must be committed.
+        0..expected_shards-1 must be committed. ``committed``: the result of ``committed()``
+        when the caller just read it (the records are then not read again).
         """
-        shards = self.committed()
+        shards = self.committed() if committed is None else committed
         if expected_shards is not None:
             missing = sorted(set(range(expected_shards)) - set(shards))
             if missing:

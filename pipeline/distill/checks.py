@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from distilpose.errors import UserError
+from distilpose.profiles import get_profile
 from pipeline import storage
 from pipeline.distill.config import DistillConfig, resolve_paths, run_dir, worker_resources
 from pipeline.distill.state import has_checkpoint
@@ -15,6 +16,7 @@ RUN_FILE = "run.json"  # what the run is; a resume must match it
 # Config fields that change what a run trains; resuming a run with other values would mix two runs.
 IDENTITY_FIELDS = (
     "student",
+    "profile",
     "no_distill",
     "alpha_kt",
     "alpha_vt",
@@ -109,18 +111,20 @@ def check_data_matches(cfg: DistillConfig, manifest) -> None:
         )
 
 
-def run_identity(cfg: DistillConfig, manifest) -> dict:
+def run_identity(cfg: DistillConfig, manifest, backbone) -> dict:
     identity = {k: getattr(cfg, k) for k in IDENTITY_FIELDS}
+    identity["sh_weighting"] = cfg.loss_sh_weighting()  # the profile's unless given
+    identity["backbone"] = {"source": backbone.source, "checkpoint": backbone.checkpoint or ""}
     identity["cache_teacher"] = f"{manifest.teacher.preset}:{manifest.teacher.checkpoint_sha256}"
     identity["cache_data"] = manifest.data.ann_file_sha256
     return json.loads(json.dumps(identity))
 
 
-def check_run_record(cfg: DistillConfig, manifest, resumed: bool) -> None:
-    """Write `<run>/run.json` on a fresh start; on resume refuse a different student, loss
-    or teacher cache (the checkpoint would be continued with another objective)."""
+def check_run_record(cfg: DistillConfig, manifest, resumed: bool, backbone) -> None:
+    """Write `<run>/run.json` on a fresh start; on resume refuse a different student, loss,
+    backbone start or teacher cache (the checkpoint would be continued with another objective)."""
     uri = storage.join(run_dir(cfg), RUN_FILE)
-    identity = run_identity(cfg, manifest)
+    identity = run_identity(cfg, manifest, backbone)
     if resumed and storage.exists(uri):
         refuse_differences(
             json.loads(storage.read_bytes(uri)),
@@ -138,10 +142,14 @@ def check_run_record(cfg: DistillConfig, manifest, resumed: bool) -> None:
 def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
     """Driver-side checks before a fit: absolute paths, cache, resume or fresh start.
     Returns the resolved config and whether the run resumes."""
+    from pipeline.backbone_init import resolve_backbone_init
+
     cfg = resolve_paths(cfg)
     manifest, steps = check_cache_for_run(cfg)
     resumed = has_checkpoint(cfg)
-    check_run_record(cfg, manifest, resumed)
+    # Resolved here for the run record and the warning; the workers resolve the same choice.
+    backbone = resolve_backbone_init(cfg.student, cfg.init_backbone, manifest.teacher)
+    check_run_record(cfg, manifest, resumed, backbone)
     if resumed:
         print(
             f"[distill] run '{cfg.name}' exists at {run_dir(cfg)}: resuming from its last checkpoint "
@@ -150,6 +158,10 @@ def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
         )
     else:
         print(f"[distill] starting new run '{cfg.name}' at {run_dir(cfg)}", flush=True)
+        override = f"; --sh-weighting {cfg.sh_weighting} overrides its L_SH weighting" if cfg.sh_weighting else ""
+        print(f"[distill] {get_profile(cfg.profile).describe()}{override}", flush=True)
+        if backbone.warning:
+            print(f"[distill] {backbone.warning}", flush=True)
     print(warmup_line(cfg, steps * cfg.epochs), flush=True)
     warn_if_cluster_too_small(cfg)
     return cfg, resumed

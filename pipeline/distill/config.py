@@ -7,7 +7,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from distilpose.options import check_choices, option
+from distilpose.profiles import DEFAULT_PROFILE, PROFILES, get_profile
 from pipeline import storage
+from pipeline.backbone_init import FROM_SCRATCH
 
 LOCAL_PATH_FIELDS = ("storage", "cache", "data", "val", "teacher_checkpoint", "init_backbone", "pid_dir")
 
@@ -32,14 +34,24 @@ class DistillConfig:
     alpha_vt: float = option(5e-4, help="weight of the visual-token loss L_VT")
     alpha_sh: float = option(1.0, help="weight of the simulated-heatmap loss L_SH")
     alpha_cs: float = option(0.01, help="weight of the confidence loss L_CS")
-    sh_weighting: str = option("per-sample", choices=("per-sample", "official"), help="L_SH weighting")
+    profile: str = option(
+        DEFAULT_PROFILE,
+        choices=tuple(sorted(PROFILES)),
+        help="'official': the official code's quirks (L_SH weighting, flip test); 'intended': what they meant",
+    )
+    sh_weighting: str | None = option(
+        None, choices=("per-sample", "official"), help="L_SH weighting (default: the profile's)"
+    )
     no_distill: bool = option(False, help="L_reg only (the paper's no-teacher row)")
     online_teacher: str | None = option(
         None, metavar="PRESET", help="run this teacher in the loop instead of the cache"
     )
     teacher_checkpoint: str | None = option(None, help="checkpoint for --online-teacher")
     init_backbone: str | None = option(
-        None, metavar="CKPT", help="initialise the student backbone from a teacher checkpoint"
+        None,
+        metavar="CKPT",
+        help="teacher checkpoint the student backbone starts from (default for DistilPose-L: the cache's "
+        f"teacher; '{FROM_SCRATCH}': from scratch)",
     )
     # "official" keeps the N(0, 0.001) convs of the official code; "kaiming" (He init) learns
     # much faster in short runs (see distilpose.teacher_training.reinit_backbone).
@@ -85,6 +97,14 @@ class DistillConfig:
             return {"alpha_kt": 0.0, "alpha_vt": 0.0, "alpha_sh": 0.0, "alpha_cs": 0.0}
         return {k: getattr(self, k) for k in ("alpha_kt", "alpha_vt", "alpha_sh", "alpha_cs")}
 
+    def loss_sh_weighting(self) -> str:
+        """The L_SH weighting used: --sh-weighting when given, else the profile's."""
+        return self.sh_weighting or get_profile(self.profile).sh_weighting
+
+    def flip_mode(self) -> str:
+        """The in-loop evaluation's student flip test (the profile's)."""
+        return get_profile(self.profile).flip_mode
+
     def milestones(self) -> tuple[int, ...]:
         if self.lr_steps is not None:
             return tuple(self.lr_steps)
@@ -94,7 +114,7 @@ class DistillConfig:
         """Teacher fields the enabled loss terms read (from the cache or the online teacher)."""
         from distilpose.losses import DistillLoss
 
-        return tuple(DistillLoss(**self.alphas(), sh_weighting=self.sh_weighting).needed_teacher_fields)
+        return tuple(DistillLoss(**self.alphas(), sh_weighting=self.loss_sh_weighting()).needed_teacher_fields)
 
 
 def run_dir(cfg: DistillConfig) -> str:
@@ -113,7 +133,7 @@ def resolve_paths(cfg: DistillConfig) -> DistillConfig:
     changes = {}
     for name in LOCAL_PATH_FIELDS:
         value = getattr(cfg, name)
-        if value and storage.is_local(value):
+        if value and value != FROM_SCRATCH and storage.is_local(value):
             changes[name] = storage.local_path(value)
     if cfg.val_boxes != "gt" and storage.is_local(cfg.val_boxes):
         changes["val_boxes"] = storage.local_path(cfg.val_boxes)

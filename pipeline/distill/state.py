@@ -154,6 +154,8 @@ def export_extra(cfg: DistillConfig, epoch: int, metrics: dict, teacher_fields) 
         "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
         "teacher_fields": list(teacher_fields),
         "online_teacher": cfg.online_teacher or "",
+        "profile": cfg.profile,
+        "sh_weighting": cfg.loss_sh_weighting(),
     }
 
 

@@ -32,10 +32,9 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     from ray.train.torch import prepare_model
 
+    from distilpose.device import to_device
     from distilpose.losses import DistillLoss
-    from distilpose.models import build_model
     from distilpose.schedule import scaled_warmup, step_schedule
-    from distilpose.teacher_training import reinit_backbone
     from pipeline.cache import open_reader
     from pipeline.cache_loader import CachedViewStream
 
@@ -52,15 +51,13 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     reader = open_reader(cfg.cache)
-    loss_fn = DistillLoss(**cfg.alphas(), sh_weighting=cfg.sh_weighting)
+    loss_fn = DistillLoss(**cfg.alphas(), sh_weighting=cfg.loss_sh_weighting())
     needed = tuple(loss_fn.needed_teacher_fields)
     layout = image_layout(cfg, reader)
-    student = build_model(cfg.student)
-    reinit_backbone(student, cfg.backbone_init)  # before a teacher init, which overwrites it
-    if cfg.init_backbone:
-        from distilpose.models.checkpoints import init_student_backbone_from_teacher
-
-        init_student_backbone_from_teacher(student, storage.local_copy(cfg.init_backbone))
+    checkpoint = ray.train.get_checkpoint()
+    student, backbone_line = build_student(cfg, reader.manifest.teacher, fresh=checkpoint is None)
+    if rank == 0 and backbone_line:
+        print(f"[distill] {backbone_line}", flush=True)
     stream = CachedViewStream(
         reader,
         image_root=layout["image_root"],
@@ -72,6 +69,7 @@ def train_loop_per_worker(config: dict) -> None:
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         prefetch=loader_prefetch(cfg),
+        pin_memory=device.type == "cuda",  # pinned in the loader thread: the copy below is async
     )
     teacher = online_teacher(cfg, device) if cfg.online_teacher and needed else None
 
@@ -84,7 +82,6 @@ def train_loop_per_worker(config: dict) -> None:
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
 
     start_epoch, step, best = 0, 0, {}
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = TrainState.load(os.path.join(d, CHECKPOINT_FILE))
@@ -101,7 +98,7 @@ def train_loop_per_worker(config: dict) -> None:
         sums: dict[str, float] = {}
         t0, seen = time.perf_counter(), 0
         for batch in stream.epoch(epoch):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
                 out = model(batch["image"])
                 targets = teacher(batch["image"]) if teacher is not None else batch
@@ -176,6 +173,22 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
     if logger:
         logger.close()
+
+
+def build_student(cfg: DistillConfig, cache_teacher, fresh: bool):
+    """The student as training starts: the conv init, then on a fresh start the backbone start
+    the recipe or --init-backbone chooses (pipeline.backbone_init; a resumed run loads every
+    weight from its checkpoint). Returns (model, the backbone log line or "")."""
+    from distilpose.models import build_model
+    from distilpose.teacher_training import reinit_backbone
+    from pipeline.backbone_init import apply_backbone_init, resolve_backbone_init
+
+    student = build_model(cfg.student)
+    reinit_backbone(student, cfg.backbone_init)  # before a teacher init, which overwrites it
+    if not fresh:
+        return student, ""
+    choice = resolve_backbone_init(cfg.student, cfg.init_backbone, cache_teacher)
+    return student, apply_backbone_init(student, choice)
 
 
 def write_pid(pid_dir: str, rank: int) -> None:
@@ -261,7 +274,13 @@ def evaluate(model, cfg: DistillConfig, device) -> dict:
     was_training = model.training
     model.eval()
     stats = evaluate_model(
-        model, layout.ann_file, layout.image_root, boxes=cfg.val_boxes, flip_test=cfg.flip_test, device=device
+        model,
+        layout.ann_file,
+        layout.image_root,
+        boxes=cfg.val_boxes,
+        flip_test=cfg.flip_test,
+        flip_mode=cfg.flip_mode(),
+        device=device,
     )
     model.train(was_training)
     return {k: float(v) for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)}
