@@ -35,34 +35,19 @@ from pipeline.cache.schema import (
     CacheSpec,
     stored_arrays,
 )
-
-
-@dataclass(frozen=True)
-class GpuType:
-    name: str
-    peak_tflops: float  # dense bf16/fp16 tensor-core peak (no sparsity)
-    price_per_hour: float  # default on-demand-like $/GPU-hour
-
-
-GPU_TYPES: dict[str, GpuType] = {
-    "h100": GpuType("NVIDIA H100 SXM", 989.0, 4.0),
-    "a100": GpuType("NVIDIA A100", 312.0, 2.5),
-    "l4": GpuType("NVIDIA L4", 121.0, 0.8),
-}
-DEFAULT_UTILIZATION = 0.35  # fraction of peak a real PyTorch job sustains (MFU)
-FWD_BWD_FACTOR = 3.0  # training step ~ forward + backward (~2x forward) = 3x forward
-FLOPS_PER_MAC = 2
-
-# S3 Standard, us-east-1 list prices; GB = 2^30 bytes as AWS bills it. In-region transfer
-# between EC2 and S3 is free, so no transfer cost is counted.
-S3_PRICE_PER_GB_MONTH = 0.023
-S3_PUT_PRICE_PER_1000 = 0.005  # PUT/COPY/POST/LIST class
-S3_GET_PRICE_PER_1000 = 0.0004  # GET/SELECT class
-GIB = 2**30
-# s3fs pipe_file: one PUT below 2 x 50 MiB, else a multipart upload of 50 MiB parts
-# (create + parts + complete, all billed as PUT-class requests).
-MULTIPART_THRESHOLD = 100 * 2**20
-MULTIPART_PART_SIZE = 50 * 2**20
+from pipeline.cloud_prices import (
+    DEFAULT_UTILIZATION,
+    FLOPS_PER_MAC,
+    FWD_BWD_FACTOR,
+    GIB,
+    GPU_TYPES,
+    MULTIPART_PART_SIZE,
+    MULTIPART_THRESHOLD,
+    S3_GET_PRICE_PER_1000,
+    S3_PRICE_PER_GB_MONTH,
+    S3_PUT_PRICE_PER_1000,
+    GpuType,
+)
 
 # Heatmap bytes after zstd-3 / raw encoded bytes, measured with the Zarr writer on 256
 # teacher-like views (Gaussians on an N(0, 0.003) noise floor, as real teacher output has).

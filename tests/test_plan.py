@@ -10,8 +10,8 @@ import pytest
 from distilpose.models import get_config
 from pipeline.cache import CacheSpec, open_writer
 from pipeline.cache.schema import FIELDS, field_names
+from pipeline.cloud_prices import GPU_TYPES
 from pipeline.plan import (
-    GPU_TYPES,
     attention_gmacs,
     estimate,
     main,
