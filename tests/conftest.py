@@ -11,6 +11,7 @@ import multiprocessing
 import multiprocessing.queues
 import multiprocessing.synchronize
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -103,7 +104,24 @@ def s3_bucket(s3_server: str) -> Iterator[str]:
         client.delete_bucket(Bucket=bucket)
 
 
+@pytest.fixture(params=["local", "s3"])
+def cache_root(request: pytest.FixtureRequest, tmp_path) -> str:
+    """Where a cache store test writes its cache: a local folder, then an S3 prefix."""
+    if request.param == "local":
+        return str(tmp_path / "cache")
+    return request.getfixturevalue("s3_bucket") + "/cache"
+
+
 # ----------------------------------------------------------------------------- distillation
-# Session fixtures of the distillation / fault / sweep tests (tests/pipeline_fixtures.py),
-# defined here so that all their modules share one tiny data set and one tiny cache.
-from pipeline_fixtures import tiny_cache, tiny_data, tiny_teacher  # noqa: E402, F401
+# Session fixtures of the Ray tests (tests/pipeline_fixtures.py), defined here so that all
+# their modules share one local Ray, one tiny data set, one tiny teacher and one tiny cache.
+from pipeline_fixtures import local_ray, tiny_cache, tiny_data, tiny_teacher  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray_at_the_end() -> Iterator[None]:
+    """The local Ray that `local_ray` keeps across modules stops with the session."""
+    yield
+    ray = sys.modules.get("ray")  # not imported: nothing started
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

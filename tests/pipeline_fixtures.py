@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -97,25 +96,37 @@ def tiny_cache(tiny_data, tiny_teacher, tmp_path_factory) -> str:
 # ----------------------------------------------------------------------------- Ray
 
 
-@contextlib.contextmanager
-def local_ray(num_cpus: int = 3) -> Iterator[None]:
-    """A private, quiet local Ray for the test process (workers get the S3 env)."""
+RAY_CPUS = 3  # 2 training workers + headroom; the cache stage runs in the same cluster
+
+
+def ensure_local_ray() -> None:
+    """The session's one private, quiet local Ray (workers get the S3 env), started on first
+    use and kept for the next module. Start the `s3_server` fixture first, so that its AWS_*
+    variables reach the workers. A test that brings its own cluster shuts this one down; the
+    next caller starts it again. conftest.py shuts it down at the end of the session."""
     import ray
 
-    from pipeline.ray_env import worker_env
+    from pipeline.ray_env import quiet_ray_data, worker_env
 
+    if ray.is_initialized():
+        return
+    # address="local", not init_ray(): a RAY_ADDRESS in the environment must not send the
+    # tests to someone else's cluster.
     ray.init(
         address="local",
-        num_cpus=num_cpus,
+        num_cpus=RAY_CPUS,
         include_dashboard=False,
         log_to_driver=False,
         logging_level="ERROR",
         runtime_env={"env_vars": worker_env()},
     )
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    quiet_ray_data()
+
+
+@pytest.fixture
+def local_ray(s3_server) -> None:
+    """Run the test in the session's local Ray (see `ensure_local_ray`)."""
+    ensure_local_ray()
 
 
 def private_ray_tmpdir() -> str:

@@ -2,8 +2,9 @@
 and 2-worker DDP runs on a local Ray (checkpoints, logs, export, resume, loss terms,
 online teacher).
 
-Runs share one module-scoped local Ray (3 logical CPUs: 2 workers + headroom) and the
-session's tiny cache (tests/pipeline_fixtures.py). About 4 fits of ~20-40 s each.
+Runs share the session's local Ray (3 logical CPUs: 2 workers + headroom) and tiny cache
+(tests/pipeline_fixtures.py). The default suite makes 4 fits of ~20-40 s each; the bitwise
+resume comparison (3 more fits) is a heavy test.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_fixtures import epochs_of, local_ray, read_csv
+from pipeline_fixtures import ensure_local_ray, epochs_of, read_csv
 
 from distilpose.errors import UserError
 from distilpose.losses import DistillLoss
@@ -307,15 +308,10 @@ def test_l_student_starts_from_the_cache_teacher(tiny_cache, tiny_teacher, tmp_p
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    with local_ray(num_cpus=3):
-        yield
-
-
-@pytest.fixture(scope="module")
-def ddp_run(ray_cluster, tiny_cache, tiny_data, tmp_path_factory):
+def ddp_run(s3_server, tiny_cache, tiny_data, tmp_path_factory):
     """2 workers, 2 epochs, L_KT switched off (alpha 0), val AP every epoch (rank 0 evaluates
     while rank 1 waits)."""
+    ensure_local_ray()  # module scope: the function-scoped `local_ray` fixture cannot serve
     storage = tmp_path_factory.mktemp("distill-runs")
     cfg = _cfg(tiny_cache, storage, "ddp", alpha_kt=0.0, val=tiny_data, eval_every=1, flip_test=False)
     return cfg, run_distill(cfg)
@@ -355,7 +351,7 @@ def test_ddp_two_workers_checkpoints_logs_export(ddp_run) -> None:
 
 
 @RAY_TIMEOUT
-def test_resume_continues_at_next_epoch(ddp_run, capsys) -> None:
+def test_resume_continues_at_next_epoch(ddp_run, local_ray, capsys) -> None:
     cfg, first = ddp_run
     capsys.readouterr()
     result = run_distill(DistillConfig(**{**cfg.__dict__, "epochs": 3}))
@@ -371,7 +367,7 @@ def test_resume_continues_at_next_epoch(ddp_run, capsys) -> None:
 
 
 @RAY_TIMEOUT
-def test_no_distill_fresh_run_reads_no_teacher(ddp_run, tiny_cache, capsys) -> None:
+def test_no_distill_fresh_run_reads_no_teacher(ddp_run, local_ray, tiny_cache, capsys) -> None:
     cfg, _ = ddp_run
     capsys.readouterr()
     result = run_distill(_cfg(tiny_cache, cfg.storage, "no-kd", no_distill=True, epochs=1))
@@ -386,7 +382,7 @@ def test_no_distill_fresh_run_reads_no_teacher(ddp_run, tiny_cache, capsys) -> N
 
 
 @RAY_TIMEOUT
-def test_online_teacher_runs_on_the_same_views(ddp_run, tiny_cache, tiny_teacher) -> None:
+def test_online_teacher_runs_on_the_same_views(ddp_run, local_ray, tiny_cache, tiny_teacher) -> None:
     cfg, _ = ddp_run
     online = dict(online_teacher="tokenpose-tiny", teacher_checkpoint=tiny_teacher)
     result = run_distill(_cfg(tiny_cache, cfg.storage, "online", workers=1, batch_size=8, epochs=1, **online))
@@ -424,8 +420,9 @@ def test_job_cli_builds_the_config(monkeypatch) -> None:
         job.config_from_args(parser.parse_args(["--cache", "c", "--expect", "views"]))
 
 
+@pytest.mark.heavy  # 3 fits: minutes on 2 cores; the default suite resumes in test_resume_continues_at_next_epoch
 @pytest.mark.timeout(600)
-def test_resumed_run_equals_an_uninterrupted_one(ray_cluster, tiny_cache, tmp_path) -> None:
+def test_resumed_run_equals_an_uninterrupted_one(local_ray, tiny_cache, tmp_path) -> None:
     """2 epochs straight vs 1 epoch, stop, resume for the 2nd: bitwise the same student on CPU.
     The warm-up runs into the 2nd epoch and a milestone falls between the epochs, so a resume
     that lost the optimizer's moments or the scheduler's position trains the 2nd epoch

@@ -9,7 +9,9 @@
 
 Workers write their pid and a start record (rank, pid, node, start epoch) through the
 DistillConfig test hooks (`pid_dir`); `step_sleep_s` stretches epochs so a kill lands mid-epoch.
-Observed timings are printed (`pytest -s`) for the record.
+Observed timings are printed (`pytest -s`) for the record. Each test takes minutes on a
+2-core machine: the module is heavy (`make test-heavy`); the default suite keeps a resume
+(tests/test_distill.py) and S3 storage (tests/test_storage.py, tests/test_teacher_stage.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from pipeline_fixtures import (
     epochs_of,
     job_env,
     kill_session,
-    local_ray,
     private_ray_tmpdir,
     read_starts,
     run_job,
@@ -42,7 +43,8 @@ from pipeline_fixtures import (
 from pipeline.distill import DistillConfig, run_distill
 
 STUDENT = "distilpose-tiny"
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it when a checkpoint is committed
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+pytestmark = pytest.mark.heavy  # Ray Train writes it when a checkpoint is committed
 
 
 def _latest_checkpoint_epoch(run: Path) -> int:
@@ -60,7 +62,7 @@ def _latest_checkpoint_epoch(run: Path) -> int:
 
 
 @pytest.mark.timeout(300)
-def test_worker_sigkill_restarts_group_from_last_checkpoint(tiny_cache, tmp_path) -> None:
+def test_worker_sigkill_restarts_group_from_last_checkpoint(local_ray, tiny_cache, tmp_path) -> None:
     pid_dir, run = tmp_path / "pids", tmp_path / "runs" / "kill"
     cfg = DistillConfig(
         cache=tiny_cache,
@@ -90,11 +92,10 @@ def test_worker_sigkill_restarts_group_from_last_checkpoint(tiny_cache, tmp_path
             seen["error"] = e
 
     thread = threading.Thread(target=killer, daemon=True)
-    with local_ray(num_cpus=3):
-        t0 = time.perf_counter()
-        thread.start()
-        result = run_distill(cfg)
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    thread.start()
+    result = run_distill(cfg)
+    wall = time.perf_counter() - t0
     thread.join(timeout=5)
     assert "error" not in seen, seen.get("error")
 
@@ -184,6 +185,7 @@ def test_two_nodes_spread_checkpoints_on_flaky_s3(tiny_cache, tmp_path, s3_serve
     # one keeps other users' ray.init() on this machine from joining this cluster.
     ray_tmp = private_ray_tmpdir()
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    ray.shutdown()  # the session's local Ray, if up: this test brings its own cluster
     with FlakyS3Proxy(s3_server, match=match, failures_per_key=1) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # driver, nodes and workers
         t0 = time.perf_counter()

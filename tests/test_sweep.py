@@ -1,5 +1,6 @@
-"""Student sweeps (Ray Tune around Ray Train): sweep spaces, ranking, and a real 2-trial
-sweep through `jobs/sweep.py` that is then re-run and must not train again."""
+"""Student sweeps (Ray Tune around Ray Train): sweep spaces, ranking, a one-trial sweep in the
+session's Ray that is re-run and must not train again, and (heavy) a 2-trial sweep through
+`jobs/sweep.py` scored on val AP, re-run the same way."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import yaml
 from pipeline_fixtures import ROOT, read_csv, read_starts, run_job
 
 from pipeline.distill import DistillConfig
-from pipeline.sweep import load_space, rank_key
+from pipeline.sweep import SweepConfig, load_space, rank_key, run_sweep
 
 ABLATION = ROOT / "sweeps" / "ablation.yaml"
 ABLATION_TINY = ROOT / "sweeps" / "ablation-tiny.yaml"
@@ -131,6 +132,31 @@ def test_results_rank_by_ap_then_loss_failures_last() -> None:
     assert [r["trial"] for r in sorted(rows, key=rank_key)] == ["high", "low", "tie-worse-loss", "no-val", "failed"]
 
 
+@pytest.mark.timeout(300)
+def test_one_trial_sweep_then_rerun_trains_nothing(local_ray, tiny_cache, tmp_path, capsys) -> None:
+    base = {"student": "distilpose-tiny", "epochs": 1, "batch_size": 8, "warmup_iters": 2, "log_every": 1}
+    space = _write(tmp_path / "space.yaml", {"base": base, "trials": [{"name": "all"}]})
+    pid_dir = tmp_path / "pids"
+    cfg = SweepConfig(
+        cache=tiny_cache, space=space, storage=str(tmp_path / "sweeps"), name="one", overrides={"pid_dir": str(pid_dir)}
+    )
+    rows = run_sweep(cfg)
+    assert [r["trial"] for r in rows] == ["all"] and rows[0]["error"] == ""
+    assert rows[0]["epoch"] == 1 and rows[0]["train/loss"] > 0
+    results = tmp_path / "sweeps" / "one" / "results.csv"
+    assert [r["trial"] for r in read_csv(results)] == ["all"]
+    assert (tmp_path / "sweeps" / "one" / "runs" / "all" / "export" / "student_latest.pt").exists()
+    assert len(read_starts(pid_dir)) == 1
+
+    csv_before = read_csv(results)
+    capsys.readouterr()
+    assert [r["trial"] for r in run_sweep(cfg)] == ["all"]
+    assert "resuming sweep 'one'" in capsys.readouterr().out
+    assert len(read_starts(pid_dir)) == 1, "a finished trial was trained again"
+    assert read_csv(results) == csv_before
+
+
+@pytest.mark.heavy  # two sweep jobs, each with its own Ray start and two trials: minutes
 @pytest.mark.timeout(480)
 def test_two_trial_sweep_ranks_by_ap_and_rerun_trains_nothing(tiny_cache, tiny_data, tmp_path) -> None:
     space = _write(

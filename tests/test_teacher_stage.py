@@ -1,7 +1,8 @@
 """The teacher caching stage end to end: real Ray Data, real files, real S3 (moto).
 
-One local Ray serves the in-process tests of this module; the resume, job-submit and
-multi-node tests start their own clusters and tear them down.
+The in-process tests run in the session's local Ray (tests/pipeline_fixtures.py). The
+SIGKILL-resume, job-submit and multi-node tests start their own clusters and take minutes:
+they are heavy (`make test-heavy`).
 """
 
 from __future__ import annotations
@@ -41,23 +42,6 @@ def synth(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shutdown_ray_after_module():
-    import ray
-
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture
-def ray_local(s3_server):
-    """The module's local Ray (started on first use; the own-cluster tests shut it down).
-    s3_server first: its AWS_* variables must be in the environment the workers get."""
-    from pipeline.ray_env import init_ray
-
-    init_ray(num_cpus=2)
-
-
 def _config(synth: Path, out: str, **kw) -> CacheJobConfig:
     base = dict(data=str(synth), teacher=TEACHER, out=out, views=2, shard_views=16, batch_size=8)
     base.update(kw)
@@ -68,7 +52,7 @@ def _shard_hashes(uri: str) -> dict[str, str]:
     return {s.name: s.sha256 for s in open_reader(uri).manifest.shards}
 
 
-def test_cache_job_zarr_fields_match_a_direct_teacher_run(synth, ray_local, tmp_path):
+def test_cache_job_zarr_fields_match_a_direct_teacher_run(synth, local_ray, tmp_path):
     out = str(tmp_path / "cache")
     summary = run_cache_job(_config(synth, out))
     assert summary.complete and summary.rows == summary.instances * 2
@@ -120,7 +104,7 @@ def test_cache_job_zarr_fields_match_a_direct_teacher_run(synth, ray_local, tmp_
     assert np.all(cached["view_params"][cached["view"] == 0][:, 4:] == 0)
 
 
-def test_cache_job_same_bytes_local_and_s3_both_formats(synth, ray_local, tmp_path, s3_bucket):
+def test_cache_job_same_bytes_local_and_s3_both_formats(synth, local_ray, tmp_path, s3_bucket):
     for fmt in ("zarr", "wds"):
         local = str(tmp_path / fmt)
         remote = f"{s3_bucket}/cache-{fmt}"
@@ -136,7 +120,7 @@ def test_cache_job_same_bytes_local_and_s3_both_formats(synth, ray_local, tmp_pa
         assert len(rows_a["crop_jpeg"][0]) > 100  # stored JPEG crops
 
 
-def test_stored_jpeg_crops_are_the_pixels_the_teacher_saw(synth, ray_local, tmp_path, tiny_teacher):
+def test_stored_jpeg_crops_are_the_pixels_the_teacher_saw(synth, local_ray, tmp_path, tiny_teacher):
     """--store-crops jpeg: the teacher runs on the decoded stored crop, so the loader's crop
     and the cached targets agree; rerunning the teacher on the loader's batch gives them back."""
     out = str(tmp_path / "cache")
@@ -167,7 +151,7 @@ def test_stored_jpeg_crops_are_the_pixels_the_teacher_saw(synth, ray_local, tmp_
         assert np.all(np.abs(batch[name].numpy() - fresh) <= bound * 1.001 + 1e-6), name
 
 
-def test_rerun_reuses_committed_shards_and_refuses_other_settings(synth, ray_local, tmp_path):
+def test_rerun_reuses_committed_shards_and_refuses_other_settings(synth, local_ray, tmp_path):
     out = str(tmp_path / "cache")
     first = run_cache_job(_config(synth, out))
     again = run_cache_job(_config(synth, out))
@@ -180,7 +164,7 @@ def test_rerun_reuses_committed_shards_and_refuses_other_settings(synth, ray_loc
         check_compatible(manifest, {"teacher": {"checkpoint_sha256": "0" * 64}})
 
 
-def test_bad_inputs_are_counted_not_fatal(synth, ray_local, tmp_path):
+def test_bad_inputs_are_counted_not_fatal(synth, local_ray, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synth, data)
     ann = data / "annotations" / "person_keypoints_train.json"
@@ -211,7 +195,7 @@ def test_bad_inputs_are_counted_not_fatal(synth, ray_local, tmp_path):
         run_cache_job(_config(data, str(tmp_path / "strict"), strict=True))
 
 
-def test_verify_cli_detects_a_flipped_byte(synth, ray_local, tmp_path):
+def test_verify_cli_detects_a_flipped_byte(synth, local_ray, tmp_path):
     out = tmp_path / "cache"
     run_cache_job(_config(synth, str(out), format="wds"))
     job = [sys.executable, str(ROOT / "jobs" / "cache_teacher.py"), "--verify", str(out)]
@@ -256,6 +240,7 @@ def _env() -> dict:
     return env
 
 
+@pytest.mark.heavy
 def test_sigkill_mid_run_then_rerun_gives_identical_cache(synth, tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     subprocess.run(_job_cmd(synth, clean), check=True, capture_output=True, timeout=300, env=_env())
@@ -282,6 +267,7 @@ def test_sigkill_mid_run_then_rerun_gives_identical_cache(synth, tmp_path):
     assert _shard_hashes(str(killed)) == _shard_hashes(str(clean))
 
 
+@pytest.mark.heavy
 def test_two_node_cluster(synth, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
@@ -311,6 +297,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.heavy
 def test_ray_job_submit_against_a_local_head(synth, tmp_path):
     gcs, dash, agent = _free_port(), _free_port(), _free_port()
     env = _env()
@@ -380,7 +367,7 @@ def test_ray_job_submit_against_a_local_head(synth, tmp_path):
             head.wait(timeout=30)
 
 
-def test_storage_layout_has_no_pickle(synth, ray_local, tmp_path):
+def test_storage_layout_has_no_pickle(synth, local_ray, tmp_path):
     out = str(tmp_path / "cache")
     run_cache_job(_config(synth, out, format="wds"))
     names = storage.find_files(out)
