@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.demo import QUICK, DemoConfig, run_demo
 
-STAGES = ("data", "teacher", "cache", "distill", "no-distill", "visualize")
+STAGES = ("data", "teacher", "cache", "distill", "no-distill")  # visualization is checked by its PNGs
 
 
 @pytest.mark.timeout(600)
