@@ -7,7 +7,10 @@ default: Ray's own progress bars and worker logs stay off unless asked for.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import threading
 
 # Ray 2.60 turns token auth on for new local clusters; the jobs only ever talk to their
 # own cluster, and a token file left in ~/.ray by an earlier run must not change
@@ -49,13 +52,52 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         log_to_driver=verbose,
         logging_level="INFO" if verbose else "ERROR",
     )
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # "local" always starts a new cluster; a bare ray.init() would join whatever cluster
-        # /tmp/ray/ray_current_cluster names (any earlier `ray start` on this machine).
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    # Ray's core worker announces the log level set above on stderr ("logging.cc: Set ray
+    # log level from environment variable ..."), the one line left of its own.
+    with contextlib.nullcontext() if verbose else stderr_without(RAY_LOG_LEVEL_LINE):
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            # "local" always starts a new cluster; a bare ray.init() would join whatever
+            # cluster /tmp/ray/ray_current_cluster names (any earlier `ray start` here).
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     quiet_ray_data(verbose)
+
+
+RAY_LOG_LEVEL_LINE = b"Set ray log level from environment variable"
+
+
+@contextlib.contextmanager
+def stderr_without(marker: bytes):
+    """Drop the lines containing `marker` that anything in this process (C++ included)
+    writes to file descriptor 2 inside the block; every other line passes through.
+
+    fd 2 points at a pipe during the block; a thread copies the pipe to the real stderr.
+    A child started inside the block may keep the pipe's write end, so the thread copies
+    on until the last writer closes it, and owns its own duplicate of the real stderr."""
+    sys.stderr.flush()
+    real = os.dup(2)
+    out = os.dup(real)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def copy() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if marker not in line:
+                    os.write(out, line)
+        os.close(out)
+
+    thread = threading.Thread(target=copy, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(real, 2)
+        os.close(real)
+        thread.join(timeout=1.0)
 
 
 def quiet_ray_data(verbose: bool = False) -> None:

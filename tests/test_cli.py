@@ -78,3 +78,17 @@ def test_real_bugs_keep_their_traceback() -> None:
     with pytest.raises(KeyError):
         run_job(buggy, argv=[])
     assert run_job(lambda: 0, argv=[]) == 0
+
+
+def test_ray_init_log_level_line_is_dropped_other_stderr_kept() -> None:
+    # fd-level writes, as Ray's C++ core worker makes them, from inside and after the block.
+    code = (
+        "import os\n"
+        "from pipeline.ray_env import RAY_LOG_LEVEL_LINE, stderr_without\n"
+        "with stderr_without(RAY_LOG_LEVEL_LINE):\n"
+        "    os.write(2, b'[I] logging.cc:303: Set ray log level from environment variable X to 3\\n')\n"
+        "    os.write(2, b'kept inside\\n')\n"
+        "os.write(2, b'kept after\\n')\n"
+    )
+    result = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert result.stderr.splitlines() == ["kept inside", "kept after"]

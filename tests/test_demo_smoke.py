@@ -16,6 +16,7 @@ from pipeline.demo import QUICK, DemoConfig, run_demo
 STAGES = ("data", "teacher", "cache", "distill", "no-distill")  # visualization is checked by its PNGs
 
 
+@pytest.mark.heavy  # every stage of the demo, ~1.5-3 min
 @pytest.mark.timeout(600)
 def test_quick_demo_runs_every_stage(local_ray, tmp_path: Path) -> None:
     out = tmp_path / "demo"

@@ -350,6 +350,7 @@ def test_ddp_two_workers_checkpoints_logs_export(ddp_run) -> None:
     assert best_extra["metrics"]["AP"] == result.metrics["best_AP"]
 
 
+@pytest.mark.heavy  # a second Train run on top of the DDP run: ~30 s
 @RAY_TIMEOUT
 def test_resume_continues_at_next_epoch(ddp_run, local_ray, capsys) -> None:
     cfg, first = ddp_run

@@ -132,6 +132,7 @@ def test_results_rank_by_ap_then_loss_failures_last() -> None:
     assert [r["trial"] for r in sorted(rows, key=rank_key)] == ["high", "low", "tie-worse-loss", "no-val", "failed"]
 
 
+@pytest.mark.heavy  # a sweep job through Tune and Train, then its rerun: ~40 s
 @pytest.mark.timeout(300)
 def test_one_trial_sweep_then_rerun_trains_nothing(local_ray, tiny_cache, tmp_path, capsys) -> None:
     base = {"student": "distilpose-tiny", "epochs": 1, "batch_size": 8, "warmup_iters": 2, "log_every": 1}
