@@ -25,11 +25,12 @@ docs/scale.png, docs/scale.csv (beside the PNG) and runs/bench/scale.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
-import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -37,12 +38,14 @@ from pathlib import Path
 
 import _common as C
 
+sys.path.insert(0, str(C.ROOT / "tests"))
+from local_services import moto_server, proc_stats  # noqa: E402  (shared with the tests)
+
 NAME = "scale"
 SIZES = (1000, 4000, 16000, 32000)
 TEACHER, STUDENT = "tokenpose-tiny", "distilpose-tiny"
 POOL_IMAGES = 64
 BATCH = 32
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,17 +67,7 @@ def parse_args() -> argparse.Namespace:
 def _cpu_seconds_by_pid() -> dict[int, tuple[int, float]]:
     """{pid: (parent pid, user + system CPU seconds)} of every process we may read."""
     tick = os.sysconf("SC_CLK_TCK")
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        found[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    return found
+    return {pid: (int(f[1]), (int(f[11]) + int(f[12])) / tick) for pid, f in proc_stats().items()}
 
 
 class TreeCpu:
@@ -220,38 +213,6 @@ def planned(instances: int) -> dict:
     return {"plan_bytes": plan.bytes_total, "plan_objects": plan.objects_total, "shards": plan.shards}
 
 
-# ----------------------------------------------------------------------------- moto
-
-
-def _serve_moto(port_queue, stop) -> None:
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        port_queue.put(server.get_host_and_port()[1])
-        stop.wait()
-    finally:
-        server.stop()
-
-
-def start_moto():
-    """A moto S3 server in its own process on 127.0.0.1; AWS_* point at it, bucket made."""
-    import boto3
-
-    context = multiprocessing.get_context("spawn")
-    port_queue, stop = context.Queue(), context.Event()
-    process = context.Process(target=_serve_moto, args=(port_queue, stop), name="moto-s3", daemon=True)
-    process.start()
-    endpoint = f"http://127.0.0.1:{port_queue.get(timeout=60)}"
-    os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="scale")
-    return process, stop
-
-
 # ----------------------------------------------------------------------------- output
 
 PER_INSTANCE = {
@@ -363,10 +324,18 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="scale-", dir=C.RESULTS_DIR)
     ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
     os.environ["RAY_TMPDIR"] = ray_tmp  # a private cluster no other ray.init() can join
-    moto = start_moto() if "s3" in args.stores else None
     saved = C.RESULTS_DIR / f"{NAME}.json"
     rows: list[dict] = json.loads(saved.read_text())["rows"] if args.resume and saved.exists() else []
-    try:
+    with contextlib.ExitStack() as stack:
+        moto_pid = None
+        if "s3" in args.stores:
+            import boto3
+
+            endpoint, moto_pid = stack.enter_context(moto_server())
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="scale")
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        stack.callback(shutil.rmtree, ray_tmp, ignore_errors=True)
+        stack.callback(_shutdown_ray)
         from distilpose.data.synthetic import make_synthetic_coco
         from pipeline import storage
         from pipeline.ray_env import init_ray
@@ -387,24 +356,21 @@ def main() -> None:
                     continue
                 out = f"s3://scale/cache-{instances}" if store == "s3" else os.path.join(tmp, f"cache-{instances}")
                 print(f"== {instances} instances, {store}", flush=True)
-                moto_pid = moto[0].pid if store == "s3" else None
-                row = {"store": store, "instances": instances} | build(data, out, checkpoint, moto_pid)
-                row |= footprint(out) | read_epoch(out, moto_pid) | planned(instances)
+                pid = moto_pid if store == "s3" else None
+                row = {"store": store, "instances": instances} | build(data, out, checkpoint, pid)
+                row |= footprint(out) | read_epoch(out, pid) | planned(instances)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 storage.remove(out, recursive=True)  # moto keeps objects in memory
                 save(rows, args.png)  # after every row: a long run that is stopped keeps what it measured
             shutil.rmtree(data)
-    finally:
-        import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
-        if moto:
-            moto[1].set()
-            moto[0].join(timeout=10)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

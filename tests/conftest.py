@@ -7,73 +7,24 @@ tests for the GIL.
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.queues
-import multiprocessing.synchronize
 import os
 import sys
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from local_services import S3_TEST_ENV, moto_server
 
 # Ray reads these at import/init time; set them before any test module imports ray.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-S3_TEST_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-MOTO_START_TIMEOUT_S = 60
-
-
-def _serve_moto(port_queue: multiprocessing.queues.Queue, stop: multiprocessing.synchronize.Event) -> None:
-    """Child process: run moto's S3 server on a free port until ``stop`` is set."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        port_queue.put(server.get_host_and_port()[1])
-        stop.wait()
-    finally:
-        server.stop()
-
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """Endpoint URL of a moto S3 server; AWS_* variables point at it for the session."""
-    # spawn: forking a pytest process that may already run s3fs/zarr event-loop threads
-    # can deadlock the child.
-    context = multiprocessing.get_context("spawn")
-    port_queue = context.Queue()
-    stop = context.Event()
-    process = context.Process(target=_serve_moto, args=(port_queue, stop), name="moto-s3", daemon=True)
-    process.start()
-    saved = {key: os.environ.get(key) for key in (*S3_TEST_ENV, "AWS_ENDPOINT_URL")}
-    try:
-        port = port_queue.get(timeout=MOTO_START_TIMEOUT_S)
-        endpoint = f"http://127.0.0.1:{port}"
-        os.environ.update(S3_TEST_ENV)
-        os.environ["AWS_ENDPOINT_URL"] = endpoint
+    with moto_server() as (endpoint, _):
         yield endpoint
-    finally:
-        stop.set()
-        process.join(timeout=10)
-        if process.is_alive():
-            process.terminate()
-            process.join(timeout=5)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _s3_client(endpoint: str):

@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from local_services import proc_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -169,19 +170,7 @@ def run_job(script: str, args: list[str], timeout_s: float) -> subprocess.Comple
 def session_members(sid: int) -> list[int]:
     """Pids of the live processes in session `sid` (a job started with start_new_session,
     and the Ray processes it spawned)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        state, session = fields[0], int(fields[3])
-        if session == sid and state != "Z":
-            members.append(int(entry))
-    return members
+    return [pid for pid, fields in proc_stats().items() if int(fields[3]) == sid and fields[0] != "Z"]
 
 
 def kill_session(sid: int, timeout_s: float = 20.0) -> list[int]:
