@@ -12,9 +12,9 @@ Three phases, each resumable (a rerun reuses what is done):
    Each run grows the cache in place and computes only the new views, so the wall time of
    the runs up to V is what building a V-view cache costs; the bytes of a V-view cache are
    those of its first V views (`<out>/cache_growth.json`).
-2. sweep: `jobs/sweep.py` with the study's space (online teacher with fresh augmentation,
+2. sweeps: `jobs/sweep.py` with the study's space (online teacher with fresh augmentation,
    online teacher on the cache's views, the cache read with `cache_views` = 1..16, and no
-   distillation; every trial the same student, schedule and seeds).
+   distillation; every trial the same student and schedule), one sweep per seed.
 3. report: val AP mean and spread per configuration, wall time per run, cache bytes and
    build time per V: a CSV and a PNG under docs/, a markdown table on stdout, and the
    smallest V within 1 AP of the fresh-augmentation online run.
@@ -97,39 +97,42 @@ def cache_costs(growth: list[dict], cache: Path) -> list[dict]:
     return sorted(growth, key=lambda r: r["views"])
 
 
-def run_sweep(args, cache: Path) -> Path:
-    cmd = [
-        sys.executable,
-        "jobs/sweep.py",
-        "--cache", str(cache),
-        "--space", args.space,
-        "--storage", args.out,
-        "--name", args.name,
-        "--val", str(args.demo / "data"),
-        "--max-concurrent", str(args.max_concurrent),
-    ]  # fmt: skip
-    if not args.report_only:
-        _run(cmd)
-    return Path(args.out) / args.name
+def run_sweeps(args, cache: Path) -> list[Path]:
+    """One sweep per seed (every configuration of seed 0 first, then seed 1, ...), so a
+    study cut short still compares every configuration."""
+    dirs = []
+    for seed in args.seeds:
+        name = f"{args.name}-seed{seed}"
+        if not args.report_only:
+            _run(
+                [
+                    sys.executable,
+                    "jobs/sweep.py",
+                    "--cache", str(cache),
+                    "--space", args.space,
+                    "--storage", args.out,
+                    "--name", name,
+                    "--val", str(args.demo / "data"),
+                    "--set", f"seed={seed}",
+                    "--max-concurrent", str(args.max_concurrent),
+                ]
+            )  # fmt: skip
+        dirs.append(Path(args.out) / name)
+    return dirs
 
 
-def configuration(trial: str) -> tuple[str, int]:
-    """'cache-v4-seed2' -> ('cache-v4', 2)."""
-    name, _, seed = trial.rpartition("-seed")
-    return name, int(seed)
-
-
-def collect(sweep_dir: Path) -> dict[str, list[dict]]:
-    """Finished trials by configuration: AP and training wall time (sum of epoch times)."""
-    rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
+def collect(sweep_dirs: list[Path], seeds: list[int]) -> dict[str, list[dict]]:
+    """Finished trials by configuration (trial name): AP and training wall time (the sum of
+    its epoch times)."""
     by_config: dict[str, list[dict]] = {}
-    for row in rows:
-        if row.get("AP") in ("", None):
-            continue
-        config, seed = configuration(row["trial"])
-        epochs = list(csv.DictReader((sweep_dir / "runs" / row["trial"] / "logs" / "epochs.csv").open()))
-        train_s = sum(float(e["epoch_time_s"]) for e in epochs)
-        by_config.setdefault(config, []).append({"seed": seed, "AP": float(row["AP"]), "train_s": train_s})
+    for sweep_dir, seed in zip(sweep_dirs, seeds):
+        results = sweep_dir / "results.csv"
+        for row in csv.DictReader(results.open()) if results.exists() else []:
+            if row.get("AP") in ("", None):
+                continue
+            epochs = list(csv.DictReader((sweep_dir / "runs" / row["trial"] / "logs" / "epochs.csv").open()))
+            train_s = sum(float(e["epoch_time_s"]) for e in epochs)
+            by_config.setdefault(row["trial"], []).append({"seed": seed, "AP": float(row["AP"]), "train_s": train_s})
     return by_config
 
 
@@ -231,14 +234,19 @@ def plot(table: list[dict], title: str, path: Path) -> None:
     fig.savefig(path, dpi=110, format="png")
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", type=Path, default=ROOT / "runs" / "demo", help="make demo's folder (data, teacher)")
     p.add_argument("--teacher", default="tokenpose-tiny")
     p.add_argument("--out", default=str(ROOT / "runs" / "premise"), help="study folder (cache, sweeps)")
     p.add_argument("--space", default="sweeps/premise-l-tiny.yaml")
-    p.add_argument("--name", default="premise-l-tiny", help="sweep name (and the docs/ file stem)")
-    p.add_argument("--views", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16])
+    p.add_argument("--name", default="premise-l-tiny", help="sweep name stem (and the docs/ file stem)")
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="one sweep per seed, in this order")
+    p.add_argument("--views", type=_ints, default=[1, 2, 4, 8, 16], help="cache sizes, grown in this order")
     p.add_argument("--shard-instances", type=int, default=64)
     p.add_argument("--cache-workers", type=int, default=2)
     p.add_argument("--max-concurrent", type=int, default=2, help="trials at once (one CPU each)")
@@ -258,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         growth = grow_cache(args, cache)
     growth = cache_costs(growth, cache)
-    sweep_dir = run_sweep(args, cache)
-    table = summarize(collect(sweep_dir), growth)
+    sweep_dirs = run_sweeps(args, cache)
+    table = summarize(collect(sweep_dirs, args.seeds), growth)
     if not table:
         print("[study] no finished trial yet", flush=True)
         return 1
