@@ -173,6 +173,10 @@ def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
         print(f"[distill] {get_profile(cfg.profile).describe()}{override}", flush=True)
         if backbone.warning:
             print(f"[distill] {backbone.warning}", flush=True)
+    if cfg.online_teacher:
+        fresh = cfg.view_source() == "fresh"
+        views = "fresh views (a new augmentation per instance per epoch)" if fresh else "the cached views"
+        print(f"[distill] online teacher {cfg.online_teacher} on {views}", flush=True)
     print(warmup_line(cfg, steps * cfg.epochs), flush=True)
     warn_if_cluster_too_small(cfg)
     return cfg, resumed

@@ -48,8 +48,7 @@ class DistillConfig:
         None, metavar="PRESET", help="run this teacher in the loop instead of the cache"
     )
     teacher_checkpoint: str | None = option(None, help="checkpoint for --online-teacher")
-    # None: "fresh" with --online-teacher. "cache" isolates what storing the teacher's outputs
-    # costs; "fresh" is the official data flow (and also differs by the views' variety).
+    # None: "fresh" with --online-teacher (see view_source).
     online_views: str | None = option(
         None,
         choices=ONLINE_VIEWS,
