@@ -384,8 +384,9 @@ def test_no_distill_fresh_run_reads_no_teacher(ddp_run, local_ray, tiny_cache, c
 
 @RAY_TIMEOUT
 def test_online_teacher_runs_on_the_same_views(ddp_run, local_ray, tiny_cache, tiny_teacher) -> None:
+    """--online-views cache: the teacher in the loop on the cache's views (fresh views: test_fresh_views.py)."""
     cfg, _ = ddp_run
-    online = dict(online_teacher="tokenpose-tiny", teacher_checkpoint=tiny_teacher)
+    online = dict(online_teacher="tokenpose-tiny", teacher_checkpoint=tiny_teacher, online_views="cache")
     result = run_distill(_cfg(tiny_cache, cfg.storage, "online", workers=1, batch_size=8, epochs=1, **online))
     rows = read_csv(Path(result.run_dir) / "logs" / "epochs.csv")
     assert _terms(rows) == set(TERMS)
@@ -393,7 +394,8 @@ def test_online_teacher_runs_on_the_same_views(ddp_run, local_ray, tiny_cache, t
     from distilpose.models.checkpoints import load_checkpoint
 
     _, extra = load_checkpoint(result.exported["latest"])
-    assert extra["online_teacher"] == "tokenpose-tiny"
+    assert extra["online_teacher"] == "tokenpose-tiny" and extra["online_views"] == "cache"
+    assert json.loads((Path(result.run_dir) / "run.json").read_text())["online_views"] == "cache"
 
 
 def test_job_cli_builds_the_config(monkeypatch) -> None:

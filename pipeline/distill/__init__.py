@@ -8,8 +8,10 @@ cached view of every image, and minimises
 A checkpoint (`TrainState`: model, optimizer, scheduler, epoch, step, RNG states) is
 committed to `<storage>/<name>` every epoch; relaunching the same command with the same
 name resumes from it, and a killed worker makes Ray Train restart the worker group from it.
-`online_teacher` runs the teacher in the loop on the same views (the official code's way,
-the baseline the cache is measured against); `no_distill` trains with L_reg alone.
+`online_teacher` runs the teacher in the loop (the baseline the cache is measured against):
+on a fresh augmentation of every instance every epoch (pipeline.fresh_views, the official
+code's way) or, with `online_views="cache"`, on the cached views; `no_distill` trains with
+L_reg alone.
 
 Modules: config (DistillConfig, run paths), worker (the per-rank training loop), state
 (TrainState: save/restore for resume; exported students), checks (preflight checks, run

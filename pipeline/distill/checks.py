@@ -36,6 +36,7 @@ def check_cache_for_run(cfg: DistillConfig):
     from pipeline.cache.manifest import check_compatible
     from pipeline.cache_loader import steps_per_epoch
 
+    check_online_views(cfg)
     reader = open_reader(cfg.cache)  # no manifest yet: "not finalized" error naming the commits
     if not reader.manifest.complete:
         raise UserError(f"cache {cfg.cache} is not complete; finish it with jobs/cache_teacher.py (it resumes)")
@@ -46,6 +47,14 @@ def check_cache_for_run(cfg: DistillConfig):
         check_data_matches(cfg, reader.manifest)
     steps = steps_per_epoch(reader, cfg.workers, cfg.batch_size)  # raises when a worker would get no batch
     return reader.manifest, steps
+
+
+def check_online_views(cfg: DistillConfig) -> None:
+    if cfg.online_views and not cfg.online_teacher:
+        raise UserError(
+            f"--online-views {cfg.online_views} chooses what the online teacher sees; add --online-teacher PRESET "
+            "(without it the student reads the cache's views and outputs)"
+        )
 
 
 def check_student_fits(cfg: DistillConfig, manifest) -> None:
@@ -117,6 +126,8 @@ def run_identity(cfg: DistillConfig, manifest, backbone) -> dict:
     identity["backbone"] = {"source": backbone.source, "checkpoint": backbone.checkpoint or ""}
     identity["cache_teacher"] = f"{manifest.teacher.preset}:{manifest.teacher.checkpoint_sha256}"
     identity["cache_data"] = manifest.data.ann_file_sha256
+    if cfg.online_teacher:  # the teacher's views: the cache's or fresh ones (cached runs have no choice)
+        identity["online_views"] = cfg.view_source()
     return json.loads(json.dumps(identity))
 
 
@@ -162,6 +173,10 @@ def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
         print(f"[distill] {get_profile(cfg.profile).describe()}{override}", flush=True)
         if backbone.warning:
             print(f"[distill] {backbone.warning}", flush=True)
+    if cfg.online_teacher:
+        fresh = cfg.view_source() == "fresh"
+        views = "fresh views (a new augmentation per instance per epoch)" if fresh else "the cached views"
+        print(f"[distill] online teacher {cfg.online_teacher} on {views}", flush=True)
     print(warmup_line(cfg, steps * cfg.epochs), flush=True)
     warn_if_cluster_too_small(cfg)
     return cfg, resumed

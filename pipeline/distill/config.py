@@ -11,6 +11,7 @@ from distilpose.profiles import DEFAULT_PROFILE, PROFILES, get_profile
 from pipeline import storage
 from pipeline.backbone_init import FROM_SCRATCH
 
+ONLINE_VIEWS = ("fresh", "cache")
 LOCAL_PATH_FIELDS = ("storage", "cache", "data", "val", "teacher_checkpoint", "init_backbone", "pid_dir")
 
 
@@ -47,6 +48,13 @@ class DistillConfig:
         None, metavar="PRESET", help="run this teacher in the loop instead of the cache"
     )
     teacher_checkpoint: str | None = option(None, help="checkpoint for --online-teacher")
+    # None: "fresh" with --online-teacher (see view_source).
+    online_views: str | None = option(
+        None,
+        choices=ONLINE_VIEWS,
+        help="what the online teacher sees: 'fresh' augmentation per instance per epoch (default, the official "
+        "way) or the cache's stored views ('cache': isolates the storage error)",
+    )
     init_backbone: str | None = option(
         None,
         metavar="CKPT",
@@ -104,6 +112,13 @@ class DistillConfig:
     def flip_mode(self) -> str:
         """The in-loop evaluation's student flip test (the profile's)."""
         return get_profile(self.profile).flip_mode
+
+    def view_source(self) -> str:
+        """Where the student's crops come from: "cache" (the cached views, also with
+        --online-views cache) or "fresh" (a new augmentation every epoch, online teacher only)."""
+        if self.online_teacher and (self.online_views or "fresh") == "fresh":
+            return "fresh"
+        return "cache"
 
     def milestones(self) -> tuple[int, ...]:
         if self.lr_steps is not None:

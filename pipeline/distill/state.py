@@ -2,9 +2,10 @@
 and the students a run exports.
 
 A checkpoint is taken at an epoch boundary. The data position is the number of epochs done:
-each epoch's batches are a pure function of (seed, epoch, rank) (pipeline.cache_loader), so
-a resumed run reads exactly the batches the uninterrupted one would have read. RNG states
-are kept per rank (each rank has its own stream) and restored on the rank that saved them.
+each epoch's batches are a pure function of (seed, epoch, rank) (pipeline.cache_loader,
+pipeline.fresh_views), so a resumed run reads exactly the batches the uninterrupted one
+would have read. RNG states are kept per rank (each rank has its own stream) and restored
+on the rank that saved them.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def export_extra(cfg: DistillConfig, epoch: int, metrics: dict, teacher_fields) 
         "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
         "teacher_fields": list(teacher_fields),
         "online_teacher": cfg.online_teacher or "",
+        "online_views": cfg.view_source() if cfg.online_teacher else "",
         "profile": cfg.profile,
         "sh_weighting": cfg.loss_sh_weighting(),
     }

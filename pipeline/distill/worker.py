@@ -1,6 +1,7 @@
 """The training loop of one Ray Train worker (rank): read this rank's share of the cache,
-rebuild the cached views, minimise the distillation loss, and let rank 0 commit a
-checkpoint (`TrainState`), the metrics logs and the best student every epoch."""
+rebuild the cached views (or draw fresh ones for the online teacher), minimise the
+distillation loss, and let rank 0 commit a checkpoint (`TrainState`), the metrics logs and
+the best student every epoch."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def train_loop_per_worker(config: dict) -> None:
     from distilpose.schedule import scaled_warmup, step_schedule
     from pipeline.cache import open_reader
     from pipeline.cache_loader import CachedViewStream
+    from pipeline.fresh_views import fresh_stream_for_rank
 
     cfg = DistillConfig(**config)
     ctx = ray.train.get_context()
@@ -53,24 +55,39 @@ def train_loop_per_worker(config: dict) -> None:
     reader = open_reader(cfg.cache)
     loss_fn = DistillLoss(**cfg.alphas(), sh_weighting=cfg.loss_sh_weighting())
     needed = tuple(loss_fn.needed_teacher_fields)
-    layout = image_layout(cfg, reader)
     checkpoint = ray.train.get_checkpoint()
     student, backbone_line = build_student(cfg, reader.manifest.teacher, fresh=checkpoint is None)
     if rank == 0 and backbone_line:
         print(f"[distill] {backbone_line}", flush=True)
-    stream = CachedViewStream(
-        reader,
-        image_root=layout["image_root"],
-        image_files=layout["image_files"],
-        input_size=student.config.input_size,
-        teacher_fields=() if cfg.online_teacher else needed,  # columnar: only what the loss reads
-        rank=rank,
-        world_size=world,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        prefetch=loader_prefetch(cfg),
-        pin_memory=device.type == "cuda",  # pinned in the loader thread: the copy below is async
-    )
+    if cfg.view_source() == "fresh":
+        ann_file, image_root = data_files(cfg, reader)
+        stream = fresh_stream_for_rank(
+            reader,
+            ann_file,
+            image_root,
+            input_size=student.config.input_size,
+            rank=rank,
+            world_size=world,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            prefetch=loader_prefetch(cfg),
+            pin_memory=device.type == "cuda",
+        )
+    else:
+        layout = image_layout(cfg, reader)
+        stream = CachedViewStream(
+            reader,
+            image_root=layout["image_root"],
+            image_files=layout["image_files"],
+            input_size=student.config.input_size,
+            teacher_fields=() if cfg.online_teacher else needed,  # columnar: only what the loss reads
+            rank=rank,
+            world_size=world,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            prefetch=loader_prefetch(cfg),
+            pin_memory=device.type == "cuda",  # pinned in the loader thread: the copy below is async
+        )
     teacher = online_teacher(cfg, device) if cfg.online_teacher and needed else None
 
     model = prepare_model(student)
@@ -223,19 +240,24 @@ def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, totals.tolist())}
 
 
+def data_files(cfg: DistillConfig, reader) -> tuple[str, str]:
+    """Annotation file and image root of the cached split: as recorded, or under --data."""
+    data = reader.manifest.data
+    if not cfg.data:
+        return data.ann_file, data.image_root
+    from pipeline.dataset_layout import resolve_layout
+
+    layout = resolve_layout(cfg.data, data.split)
+    return layout.ann_file, layout.image_root
+
+
 def image_layout(cfg: DistillConfig, reader) -> dict:
     """Image root and image-id -> file map for rebuilding views (not needed with stored crops)."""
     from distilpose.data.coco import load_coco
 
     if reader.spec.store_crops:
         return {"image_root": None, "image_files": {}}
-    data = reader.manifest.data
-    ann_file, image_root = data.ann_file, data.image_root
-    if cfg.data:
-        from pipeline.dataset_layout import resolve_layout
-
-        layout = resolve_layout(cfg.data, data.split)
-        ann_file, image_root = layout.ann_file, layout.image_root
+    ann_file, image_root = data_files(cfg, reader)
     _, images = load_coco(ann_file)
     return {"image_root": image_root, "image_files": {i: info.file_name for i, info in images.items()}}
 
