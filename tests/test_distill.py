@@ -382,6 +382,7 @@ def test_no_distill_fresh_run_reads_no_teacher(ddp_run, local_ray, tiny_cache, c
     assert extra["teacher_fields"] == []  # the stream was built without any teacher field
 
 
+@pytest.mark.heavy  # a second online-teacher fit (the fresh-view one is in the default suite): ~30 s
 @RAY_TIMEOUT
 def test_online_teacher_runs_on_the_same_views(ddp_run, local_ray, tiny_cache, tiny_teacher) -> None:
     """--online-views cache: the teacher in the loop on the cache's views (fresh views: test_fresh_views.py)."""
