@@ -131,3 +131,19 @@ def test_fresh_view_run_trains_and_a_resume_in_another_mode_is_refused(
     assert json.loads((Path(result.run_dir) / "run.json").read_text())["online_views"] == "fresh"
     with pytest.raises(UserError, match="online_views: run has 'fresh', this command 'cache'"):
         prepare_run(_cfg(tiny_cache, tmp_path, "fresh", online_views="cache", **online))
+
+
+def test_online_teacher_defaults_to_the_caches_teacher_checkpoint(tiny_cache, tmp_path, capsys) -> None:
+    from pipeline.cache.manifest import TeacherInfo
+    from pipeline.distill.checks import with_online_teacher_checkpoint
+
+    cache_teacher = TeacherInfo(preset="tokenpose-tiny", checkpoint_sha256="abc", checkpoint="/ckpt/teacher.pt")
+    online = _cfg(tiny_cache, tmp_path, "x", online_teacher="tokenpose-tiny")
+    assert with_online_teacher_checkpoint(online, cache_teacher).teacher_checkpoint == "/ckpt/teacher.pt"
+    given = _cfg(tiny_cache, tmp_path, "x", online_teacher="tokenpose-tiny", teacher_checkpoint="/mine.pt")
+    assert with_online_teacher_checkpoint(given, cache_teacher).teacher_checkpoint == "/mine.pt"
+    other = TeacherInfo(preset="tokenpose-w48", checkpoint_sha256="abc", checkpoint="/ckpt/w48.pt")
+    assert with_online_teacher_checkpoint(online, other).teacher_checkpoint is None
+    assert "runs a seeded random init" in capsys.readouterr().out
+    cached = _cfg(tiny_cache, tmp_path, "x")
+    assert with_online_teacher_checkpoint(cached, cache_teacher).teacher_checkpoint is None

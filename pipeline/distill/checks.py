@@ -3,6 +3,7 @@ are the cached ones, and a resumed run is the same run (its record, `<run>/run.j
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from distilpose.errors import UserError
@@ -157,6 +158,7 @@ def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
 
     cfg = resolve_paths(cfg)
     manifest, steps = check_cache_for_run(cfg)
+    cfg = with_online_teacher_checkpoint(cfg, manifest.teacher)
     resumed = has_checkpoint(cfg)
     # Resolved here for the run record and the warning; the workers resolve the same choice.
     backbone = resolve_backbone_init(cfg.student, cfg.init_backbone, manifest.teacher)
@@ -180,6 +182,24 @@ def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
     print(warmup_line(cfg, steps * cfg.epochs), flush=True)
     warn_if_cluster_too_small(cfg)
     return cfg, resumed
+
+
+def with_online_teacher_checkpoint(cfg: DistillConfig, cache_teacher) -> DistillConfig:
+    """`--online-teacher` without `--teacher-checkpoint` runs the teacher that built the cache
+    when it is the same preset: comparing online with cached distillation wants that very
+    teacher, and a checkpoint-less teacher would be a seeded random init."""
+    if not cfg.online_teacher or cfg.teacher_checkpoint:
+        return cfg
+    if cache_teacher.preset == cfg.online_teacher and cache_teacher.checkpoint:
+        print(f"[distill] online teacher checkpoint: the cache's teacher, {cache_teacher.checkpoint}", flush=True)
+        return dataclasses.replace(cfg, teacher_checkpoint=cache_teacher.checkpoint)
+    print(
+        f"[distill] WARNING: the online teacher {cfg.online_teacher} has no checkpoint (the cache's teacher is "
+        f"{cache_teacher.preset!r} without a recorded checkpoint): it runs a seeded random init; pass "
+        "--teacher-checkpoint",
+        flush=True,
+    )
+    return cfg
 
 
 def warmup_line(cfg: DistillConfig, total_steps: int) -> str:

@@ -47,7 +47,9 @@ class DistillConfig:
     online_teacher: str | None = option(
         None, metavar="PRESET", help="run this teacher in the loop instead of the cache"
     )
-    teacher_checkpoint: str | None = option(None, help="checkpoint for --online-teacher")
+    teacher_checkpoint: str | None = option(
+        None, help="checkpoint for --online-teacher (default: the cache's teacher checkpoint, same preset)"
+    )
     # None: "fresh" with --online-teacher (see view_source).
     online_views: str | None = option(
         None,
