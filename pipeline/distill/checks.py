@@ -42,10 +42,19 @@ def check_cache_for_run(cfg: DistillConfig):
     if cfg.expect_teacher:
         check_compatible(reader.manifest, cfg.expect_teacher, uri=cfg.cache)
     check_student_fits(cfg, reader.manifest)
+    check_cache_views(cfg, reader.manifest)
     if cfg.data:
         check_data_matches(cfg, reader.manifest)
     steps = steps_per_epoch(reader, cfg.workers, cfg.batch_size)  # raises when a worker would get no batch
     return reader.manifest, steps
+
+
+def check_cache_views(cfg: DistillConfig, manifest) -> None:
+    if cfg.cache_views is not None and not 1 <= cfg.cache_views <= manifest.views:
+        raise UserError(
+            f"--cache-views {cfg.cache_views}: the cache {cfg.cache} holds {manifest.views} views per instance; "
+            f"choose 1..{manifest.views} (or grow the cache with jobs/cache_teacher.py --views {cfg.cache_views})"
+        )
 
 
 def check_student_fits(cfg: DistillConfig, manifest) -> None:
@@ -117,6 +126,7 @@ def run_identity(cfg: DistillConfig, manifest, backbone) -> dict:
     identity["backbone"] = {"source": backbone.source, "checkpoint": backbone.checkpoint or ""}
     identity["cache_teacher"] = f"{manifest.teacher.preset}:{manifest.teacher.checkpoint_sha256}"
     identity["cache_data"] = manifest.data.ann_file_sha256
+    identity["cache_views"] = cfg.cache_views or manifest.views  # views the loader draws from
     return json.loads(json.dumps(identity))
 
 
