@@ -61,9 +61,10 @@ class SpyReader:
     def __getattr__(self, name):
         return getattr(self._reader, name)
 
-    def read_shard(self, index, fields=None, decode=True):
+    def read_shard(self, index, fields=None, decode=True, view=None):
+        assert view is not None, "the loader reads one view's unit, never a whole shard"
         self.requests.append(tuple(fields))
-        return self._reader.read_shard(index, fields=fields, decode=decode)
+        return self._reader.read_shard(index, fields=fields, decode=decode, view=view)
 
 
 # ----------------------------------------------------------------------------- unit tests
