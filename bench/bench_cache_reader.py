@@ -4,23 +4,30 @@
 
 A paper-size cache (K=17, 64x48 heatmaps, D=192, P=256; default encodings i8-thresh /
 int8-token-scale) is filled with teacher-like synthetic values (bench/_common.py) through
-the real writers, in both formats, with the production shard size (256 views). Its rows
-belong to real instances of a small synthetic COCO set (view parameters from the job's
-`view_for`), so the training loader can rebuild the crops too. No teacher is run.
+the real writers, in both formats, in shards of --shard-instances instances (32: 256 views at
+V=8), one stored unit per view. Its rows belong to real instances of a small synthetic COCO
+set (view parameters from the job's `view_for`), so the training loader can rebuild the
+crops too. No teacher is run.
 
 Measured side by side, interleaved, median of the repetitions:
 - readers, with exactly the fields a full DistillLoss run reads (the loader's base fields +
   heatmaps, kpt_tokens, vis_tokens), decoded to float32:
     zarr  read_rows, random batches of --batch rows (uniform over the whole cache)
-    zarr  read_shard, every shard in turn
-    wds   read_shard, every shard in turn
-- the training loader itself (`CachedViewStream`, one epoch): reads whole shards, keeps 1 of
-  the V cached views per instance, rebuilds each crop from its JPEG, makes tensors;
+    zarr  read_shard, every shard in turn (all its views)
+    wds   read_shard, every shard in turn (all its views)
+- the training loader itself (`CachedViewStream`, one epoch): reads one view's unit per
+  shard, rebuilds each crop from its JPEG, makes tensors;
 - the student's consumption: one training step (forward, DistillLoss with all terms,
   backward, Adam step) of distilpose-s at batch 32 (paper size) and of distilpose-tiny
   (its own sizes), with --threads torch threads (the trainer's default is 1 per worker).
 
 Ratio = reader views/s / student views/s (goal >= 5 for distilpose-s).
+
+Then, on the paper-size caches: the epoch read fraction F = bytes one loader epoch reads /
+total cache bytes (goal F <= 1/V + 10% = 1.1/V), counted from the manifest sizes of what the loader
+opened (Zarr: the arrays of the fields it reads in each unit opened; WDS: each tar opened
+whole), and the loader's read + decode CPU time per sample on a V=1 and a V=8 cache of the
+same instances (about equal: an epoch decodes one view per instance whatever V is).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 shards, 2 repetitions (smoke run)")
     p.add_argument("--shards", type=int, help="shards per format (default 4)")
-    p.add_argument("--shard-views", type=int, default=256)
+    p.add_argument("--shard-instances", type=int, default=32, help="instances per shard (32 x 8 views = 256)")
     p.add_argument("--views", type=int, default=8, help="cached views per instance (the loader reads 1 of V)")
     p.add_argument("--batch", type=int, default=32, help="student batch size and random read batch size")
     p.add_argument("--random-batches", type=int, default=8, help="random read_rows batches per repetition")
@@ -64,7 +71,7 @@ def make_data(args, tmp: str) -> str:
     from distilpose.data.synthetic import make_synthetic_coco
     from pipeline.dataset_layout import resolve_layout
 
-    needed = args.shards * args.shard_views // args.views
+    needed = args.shards * args.shard_instances
     data = os.path.join(tmp, "data")
     images = max(4, needed // 2 + 8)
     while True:
@@ -76,8 +83,8 @@ def make_data(args, tmp: str) -> str:
         images = int(images * 1.5) + 1
 
 
-def build_caches(args, tmp: str, data: str, tag: str, spec, input_size: tuple[int, int]) -> dict:
-    """A teacher-like cache of the data set's instances, in zarr and in wds."""
+def build_caches(args, tmp: str, data: str, tag: str, spec, input_size: tuple[int, int], views: int) -> dict:
+    """A teacher-like cache of the data set's instances with ``views`` views, in zarr and in wds."""
     from distilpose.data.coco import load_coco, load_instances
     from distilpose.data.transforms import affine_matrix
     from distilpose.data.views import view_for
@@ -85,36 +92,36 @@ def build_caches(args, tmp: str, data: str, tag: str, spec, input_size: tuple[in
     from pipeline.dataset_layout import resolve_layout
     from pipeline.teacher_stage import plan_shards
 
-    instances_needed = args.shards * args.shard_views // args.views
+    instances_needed = args.shards * args.shard_instances
     layout = resolve_layout(data, "train", None, None)
     instances, _ = load_instances(layout.ann_file, split_kind="train", input_size=input_size)
     images = len(load_coco(layout.ann_file)[1])
     instances = sorted(instances, key=lambda inst: inst.instance_id)[:instances_needed]
-    shards = plan_shards(instances, args.views, args.shard_views)
+    shards = plan_shards(instances, args.shard_instances, views)
     rng = np.random.default_rng(0)
     caches, write_s = {}, {}
     for fmt in ("zarr", "wds"):
-        caches[fmt] = os.path.join(tmp, f"cache-{tag}-{fmt}")
+        caches[fmt] = os.path.join(tmp, f"cache-{tag}-v{views}-{fmt}")
         write_s[fmt] = 0.0
     for shard in shards:
-        n = len(shard.instances) * args.views
+        n = len(shard.instances) * views
         rows = C.teacher_like_views(n, spec, rng, input_size=input_size)
-        keys = [(inst, v) for inst in shard.instances for v in range(args.views)]
+        keys = [(inst, v) for inst in shard.instances for v in range(views)]
         rows["instance_id"] = np.asarray([inst.instance_id for inst, _ in keys], np.int64)
         rows["image_id"] = np.asarray([inst.image_id for inst, _ in keys], np.int64)
         rows["view"] = np.asarray([v for _, v in keys], np.int16)
-        views = [view_for(inst, v, 0) for inst, v in keys]
-        rows["view_params"] = np.stack([view.to_array() for view in views]).astype(np.float32)
-        rows["affine"] = np.stack([affine_matrix(view, input_size) for view in views]).astype(np.float32)
+        drawn = [view_for(inst, v, 0) for inst, v in keys]
+        rows["view_params"] = np.stack([view.to_array() for view in drawn]).astype(np.float32)
+        rows["affine"] = np.stack([affine_matrix(view, input_size) for view in drawn]).astype(np.float32)
         for fmt in caches:
             writer = open_writer(caches[fmt], spec, fmt)
             start = time.perf_counter()
             writer.write_shard(shard.index, rows)
             write_s[fmt] += time.perf_counter() - start
-    total = len(instances) * args.views
+    total = len(instances) * views
     for fmt, uri in caches.items():
         open_writer(uri, spec, fmt).finalize(
-            C.synthetic_manifest(args.views, layout.ann_file, layout.image_root, images), expected_shards=len(shards)
+            C.synthetic_manifest(views, layout.ann_file, layout.image_root, images), expected_shards=len(shards)
         )
     return {
         "tag": tag,
@@ -155,17 +162,7 @@ def reader_cases(built: dict, args) -> dict:
         return len(reader)
 
     def loader_for(reader) -> CachedViewStream:
-        return CachedViewStream(
-            reader,
-            image_root=built["layout"].image_root,
-            image_files=image_files,
-            input_size=built["input_size"],
-            teacher_fields=TEACHER_FIELDS,
-            rank=0,
-            world_size=1,
-            batch_size=args.batch,
-            seed=0,
-        )
+        return make_loader(reader, built, image_files, args.batch)
 
     def stream(reader) -> int:
         delivered = 0
@@ -195,6 +192,87 @@ def reader_cases(built: dict, args) -> dict:
         f"{tag}: wds CachedViewStream (loader)": lambda: stream(wds_reader),
         f"{tag}: crop rebuild only (part of loader)": crops_only,
     }
+
+
+def make_loader(reader, built: dict, image_files: dict, batch: int):
+    from pipeline.cache_loader import CachedViewStream
+
+    return CachedViewStream(
+        reader,
+        image_root=built["layout"].image_root,
+        image_files=image_files,
+        input_size=built["input_size"],
+        teacher_fields=TEACHER_FIELDS,
+        rank=0,
+        world_size=1,
+        batch_size=batch,
+        seed=0,
+    )
+
+
+def epoch_read_fraction(uri: str, built: dict, args) -> float:
+    """Bytes one loader epoch reads / the cache's bytes, from the manifest sizes of what the
+    loader opened: per unit, the fields it asked for (Zarr fetches only their arrays, each
+    array's zarr.json included), or the whole tar (WDS)."""
+    from distilpose.data.coco import load_coco
+    from pipeline.cache import open_reader
+
+    reader = open_reader(uri)
+    read_bytes = 0
+    real = reader._read_raw
+
+    def counted(unit, arrays, rows):
+        nonlocal read_bytes
+        fields = {a.field for a in arrays.values()}
+        whole = reader.format == "wds"
+        read_bytes += unit.total_bytes if whole else sum(unit.bytes_per_field.get(f, 0) for f in fields)
+        return real(unit, arrays, rows)
+
+    reader._read_raw = counted
+    _, images = load_coco(built["layout"].ann_file)
+    for _ in make_loader(reader, built, {i: info.file_name for i, info in images.items()}, args.batch).epoch(0):
+        pass
+    return read_bytes / sum(s.total_bytes for s in reader.manifest.shards)
+
+
+def decode_cpu_per_sample(uri: str, built: dict, args) -> float:
+    """CPU seconds per sample of the loader's reads and decode (no crop rebuild) over one
+    epoch, median of --reps epochs."""
+    from pipeline.cache import open_reader
+    from pipeline.cache_loader import BASE_FIELDS
+
+    reader = open_reader(uri)
+    loader = make_loader(reader, built, {}, args.batch)
+    per_sample = []
+    for epoch in range(args.reps):
+        start, samples = time.process_time(), 0
+        for shard in reader.shard_indices:
+            samples += len(loader._load_shard(shard, BASE_FIELDS + TEACHER_FIELDS, epoch)["instance_id"])
+        per_sample.append((time.process_time() - start) / samples)
+    return C.median(per_sample)
+
+
+def view_major_lines(args, built_v: dict, built_1: dict) -> tuple[list[str], dict]:
+    """The epoch read fraction at V=args.views and the decode CPU per sample at V=1 vs V."""
+    lines, results = [], {"read_fraction": {}, "decode_cpu_ms_per_sample": {}}
+    for fmt in ("zarr", "wds"):
+        fraction = epoch_read_fraction(built_v["caches"][fmt], built_v, args)
+        goal = 1.1 / args.views  # 1/V + 10%
+        results["read_fraction"][fmt] = fraction
+        lines.append(
+            f"epoch read fraction: {fraction:.3f} (V={args.views}, {fmt}); goal <= 1/V + 10% = {goal:.3f}: "
+            + ("ok" if fraction <= goal else "ABOVE")
+        )
+    for fmt in ("zarr", "wds"):
+        ms = {
+            v: 1e3 * decode_cpu_per_sample(b["caches"][fmt], b, args) for v, b in ((1, built_1), (args.views, built_v))
+        }
+        results["decode_cpu_ms_per_sample"][fmt] = ms
+        lines.append(
+            f"decode CPU per sample ({fmt}): V=1 {ms[1]:.2f} ms, V={args.views} {ms[args.views]:.2f} ms "
+            f"(ratio {ms[args.views] / ms[1]:.2f})"
+        )
+    return lines, results
 
 
 # ----------------------------------------------------------------------------- students
@@ -254,10 +332,11 @@ def main() -> None:
             config = get_config(student)
             spec = CacheSpec.from_model_config(config)
             print(
-                f"building {tag}-size caches {spec.dims()}: {args.shards} x {args.shard_views} views",
+                f"building {tag}-size caches {spec.dims()}: {args.shards} shards x {args.shard_instances} instances "
+                f"x {args.views} views",
                 flush=True,
             )
-            built[tag] = build_caches(args, tmp, data, tag, spec, tuple(config.input_size))
+            built[tag] = build_caches(args, tmp, data, tag, spec, tuple(config.input_size), args.views)
             print(
                 f"  {built[tag]['rows']} views ({built[tag]['instances']} instances x {args.views} views); write "
                 + ", ".join(f"{k} {v:.0f} views/s" for k, v in built[tag]["write_views_per_s"].items()),
@@ -279,6 +358,13 @@ def main() -> None:
         times = C.interleaved(cases, reps=args.reps, warmup=1, label="reader", cpu_times=cpu)
         rates = {name: views[name] / C.median(times[name]) for name in cases}
         cpu_rates = {name: views[name] / C.median(cpu[name]) for name in cases}
+
+        config = get_config(pairs["paper"])
+        print("building the paper-size V=1 caches of the same instances for the decode comparison", flush=True)
+        built_1 = build_caches(
+            args, tmp, data, "paper", CacheSpec.from_model_config(config), tuple(config.input_size), 1
+        )
+        view_lines, view_results = view_major_lines(args, built["paper"], built_1)
 
         reader_rows, ratios = [], {}
         for tag in pairs:
@@ -310,7 +396,7 @@ def main() -> None:
             for name, _ in students.values()
         ]
         lines = [
-            f"caches: {args.shards} shards x {args.shard_views} views, V={args.views} views/instance, "
+            f"caches: {args.shards} shards x {args.shard_instances} instances, V={args.views} views/instance, "
             "default encodings; paper size K=17, 64x48, D=192, P=256; tiny size K=17, 32x24, D=64, P=64",
             f"fields read: the loader's base fields + {', '.join(TEACHER_FIELDS)} (all a full DistillLoss needs)",
             f"torch threads {args.threads}; batch {args.batch}; {args.reps} interleaved repetitions, medians",
@@ -321,9 +407,13 @@ def main() -> None:
             "",
             "ratio = reader views/s / the consumer's training-step views/s (goal >= 5); cpu ratio: the same with"
             " CPU seconds (this process, all threads), which leave out waiting for a core on a shared machine.",
-            "The loader (CachedViewStream) reads whole shards and keeps 1 of the V views per instance, so it "
-            f"fetches and decodes {args.views}x the rows it delivers, and it rebuilds every crop from its JPEG.",
+            "The loader (CachedViewStream) reads one view's unit per shard (1/V of the cache) and rebuilds every"
+            " crop from its JPEG; read_shard sequential reads all V views of every shard.",
             "It runs synchronously in the training loop: a reader at ratio r adds ~1/r to the step time.",
+            "",
+            *view_lines,
+            "read fraction: bytes from the manifest sizes of what the loader opened (Zarr: the arrays of the "
+            "fields read; WDS: whole tars); decode CPU: the loader's reads + decode, no crop rebuild, median epoch.",
         ]
         text = "\n".join(lines)
         print("\n" + text)
@@ -336,7 +426,7 @@ def main() -> None:
                         "rows": b["rows"],
                         "instances": b["instances"],
                         "shards": args.shards,
-                        "shard_views": args.shard_views,
+                        "shard_instances": args.shard_instances,
                         "spec": b["spec"].to_dict(),
                         "write_views_per_s": b["write_views_per_s"],
                     }
@@ -348,6 +438,7 @@ def main() -> None:
                 "cpu_s": cpu,
                 "views_per_cpu_s": cpu_rates,
                 "ratio_reader_over_student": ratios,
+                "view_major": view_results,
                 "report": text,
             },
         )

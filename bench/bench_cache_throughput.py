@@ -50,26 +50,25 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--paper", action="store_true", help="also measure the paper teacher tokenpose-w48 (slow)")
     p.add_argument("--images", type=int, help="synthetic train images (~2 persons each)")
     p.add_argument("--views", type=int, help="views per instance for the tiny teacher")
-    p.add_argument("--shard-views", type=int, help="views per shard (default 256, the job's; --quick: 128)")
+    p.add_argument("--shard-instances", type=int, default=32, help="instances per shard (each stored per view)")
     p.add_argument("--batch-size", type=int, default=32, help="teacher batch size (the job's default: 32)")
     p.add_argument("--reps", type=int, help="interleaved repetitions of (bare, job)")
     p.add_argument("--paper-instances", type=int, default=12, help="instances for --paper (x --paper-views views)")
     p.add_argument("--paper-views", type=int, default=4)
-    p.add_argument("--paper-shard-views", type=int, default=16)
+    p.add_argument("--paper-shard-instances", type=int, default=4)
     p.add_argument("--paper-batch-size", type=int, default=8)
     p.add_argument("--keep", action="store_true", help="keep the temporary data and caches")
     args = p.parse_args()
     args.images = args.images or (40 if args.quick else 120)
     args.views = args.views or (4 if args.quick else 8)
     args.reps = args.reps or (1 if args.quick else 2)
-    args.shard_views = args.shard_views or (128 if args.quick else 256)
     return args
 
 
 # ----------------------------------------------------------------------------- pieces
 
 
-def plan(data: str, teacher: str, views: int, shard_views: int, limit: int | None):
+def plan(data: str, teacher: str, views: int, shard_instances: int, limit: int | None):
     """The job's own shard plan (same instances, same order, same membership)."""
     from distilpose.data.coco import load_instances
     from distilpose.models import get_config
@@ -80,12 +79,10 @@ def plan(data: str, teacher: str, views: int, shard_views: int, limit: int | Non
     instances, _ = load_instances(layout.ann_file, split_kind="train", input_size=get_config(teacher).input_size)
     if limit:
         instances = sorted(instances, key=lambda inst: inst.instance_id)[:limit]
-    return layout, plan_shards(instances, views, shard_views)
+    return layout, plan_shards(instances, shard_instances, views)
 
 
-def precompute_crops(
-    layout, shards, input_size, views: int, seed: int = 0, store_crops: str = "none"
-) -> tuple[list[dict], float]:
+def precompute_crops(layout, shards, input_size, seed: int = 0, store_crops: str = "none") -> tuple[list[dict], float]:
     """Every shard's crop rows, made by the job's crop task function; and its seconds."""
     from pipeline.teacher_stage import crop_shard, instance_to_json
 
@@ -94,13 +91,13 @@ def precompute_crops(
         batch = {
             "shard": np.asarray([shard.index]),
             "instances": np.asarray([json.dumps([instance_to_json(i) for i in shard.instances])], dtype=object),
+            "views": np.asarray([json.dumps(list(shard.views))], dtype=object),
         }
         rows.append(
             crop_shard(
                 batch,
                 image_root=layout.image_root,
                 input_size=input_size,
-                views=views,
                 seed=seed,
                 store_crops=store_crops,
             )
@@ -208,19 +205,19 @@ def breakdown(model, crop_rows: list[dict], crop_s: float, spec, batch_size: int
     }
 
 
-def measure_teacher(name: str, data: str, tmp: str, *, views, shard_views, batch_size, limit, reps) -> dict:
+def measure_teacher(name: str, data: str, tmp: str, *, views, shard_instances, batch_size, limit, reps) -> dict:
     from distilpose.models import get_config
     from pipeline.cache.schema import CacheSpec
     from pipeline.teacher_stage import CacheJobConfig
 
-    print(f"\n== {name}: {views} views/instance, shards of {shard_views} views, batch {batch_size}", flush=True)
+    print(f"\n== {name}: {views} views/instance, shards of {shard_instances} instances, batch {batch_size}", flush=True)
     config = get_config(name)
     threads = actor_threads(workers=1, cpus_per_worker=1.0)
     C.set_threads(threads)
     model = C.calibrated_teacher(name)
     checkpoint = C.save_teacher_checkpoint(model, os.path.join(tmp, f"{name}.pt"))
-    layout, shards = plan(data, name, views, shard_views, limit)
-    crop_rows, crop_s = precompute_crops(layout, shards, tuple(config.input_size), views)
+    layout, shards = plan(data, name, views, shard_instances, limit)
+    crop_rows, crop_s = precompute_crops(layout, shards, tuple(config.input_size))
     crops = np.concatenate([r["image"][r["valid"]] for r in crop_rows])
     print(f"  {len(crops)} views in {len(shards)} shards; teacher actor threads = bare threads = {threads}", flush=True)
     bare_forward(model, crops[:batch_size], batch_size)  # warm-up (allocator, kernels)
@@ -239,7 +236,7 @@ def measure_teacher(name: str, data: str, tmp: str, *, views, shard_views, batch
             views=views,
             batch_size=batch_size,
             workers=1,
-            shard_views=shard_views,
+            shard_instances=shard_instances,
             limit=limit,
         )
         jobs.append(run_job(cfg, log))
@@ -265,7 +262,7 @@ def measure_teacher(name: str, data: str, tmp: str, *, views, shard_views, batch
         "views": n,
         "views_per_instance": views,
         "shards": len(shards),
-        "shard_views": shard_views,
+        "shard_instances": shard_instances,
         "batch_size": batch_size,
         "threads": threads,
         "workers": 1,
@@ -377,7 +374,7 @@ def main() -> None:
                 data,
                 tmp,
                 views=args.views,
-                shard_views=args.shard_views,
+                shard_instances=args.shard_instances,
                 batch_size=args.batch_size,
                 limit=None,
                 reps=args.reps,
@@ -390,7 +387,7 @@ def main() -> None:
                     data,
                     tmp,
                     views=args.paper_views,
-                    shard_views=args.paper_shard_views,
+                    shard_instances=args.paper_shard_instances,
                     batch_size=args.paper_batch_size,
                     limit=args.paper_instances,
                     reps=args.reps,

@@ -47,7 +47,7 @@ class Sizes:
     students: tuple[str, ...]
     images: int  # synthetic train images (~2 persons each)
     views: int
-    shard_views: int
+    shard_instances: int
     teacher_batch: int
     train_batch: int
     steps: int  # training steps per timed repetition in (b)
@@ -55,8 +55,8 @@ class Sizes:
     image_size: tuple[int, int] = (480, 640)  # (H, W): COCO's typical image, what the loader decodes
 
 
-FULL = Sizes("tokenpose-w48", ("distilpose-s", "distilpose-l"), 768, 2, 256, 128, 64, 20, 3)
-SMOKE = Sizes("tokenpose-tiny", ("distilpose-tiny", "distilpose-l-tiny"), 6, 2, 8, 8, 4, 1, 1, (256, 256))
+FULL = Sizes("tokenpose-w48", ("distilpose-s", "distilpose-l"), 768, 2, 128, 128, 64, 20, 3)
+SMOKE = Sizes("tokenpose-tiny", ("distilpose-tiny", "distilpose-l-tiny"), 6, 2, 4, 8, 4, 1, 1, (256, 256))
 LOADER_COST = Sizes("tokenpose-w48", ("distilpose-s",), 96, 1, 64, 8, 16, 1, 3)
 
 
@@ -397,8 +397,8 @@ def main() -> None:
         synth = make_synthetic_coco(os.path.join(tmp, "data"), sizes.images, 1, seed=0, image_size=sizes.image_size)
         print(f"synthetic data: {synth.seconds:.1f} s", flush=True)
         config = get_config(sizes.teacher)
-        layout, shards = T.plan(os.path.join(tmp, "data"), sizes.teacher, sizes.views, sizes.shard_views, None)
-        crop_rows, _ = T.precompute_crops(layout, shards, tuple(config.input_size), sizes.views, store_crops="jpeg")
+        layout, shards = T.plan(os.path.join(tmp, "data"), sizes.teacher, sizes.views, sizes.shard_instances, None)
+        crop_rows, _ = T.precompute_crops(layout, shards, tuple(config.input_size), store_crops="jpeg")
         spec = CacheSpec.from_model_config(config)
         views = sum(int(r["valid"].sum()) for r in crop_rows)
         print(f"{device}: {synth.persons['train']} persons, {views} views in {len(shards)} shards", flush=True)

@@ -155,7 +155,14 @@ def build(data: str, out: str, checkpoint: str, moto_pid: int | None) -> dict:
     from pipeline.teacher_stage import CacheJobConfig, run_cache_job
 
     cfg = CacheJobConfig(
-        data=data, teacher=TEACHER, out=out, checkpoint=checkpoint, views=1, workers=1, shard_views=256, batch_size=32
+        data=data,
+        teacher=TEACHER,
+        out=out,
+        checkpoint=checkpoint,
+        views=1,
+        workers=1,
+        shard_instances=256,
+        batch_size=32,
     )
     load0 = os.getloadavg()[0]
     start = time.perf_counter()
@@ -209,7 +216,7 @@ def read_epoch(out: str, moto_pid: int | None) -> dict:
 def planned(instances: int) -> dict:
     from pipeline.plan import estimate
 
-    plan = estimate(instances, 1, TEACHER, students=(), fmt="zarr", shard_views=256)
+    plan = estimate(instances, 1, TEACHER, students=(), fmt="zarr", shard_instances=256)
     return {"plan_bytes": plan.bytes_total, "plan_objects": plan.objects_total, "shards": plan.shards}
 
 

@@ -1,11 +1,20 @@
 """Student batches from the teacher cache.
 
 Each training worker owns a fixed subset of cache shards (shard i goes to rank
-i % world_size). Per epoch it picks one of the V cached views of every instance (seeded by
-epoch and instance), reads only the teacher fields the enabled loss terms need, one whole
-shard at a time (sequential reads are 25-30x faster than per-row gets), rebuilds the
-student's crop from the stored view parameters (or decodes the stored JPEG crop), and
-shuffles within a buffer of shards.
+i % world_size). Per epoch it picks one of the first K cached views for each shard (seeded
+by seed, epoch and shard; K = ``cache_views``, default all V) and reads only that view's
+unit, and of it only the teacher fields the enabled loss terms need: 1/V of the cache's
+bytes and decode work, one whole unit at a time (sequential reads are 25-30x faster than
+per-row gets). It rebuilds the student's crop from the stored view parameters (or decodes
+the stored JPEG crop), and shuffles within a buffer of shards.
+
+Why one view per shard is as random as one view per instance, in effect: each instance
+still sees a uniformly random view (of K) each epoch, independently across epochs. Views
+with the same index of different instances are independent draws (``distilpose.data.views``
+seeds each by (seed, instance, view)), so instances of a shard sharing the index share no
+augmentation. The one exception is view 0, the un-augmented view: a shard now gets it for
+all its instances or for none in an epoch (on average still 1/K of the time). Batches mix
+``shuffle_shards`` shards, so a batch holds several independently chosen views.
 
 Every rank yields the same number of batches per epoch (DDP would hang otherwise): the
 count is computed from the manifest, which all ranks share.
@@ -50,8 +59,7 @@ def assign_shards(shard_rows: list[int], rank: int, world_size: int) -> ShardAss
 
 
 def instances_per_shard(reader) -> list[int]:
-    views = int(reader.manifest.views)
-    return [shard.rows // views for shard in reader.manifest.shards]
+    return [shard.instances for shard in reader.manifest.shards]
 
 
 def steps_per_epoch(reader, world_size: int, batch_size: int) -> int:
@@ -61,7 +69,7 @@ def steps_per_epoch(reader, world_size: int, batch_size: int) -> int:
         raise UserError(
             f"the cache has {len(counts)} shard(s) for {world_size} workers: a worker would get no data "
             "(shards are the unit each worker reads); use fewer --workers or rebuild the cache with a "
-            "smaller --shard-views"
+            "smaller --shard-instances"
         )
     per_rank = [assign_shards(counts, r, world_size).rows for r in range(world_size)]
     steps = min(per_rank) // batch_size
@@ -73,14 +81,19 @@ def steps_per_epoch(reader, world_size: int, batch_size: int) -> int:
     return steps
 
 
-def select_views(instance_ids: np.ndarray, views: np.ndarray, num_views: int, seed: int, epoch: int) -> np.ndarray:
-    """Boolean mask picking one cached view per instance for this epoch."""
-    rng = np.random.default_rng([seed, epoch, 7919])
-    # Hash the instance id with the epoch generator's draw so the choice is independent of
-    # row order and of which rank reads the shard.
-    salt = int(rng.integers(0, 2**31))
-    chosen = (instance_ids.astype(np.int64) * 2654435761 + salt) % num_views
-    return views == chosen
+def shard_view(seed: int, epoch: int, shard_index: int, num_views: int) -> int:
+    """The view every instance of a shard is read in this epoch (uniform over num_views).
+    Seeded by the shard index, not by its position or rank: the same on any worker count."""
+    return int(np.random.default_rng([seed, epoch, shard_index, 7919]).integers(num_views))
+
+
+def resolve_cache_views(cached: int, cache_views: int | None) -> int:
+    """K, the views the loader draws from: the first ``cache_views`` of the ``cached`` ones."""
+    if cache_views is None:
+        return int(cached)
+    if not 1 <= cache_views <= cached:
+        raise UserError(f"cache_views={cache_views}: the cache holds {cached} views per instance (choose 1..{cached})")
+    return int(cache_views)
 
 
 class CachedViewStream:
@@ -97,6 +110,7 @@ class CachedViewStream:
         world_size: int,
         batch_size: int,
         seed: int,
+        cache_views: int | None = None,
         shuffle_shards: int = 4,
         prefetch: int = 0,
         pin_memory: bool = False,
@@ -109,6 +123,7 @@ class CachedViewStream:
         self.teacher_fields = tuple(teacher_fields)
         self.batch_size = batch_size
         self.seed = seed
+        self.views = resolve_cache_views(reader.manifest.views, cache_views)
         self.shuffle_shards = shuffle_shards
         self.prefetch = prefetch
         self.pin_memory = pin_memory
@@ -153,9 +168,8 @@ class CachedViewStream:
                 buffer.append(leftover)
 
     def _load_shard(self, shard: int, fields: tuple[str, ...], epoch: int) -> dict[str, np.ndarray]:
-        rows = self.reader.read_shard(shard, fields=list(fields))
-        keep = select_views(rows["instance_id"], rows["view"], int(self.reader.manifest.views), self.seed, epoch)
-        return {k: v[keep] for k, v in rows.items()}
+        view = shard_view(self.seed, epoch, shard, self.views)
+        return self.reader.read_shard(shard, fields=list(fields), view=view)
 
     def _make_batch(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         crops = np.stack([self._crop(rows, i) for i in range(len(rows["instance_id"]))])

@@ -40,7 +40,7 @@ class DemoConfig:
         0.15, help="teacher val AP below which the demo warns that the comparison means little"
     )
     views: int = 2
-    shard_views: int = 128
+    shard_instances: int = 64
     # The DistilPose-L recipe at demo scale: the student's backbone is the tiny teacher's
     # first three HRNet stages, initialised from the trained teacher (the paper starts
     # DistilPose-L from a trained HRNet). From scratch, a tiny regression student needs a few
@@ -66,7 +66,7 @@ QUICK = dict(
     student_epochs=1,
     batch_size=8,
     visualize=2,
-    shard_views=16,
+    shard_instances=8,
 )
 
 
@@ -144,14 +144,14 @@ def cache_stage(cfg: DemoConfig, data: Path, checkpoint: str):
             checkpoint=checkpoint,
             out=out,
             views=cfg.views,
-            shard_views=cfg.shard_views,
+            shard_instances=cfg.shard_instances,
             workers=1,
             seed=cfg.seed,
         )
     )
-    hit = summary.shards_skipped_as_committed == summary.shards_total
+    hit = summary.units_reused == summary.units_total
     if hit:
-        _say(f"cache: hit (every shard already committed): {out}")
+        _say(f"cache: hit (every shard-view already committed): {out}")
     else:
         print(summary.table(), flush=True)
     return (out, open_reader(out)), hit

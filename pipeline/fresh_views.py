@@ -46,9 +46,10 @@ def fresh_view(
 
 
 def rank_instance_ids(reader, rank: int, world_size: int) -> np.ndarray:
-    """Sorted ids of the instances in the cache shards `rank` owns (only the id column is read)."""
+    """Sorted ids of the instances in the cache shards `rank` owns (only the id column of
+    each shard's view 0 is read: every view unit holds all of the shard's instances)."""
     owned = assign_shards(instances_per_shard(reader), rank, world_size).shards
-    ids = [reader.read_shard(reader.manifest.shards[i].index, ["instance_id"])["instance_id"] for i in owned]
+    ids = [reader.read_shard(reader.manifest.shards[i].index, ["instance_id"], view=0)["instance_id"] for i in owned]
     return np.unique(np.concatenate(ids)).astype(np.int64) if ids else np.zeros(0, np.int64)
 
 

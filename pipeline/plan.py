@@ -2,7 +2,7 @@
 
     python -m pipeline.plan --instances 149813 --views 8 --teacher tokenpose-w48 \\
         [--students distilpose-s,distilpose-l] [--gpu-type h100|a100|l4] [--epochs 300] \\
-        [--format zarr|wds] [--shard-views 256] [--price-per-gpu-hour X] [--utilization 0.35]
+        [--format zarr|wds] [--shard-instances 256] [--price-per-gpu-hour X] [--utilization 0.35]
     print(estimate(instances=149_813, views=8, teacher="tokenpose-w48").table())
 
 Arithmetic on the cache schema and the models' sizes; every constant below is an assumption
@@ -155,8 +155,9 @@ def zarr_arrays(spec: CacheSpec) -> int:
     return len(stored_arrays(spec)) + (1 if spec.store_crops else 0)
 
 
-def objects_per_shard(spec: CacheSpec, fmt: str) -> int:
-    """Storage objects per shard, its commit record included (see zarr_store / wds_store)."""
+def objects_per_unit(spec: CacheSpec, fmt: str) -> int:
+    """Storage objects per unit (one view of a shard), its commit record included (see
+    zarr_store / wds_store)."""
     if fmt == "zarr":
         return 1 + 2 * zarr_arrays(spec) + 1  # group zarr.json, per array zarr.json + data, commit
     return 1 + 1  # the tar, commit
@@ -191,15 +192,16 @@ class Plan:
     gpu_type: str
     epochs: int
     format: str
-    shard_views: int
+    shard_instances: int
     utilization: float
     price_per_gpu_hour: float
     storage_months: float
     spec: CacheSpec
     views_total: int
-    views_per_shard: int
+    instances_per_shard: int
     shards: int
-    objects_per_shard: int
+    units: int  # shard-views: the unit of storage
+    objects_per_unit: int
     objects_total: int
     bytes_per_view_by_field: dict[str, float]
     bytes_per_view: float
@@ -219,8 +221,8 @@ class Plan:
         return format_plan(self)
 
 
-def _gets_per_shard_epoch(spec: CacheSpec, fmt: str) -> int:
-    """GET requests to read one whole shard for a student epoch (all views: the loader keeps one)."""
+def _gets_per_unit_epoch(spec: CacheSpec, fmt: str) -> int:
+    """GET requests to read one unit (the loader reads one view of each shard per epoch)."""
     if fmt == "wds":
         return 1
     fields = {*STUDENT_BASE_FIELDS, *STUDENT_TEACHER_FIELDS, CROP_FIELD}
@@ -239,7 +241,7 @@ def estimate(
     gpu_type: str = "h100",
     epochs: int = 300,
     fmt: str = "zarr",
-    shard_views: int = 256,
+    shard_instances: int = 256,
     price_per_gpu_hour: float | None = None,
     utilization: float = DEFAULT_UTILIZATION,
     heatmap_encoding: str = DEFAULT_HEATMAP_ENCODING,
@@ -249,7 +251,7 @@ def estimate(
 ) -> Plan:
     """Bytes, objects, requests, GPU-hours and dollars of caching ``teacher`` over ``instances`` x
     ``views`` and training each student for ``epochs`` epochs from the cache."""
-    _check_inputs(instances, views, gpu_type, epochs, fmt, shard_views, utilization)
+    _check_inputs(instances, views, gpu_type, epochs, fmt, shard_instances, utilization)
     gpu = GPU_TYPES[gpu_type]
     price = gpu.price_per_hour if price_per_gpu_hour is None else float(price_per_gpu_hour)
     from distilpose.models import get_config
@@ -261,37 +263,37 @@ def estimate(
         teacher_config, heatmap_encoding=heatmap_encoding, token_encoding=token_encoding, store_crops=store_crops
     )
 
-    # Whole instances per shard, as pipeline.teacher_stage.plan_shards cuts them.
-    instances_per_shard = max(1, shard_views // views)
-    views_per_shard = instances_per_shard * views
+    # Instances per shard as pipeline.teacher_stage.plan_shards cuts them; one unit per view.
+    instances_per_shard = min(shard_instances, instances)
     shards = math.ceil(instances / instances_per_shard)
+    units = shards * views
     views_total = instances * views
 
     fields = field_bytes_per_view(spec, tuple(teacher_config.input_size))
     if fmt == "wds":
         bytes_per_view = wds_view_bytes(fields)
-        shard_overhead = 2 * TAR_BLOCK  # end-of-archive blocks
-        largest_object = views_per_shard * bytes_per_view
+        unit_overhead = 2 * TAR_BLOCK  # end-of-archive blocks
+        largest_object = instances_per_shard * bytes_per_view
     else:
         bytes_per_view = sum(fields.values())
-        shard_overhead = (1 + zarr_arrays(spec)) * ZARR_METADATA_BYTES
-        largest_object = views_per_shard * max(fields.values())
-    bytes_total = views_total * bytes_per_view + shards * shard_overhead
-    per_shard_objects = objects_per_shard(spec, fmt)
-    objects_total = shards * per_shard_objects + 2  # + manifest.json + job.json (the job's settings)
-    puts = shards * (per_shard_objects - 1 + put_requests(largest_object)) + 2  # the big object may be multipart
+        unit_overhead = (1 + zarr_arrays(spec)) * ZARR_METADATA_BYTES
+        largest_object = instances_per_shard * max(fields.values())
+    bytes_total = views_total * bytes_per_view + units * unit_overhead
+    per_unit_objects = objects_per_unit(spec, fmt)
+    objects_total = units * per_unit_objects + 2  # + manifest.json + job.json (the job's settings)
+    puts = units * (per_unit_objects - 1 + put_requests(largest_object)) + 2  # the big object may be multipart
 
     teacher_cost = model_cost(teacher)
     teacher_hours = gpu_hours(views_total, teacher_cost.forward_gflops, gpu, utilization)
     storage_cost = bytes_total / GIB * S3_PRICE_PER_GB_MONTH
 
     student_plans = []
-    gets_per_epoch = shards * _gets_per_shard_epoch(spec, fmt)
+    gets_per_epoch = shards * _gets_per_unit_epoch(spec, fmt)
     for name in students:
         cost = model_cost(name)
         if tuple(cost.input_size) != tuple(teacher_config.input_size):
             raise ValueError(f"student {name} input {cost.input_size} != teacher {teacher} {teacher_config.input_size}")
-        # One view per instance per epoch (pipeline.cache_loader.select_views).
+        # One view per instance per epoch (pipeline.cache_loader reads one unit per shard).
         per_epoch = gpu_hours(instances, FWD_BWD_FACTOR * cost.forward_gflops, gpu, utilization)
         online = gpu_hours(instances, teacher_cost.forward_gflops, gpu, utilization)
         rate = instances / (per_epoch * 3600)
@@ -322,15 +324,16 @@ def estimate(
         gpu_type=gpu_type,
         epochs=epochs,
         format=fmt,
-        shard_views=shard_views,
+        shard_instances=shard_instances,
         utilization=utilization,
         price_per_gpu_hour=price,
         storage_months=storage_months,
         spec=spec,
         views_total=views_total,
-        views_per_shard=views_per_shard,
+        instances_per_shard=instances_per_shard,
         shards=shards,
-        objects_per_shard=per_shard_objects,
+        units=units,
+        objects_per_unit=per_unit_objects,
         objects_total=objects_total,
         bytes_per_view_by_field=fields,
         bytes_per_view=bytes_per_view,
@@ -349,12 +352,12 @@ def estimate(
 
 
 def _check_inputs(
-    instances: int, views: int, gpu_type: str, epochs: int, fmt: str, shard_views: int, utilization: float
+    instances: int, views: int, gpu_type: str, epochs: int, fmt: str, shard_instances: int, utilization: float
 ) -> None:
-    if instances < 1 or views < 1 or epochs < 0 or shard_views < 1:
+    if instances < 1 or views < 1 or epochs < 0 or shard_instances < 1:
         raise ValueError(
-            f"need instances >= 1, views >= 1, epochs >= 0, shard_views >= 1; got {instances}, {views}, "
-            f"{epochs}, {shard_views}"
+            f"need instances >= 1, views >= 1, epochs >= 0, shard_instances >= 1; got {instances}, {views}, "
+            f"{epochs}, {shard_instances}"
         )
     for what, value, choices in (("GPU type", gpu_type, GPU_TYPES), ("cache format", fmt, FORMATS)):
         if value not in choices:
@@ -377,8 +380,8 @@ def _assumptions(gpu: GpuType, price: float, utilization: float, spec: CacheSpec
         + "); tokens and small fields counted uncompressed",
         f"S3 Standard ${S3_PRICE_PER_GB_MONTH}/GB-month (GB = 2^30 B), PUT ${S3_PUT_PRICE_PER_1000}/1000, "
         f"GET ${S3_GET_PRICE_PER_1000}/1000, in-region transfer free",
-        "a student epoch reads every shard whole (all views; the loader keeps one per instance): "
-        "Zarr = group + 2 GETs per array read, WDS = 1 GET per shard; without stored crops every instance's "
+        "a student epoch reads one view unit of every shard (1/V of the cache): "
+        "Zarr = group + 2 GETs per array read, WDS = 1 GET per unit; without stored crops every instance's "
         "image is read from S3 once by the teacher stage and once per student epoch (upper bound: the "
         "loader's small image cache saves some)",
         f"loader CPU per sample (measured on a 2-core CPU): crops rebuilt {LOADER_CPU_MS_PER_SAMPLE['rebuild']:g} "
@@ -415,8 +418,8 @@ def format_plan(plan: Plan) -> str:
             f"{k} {v:,.0f}" for k, v in sorted(plan.bytes_per_view_by_field.items(), key=lambda kv: -kv[1])
         ) + ")"),
         ("cache size (estimate)", _bytes(plan.bytes_total)),
-        ("shards", f"{plan.shards:,} x {plan.views_per_shard} views"),
-        ("objects", f"{plan.shards:,} shards x {plan.objects_per_shard} objects + 2 = {plan.objects_total:,}"),
+        ("shards", f"{plan.shards:,} x {plan.instances_per_shard} instances, one unit per view"),
+        ("objects", f"{plan.units:,} shard-views x {plan.objects_per_unit} objects + 2 = {plan.objects_total:,}"),
         ("PUT requests (cache)", f"{plan.put_requests:,}"),
         ("GET requests (teacher)", f"{plan.image_gets_teacher:,} image reads"),
         ("teacher forward", f"{plan.teacher_forward_gflops:.2f} GFLOPs/view"),
@@ -461,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-type", choices=list(GPU_TYPES), default="h100")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--format", choices=list(FORMATS), default="zarr")
-    p.add_argument("--shard-views", type=int, default=256)
+    p.add_argument("--shard-instances", type=int, default=256)
     p.add_argument("--price-per-gpu-hour", type=float, help="$ per GPU-hour (default per GPU type)")
     p.add_argument("--utilization", type=float, default=DEFAULT_UTILIZATION, help="fraction of peak FLOPs")
     p.add_argument("--heatmap-encoding", choices=list(HEATMAP_ENCODINGS), default=DEFAULT_HEATMAP_ENCODING)
@@ -477,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = estimate(
             args.instances, args.views, args.teacher, students, args.gpu_type, args.epochs, args.format,
-            args.shard_views, args.price_per_gpu_hour, args.utilization, args.heatmap_encoding,
+            args.shard_instances, args.price_per_gpu_hour, args.utilization, args.heatmap_encoding,
             args.token_encoding, args.store_crops, args.storage_months,
         )  # fmt: skip
     except ValueError as e:

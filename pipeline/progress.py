@@ -1,7 +1,7 @@
 """Driver-side progress for distributed stages.
 
 Worker logs may not reach the driver (and are noisy when they do), so progress is read
-from what the workers commit to storage: shard commit records, metrics CSVs. A `Poller`
+from what the workers commit to storage: commit records, metrics CSVs. A `Poller`
 calls a report function every few seconds on a daemon thread and once more at the end.
 """
 
@@ -39,23 +39,24 @@ class Poller:
 
 
 class ShardProgress(Poller):
-    """Committed shards / views per second / ETA, from the names in the commits folder, so it
-    is right on any cluster and costs one listing per interval (no record is read)."""
+    """Committed shard-views / views per second / ETA, from the names in the commits folder,
+    so it is right on any cluster and costs one listing per interval (no record is read).
+    ``todo``: shard specs with their instances and the views to compute."""
 
-    def __init__(self, writer, todo: list, views: int, interval_s: float = 10.0):
+    def __init__(self, writer, todo: list, interval_s: float = 10.0):
         super().__init__(self._report, interval_s)
         self.writer = writer
-        self.todo = {s.index: len(s.instances) * views for s in todo}
+        self.todo = {(s.index, v): len(s.instances) for s in todo for v in s.views}
         self.t0 = time.perf_counter()
 
     def _report(self) -> None:
-        done = self.writer.committed_indices() & self.todo.keys()
-        views_done = sum(self.todo[i] for i in done)
+        done = self.writer.committed_keys() & self.todo.keys()
+        views_done = sum(self.todo[key] for key in done)
         total = sum(self.todo.values())
         elapsed = time.perf_counter() - self.t0
         rate = views_done / elapsed if elapsed > 0 else 0.0
         eta = f", ETA {(total - views_done) / rate:.0f} s" if 0 < rate and views_done < total else ""
         print(
-            f"[cache] {len(done)}/{len(self.todo)} shards, {views_done}/{total} views, {rate:.1f} views/s{eta}",
+            f"[cache] {len(done)}/{len(self.todo)} shard-views, {views_done}/{total} views, {rate:.1f} views/s{eta}",
             flush=True,
         )

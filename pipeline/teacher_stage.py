@@ -2,16 +2,19 @@
 
 Ray Data end to end:
 
-    shard specs (one row per shard, deterministic membership)
-      -> crop task:    decode each image, draw V seeded views per instance, warp the crops
+    shard specs (one row per shard: its instances and the views still to compute)
+      -> crop task:    decode each image, draw the seeded views per instance, warp the crops
       -> teacher actors (map_batches, callable class): batched forward under inference_mode,
-                       Gaussian fit + confidence, encode to the cache schema
-      -> CacheSink:    one shard per Ray Data block, committed atomically by the store
+                       one view at a time, Gaussian fit + confidence, encode to the cache schema
+      -> CacheSink:    one unit per (shard, view), committed atomically by the store
 
-A shard is the unit of work *and* of resume: its members (instances, views) are fixed by
-the plan, so a rerun skips committed shards and rebuilds the same bytes for the others.
-Each shard is one Ray Data block from start to end (one input row per shard, whole-block
-batches), which is what lets the sink check that a shard arrived complete.
+A shard's instances are fixed by the plan (id order, ``shard_instances`` per shard, never
+depending on V); each of its views is a unit of storage and of resume. A rerun computes
+only the units not committed yet: after a crash, or after raising ``--views`` (the cache
+grows in place). The teacher runs on one view's rows at a time, in the same batches
+whichever other views are computed with it, so a unit's bytes are the same in a grown
+cache as in a fresh build. Each shard is one Ray Data block from start to end (one input
+row per shard, whole-block batches), which is what lets the sink check it arrived complete.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,8 +37,9 @@ from pipeline.cache import open_writer
 from pipeline.cache.encodings import decode_crop_jpeg, encode_crop_jpeg, encode_views
 from pipeline.cache.manifest import DataInfo, Manifest, TeacherInfo
 from pipeline.cache.schema import FORMATS, HEATMAP_ENCODINGS, TEACHER_PRECISIONS, TOKEN_ENCODINGS, CacheSpec
+from pipeline.cache_claim import claim_output, job_identity
+from pipeline.cache_summary import CacheSummary
 from pipeline.dataset_layout import resolve_layout
-from pipeline.mismatch import refuse_differences
 from pipeline.progress import ShardProgress
 
 
@@ -46,14 +50,14 @@ class CacheJobConfig:
     out: str = option(help="cache root URI (local path or s3://bucket/prefix)")
     checkpoint: str | None = option(None, help="teacher checkpoint: ours or the official .pth (local or s3://)")
     format: str = option("zarr", choices=FORMATS, help="cache store")
-    views: int = option(1, help="cached views per instance (view 0 = un-augmented)")
+    views: int = option(1, help="cached views per instance (view 0 = un-augmented); a larger value grows a cache")
     split: str = option("train", help="data split")
     batch_size: int = option(32, help="teacher forward batch size")
     workers: int = option(1, help="teacher actors")
     gpus_per_worker: float = option(0.0, help="GPUs per teacher actor")
     cpus_per_worker: float = option(1.0, help="CPUs per teacher actor")
     store_crops: str = option("none", choices=("none", "jpeg"), help="also store each view's crop")
-    shard_views: int = option(256, help="views per shard")
+    shard_instances: int = option(256, help="instances per shard (stored as one object per view)")
     seed: int = option(0, help="seed of the views' augmentation")
     heatmap_encoding: str = option("i8-thresh", choices=tuple(HEATMAP_ENCODINGS), help="heatmap encoding")
     teacher_precision: str = option(
@@ -73,51 +77,31 @@ class CacheJobConfig:
 class ShardSpec:
     index: int
     instances: list[Instance]
-
-
-@dataclass
-class CacheSummary:
-    out: str
-    instances: int
-    views: int
-    shards_total: int
-    shards_skipped_as_committed: int
-    rows: int
-    skipped: dict[str, int]
-    bytes_per_field: dict[str, float]
-    wall_s: float
-    views_per_s: float
-    complete: bool
-    extra: dict = field(default_factory=dict)
-
-    def table(self) -> str:
-        from distilpose.coco_metrics import format_table
-
-        lines = [
-            f"[cache] {'complete' if self.complete else 'INCOMPLETE'}: {self.out}",
-            f"  instances {self.instances}  views/instance {self.views}  rows {self.rows}  "
-            f"shards {self.shards_total} ({self.shards_skipped_as_committed} already committed, reused)",
-            f"  wall {self.wall_s:.1f} s  throughput {self.views_per_s:.1f} views/s (views computed this run)",
-            "  skipped: " + (", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"),
-            *([f"  annotations: {self.extra['annotation_skips']}"] if "annotation_skips" in self.extra else []),
-        ]
-        total = sum(self.bytes_per_field.values())
-        rows = [{"field": k, "bytes/view": v} for k, v in sorted(self.bytes_per_field.items(), key=lambda kv: -kv[1])]
-        rows.append({"field": "TOTAL", "bytes/view": total})
-        return "\n".join(lines) + "\n" + format_table(rows, float_fmt=",.0f")
+    views: tuple[int, ...] = ()  # the views to compute (those not committed yet)
 
 
 # ----------------------------------------------------------------------------- planning
 
 
-def plan_shards(instances: list[Instance], views: int, shard_views: int) -> list[ShardSpec]:
-    """Fixed shard membership: instances in id order, whole instances (all views) per shard."""
-    per_shard = max(1, shard_views // views)
+def plan_shards(instances: list[Instance], shard_instances: int, views: int = 1) -> list[ShardSpec]:
+    """Fixed shard membership: instances in id order, ``shard_instances`` per shard (never
+    depending on V, so raising V keeps every shard), each shard with views 0..views-1."""
+    per_shard = max(1, shard_instances)
     ordered = sorted(instances, key=lambda inst: inst.instance_id)
     return [
-        ShardSpec(index=i, instances=ordered[start : start + per_shard])
+        ShardSpec(index=i, instances=ordered[start : start + per_shard], views=tuple(range(views)))
         for i, start in enumerate(range(0, len(ordered), per_shard))
     ]
+
+
+def units_to_compute(shards: list[ShardSpec], committed: set[tuple[int, int]]) -> list[ShardSpec]:
+    """The shards with views not committed yet, each with only those views."""
+    todo = []
+    for shard in shards:
+        missing = tuple(v for v in shard.views if (shard.index, v) not in committed)
+        if missing:
+            todo.append(dataclasses.replace(shard, views=missing))
+    return todo
 
 
 def instance_to_json(inst: Instance) -> dict:
@@ -135,24 +119,26 @@ def instance_from_json(d: dict) -> Instance:
 # ----------------------------------------------------------------------------- crop task
 
 
-def crop_shard(batch: dict, *, image_root: str, input_size, views: int, seed: int, store_crops: str) -> dict:
-    """One shard row in -> one row per (instance, view) out, with the crop the teacher sees."""
+def crop_shard(batch: dict, *, image_root: str, input_size, seed: int, store_crops: str) -> dict:
+    """One shard row in -> one row per (instance, view to compute) out, with the crop the
+    teacher sees; rows are view-major (all instances of a view together, in id order)."""
     from distilpose.data.coco import read_image
     from distilpose.data.transforms import affine_matrix, apply_view
     from distilpose.data.views import view_for
 
     rows: dict[str, list] = {k: [] for k in _CROP_COLUMNS}
     h, w = input_size
-    for shard, payload in zip(batch["shard"], batch["instances"]):
+    for shard, payload, views in zip(batch["shard"], batch["instances"], batch["views"]):
         instances = [instance_from_json(d) for d in json.loads(payload)]
-        total = len(instances) * views
+        views = json.loads(views)
+        total = len(instances) * len(views)
         for inst in instances:
             try:
                 image = read_image(image_root, inst.image_file)
                 reason = ""
             except Exception as exc:  # counted and reported, never silent
                 image, reason = None, f"image: {type(exc).__name__}"
-            for v in range(views):
+            for v in views:
                 view = view_for(inst, v, seed)
                 jpeg = b""
                 if image is not None:
@@ -178,7 +164,10 @@ def crop_shard(batch: dict, *, image_root: str, input_size, views: int, seed: in
     out = {k: np.asarray(v) for k, v in rows.items() if k not in ("crop_jpeg", "skip_reason")}
     out["skip_reason"] = np.asarray(rows["skip_reason"], dtype=object)
     out["crop_jpeg"] = np.asarray(rows["crop_jpeg"], dtype=object)
-    return out
+    # Each image is read once (instance-major loop above), then the rows are put view-major.
+    # Shards arrive one per batch, so sorting by (shard, view) keeps each shard together.
+    order = np.lexsort((out["view"], out["shard"])) if len(out["view"]) else np.zeros(0, np.int64)
+    return {k: v[order] for k, v in out.items()}
 
 
 _CROP_COLUMNS = (
@@ -207,11 +196,24 @@ class TeacherPredictor:
         self.precision = precision
 
     def __call__(self, batch: dict) -> dict:
+        # One view at a time (rows are view-major): a unit's batches, and so its bytes, do not
+        # depend on which other views run with it (a grown cache equals a fresh build).
+        valid = batch["valid"].astype(bool)
+        masks = [(batch["shard"] == shard) & (batch["view"] == view) & valid for shard, view in _units_in_order(batch)]
+        parts = [self._run(batch["image"][rows]) for rows in masks if rows.any()] or [self._run(batch["image"][:0])]
+        outputs = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+        return encode_shard_rows(batch, outputs, self.spec)
+
+    def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         from distilpose.teacher_forward import run_teacher
 
-        images = batch["image"][batch["valid"]]
-        outputs = run_teacher(self.model, images, self.batch_size, self.device, precision=self.precision)
-        return encode_shard_rows(batch, outputs, self.spec)
+        return run_teacher(self.model, images, self.batch_size, self.device, precision=self.precision)
+
+
+def _units_in_order(batch: dict) -> list[tuple[int, int]]:
+    """(shard, view) of a view-major batch, in row order."""
+    keys = list(zip(batch["shard"].tolist(), batch["view"].tolist()))
+    return list(dict.fromkeys(keys))
 
 
 def encode_shard_rows(batch: dict, outputs: dict, spec: CacheSpec) -> dict:
@@ -246,7 +248,8 @@ def _sink_base():
 
 
 class CacheSink(_sink_base()):
-    """Writes each shard that arrives complete; the store commits it atomically."""
+    """Writes each shard that arrives complete, one unit per view; the store commits each
+    unit atomically."""
 
     def __init__(self, out: str, spec: CacheSpec, fmt: str):
         self.out, self.spec, self.fmt = out, spec, fmt
@@ -262,6 +265,7 @@ class CacheSink(_sink_base()):
             return []
         rows = {k: np.concatenate(v) for k, v in columns.items()}
         writer = open_writer(self.out, self.spec, self.fmt)
+        valid = rows["valid"].astype(bool)
         written = []
         for shard in np.unique(rows["shard"]):
             sel = rows["shard"] == shard
@@ -271,54 +275,20 @@ class CacheSink(_sink_base()):
                     f"shard {shard} arrived split across Ray Data blocks ({int(sel.sum())} of {expected} rows); "
                     "raise DataContext.target_max_block_size"
                 )
-            keep = sel & rows["valid"].astype(bool)
-            skipped = Counter(str(r) for r in rows["skip_reason"][sel & ~rows["valid"].astype(bool)])
-            record = {k: v[keep] for k, v in rows.items() if k not in ("shard", "shard_rows", "valid", "skip_reason")}
-            info = writer.write_shard(int(shard), record, extra={"skipped": dict(skipped)})
-            print(f"[cache] shard {int(shard):05d} committed: {info.rows} views", flush=True)
-            written.append({"shard": int(shard), "rows": int(info.rows)})
+            for view in np.unique(rows["view"][sel]):
+                unit = sel & (rows["view"] == view)
+                skipped = Counter(str(r) for r in rows["skip_reason"][unit & ~valid])
+                record = {k: v[unit & valid] for k, v in rows.items() if k not in _BOOKKEEPING}
+                info = writer.write_view(int(shard), int(view), record, extra={"skipped": dict(skipped)})
+                print(f"[cache] shard {int(shard):05d} view {int(view)} committed: {info.rows} rows", flush=True)
+                written.append({"shard": int(shard), "view": int(view), "rows": int(info.rows)})
         return written
 
 
+_BOOKKEEPING = ("shard", "shard_rows", "valid", "skip_reason")
+
+
 # ----------------------------------------------------------------------------- driver
-
-JOB_FILE = "job.json"  # what identifies the cache being built; a rerun must match it
-
-
-def job_identity(cfg: CacheJobConfig, layout: SplitFiles, teacher_config: dict, spec: CacheSpec) -> dict:
-    """Everything that determines the cache's content: a rerun that differs must not mix in."""
-    identity = {
-        "teacher": {
-            "preset": cfg.teacher,
-            "checkpoint_sha256": storage.sha256(cfg.checkpoint) if cfg.checkpoint else "random-init",
-            "config": teacher_config,
-            "precision": cfg.teacher_precision,
-        },
-        "data": {"ann_file_sha256": storage.sha256(layout.ann_file), "split": cfg.split, "limit": cfg.limit},
-        "views": cfg.views,
-        "seed": cfg.seed,
-        "shard_views": cfg.shard_views,
-        "format": cfg.format,
-        "spec": spec.to_dict(),
-    }
-    return json.loads(json.dumps(identity))  # the form it has when read back from job.json
-
-
-def claim_output(out: str, identity: dict) -> bool:
-    """Record what this cache is for, or check a partly built one matches. True when resuming."""
-    uri = storage.join(out, JOB_FILE)
-    if storage.exists(uri):
-        existing = json.loads(storage.read_bytes(uri))
-        refuse_differences(
-            existing,
-            {key: identity.get(key) for key in sorted(set(existing) | set(identity))},
-            what=f"{out} holds a cache built with different settings",
-            advice="Use another --out, or delete it to rebuild.",
-            recorded_as="cache has",
-        )
-        return True
-    storage.atomic_write_bytes(uri, json.dumps(identity, indent=2, sort_keys=True).encode())
-    return False
 
 
 def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = None) -> CacheSummary:
@@ -348,15 +318,18 @@ def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = No
         token_encoding=cfg.token_encoding,
         store_crops=cfg.store_crops == "jpeg",
     )
-    identity = job_identity(cfg, layout, dataclasses.asdict(teacher_cfg), spec)
-    resuming = claim_output(cfg.out, identity)
-    shards = plan_shards(instances, cfg.views, cfg.shard_views)
+    # The writer first: it refuses a root of another layout or spec before job.json is touched.
     writer = open_writer(cfg.out, spec, cfg.format)
-    committed_before = writer.committed_indices()
-    todo = [s for s in shards if s.index not in committed_before]
+    identity = job_identity(cfg, layout, dataclasses.asdict(teacher_cfg), spec)
+    views_before = claim_output(cfg.out, identity)
+    shards = plan_shards(instances, cfg.shard_instances, cfg.views)
+    committed_before = writer.committed_keys()
+    todo = units_to_compute(shards, committed_before)
+    units_total = len(shards) * cfg.views
+    units_todo = sum(len(s.views) for s in todo)
     print(
-        f"[cache] {len(instances)} instances x {cfg.views} views -> {len(shards)} shards at {cfg.out} "
-        f"({cfg.format}); annotations skipped: {skip_report.summary()}",
+        f"[cache] {len(instances)} instances x {cfg.views} views -> {len(shards)} shards x {cfg.views} views at "
+        f"{cfg.out} ({cfg.format}); annotations skipped: {skip_report.summary()}",
         flush=True,
     )
     from pipeline.plan import estimate
@@ -367,15 +340,24 @@ def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = No
         cfg.teacher,
         students=(),
         fmt=cfg.format,
-        shard_views=cfg.shard_views,
+        shard_instances=cfg.shard_instances,
         heatmap_encoding=cfg.heatmap_encoding,
         token_encoding=cfg.token_encoding,
         store_crops=cfg.store_crops == "jpeg",
     )
     if todo:  # a complete cache costs nothing more: no estimate to show
-        print("[cache] estimate before starting:\n" + plan.table(), flush=True)
-    if resuming:
-        print(f"[cache] resuming: {len(shards) - len(todo)} of {len(shards)} shards already committed", flush=True)
+        print("[cache] estimate before starting (the whole cache):\n" + plan.table(), flush=True)
+    if views_before is not None and views_before < cfg.views:
+        computed_views = sorted({v for s in todo for v in s.views})
+        print(
+            f"[cache] growing V {views_before} -> {cfg.views}: reusing {units_total - units_todo} shard-views, "
+            f"computing {units_todo} (views {_ranges(computed_views)})",
+            flush=True,
+        )
+    elif views_before is not None:
+        print(
+            f"[cache] resuming: {units_total - units_todo} of {units_total} shard-views already committed", flush=True
+        )
 
     if todo:
         if start_ray is not None:
@@ -401,31 +383,45 @@ def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = No
         ),
         views=cfg.views,
         seed=cfg.seed,
-        extra={"annotation_skips": skip_report.to_dict(), "limit": cfg.limit, "shard_views": cfg.shard_views},
+        extra={"annotation_skips": skip_report.to_dict(), "limit": cfg.limit, "shard_instances": cfg.shard_instances},
     )
     final = writer.finalize(manifest, expected_shards=len(shards), committed=committed)
     wall = time.perf_counter() - t0
     skipped = Counter(skip_report.counts)
-    for info in committed.values():
-        skipped.update(info.extra.get("skipped", {}))
+    for unit in committed.values():
+        skipped.update(unit.extra.get("skipped", {}))
     totals = Counter()
-    for info in final.shards:
-        totals.update(info.bytes_per_field)
+    for shard in final.shards:
+        totals.update(shard.bytes_per_field)
     rows = final.num_rows
+    views_computed = sum(len(s.instances) * len(s.views) for s in todo)
     return CacheSummary(
         out=cfg.out,
         instances=len(instances),
         views=cfg.views,
         shards_total=len(shards),
-        shards_skipped_as_committed=len(shards) - len(todo),
+        units_total=units_total,
+        units_reused=units_total - units_todo,
+        views_computed=views_computed,
         rows=rows,
         skipped=dict(skipped),
         bytes_per_field={k: v / max(rows, 1) for k, v in totals.items()},
         wall_s=wall,
-        views_per_s=sum(len(s.instances) for s in todo) * cfg.views / wall,
+        views_per_s=views_computed / wall,
         complete=final.complete,
         extra={"annotation_skips": skip_report.summary()},  # names the first ids of malformed ones
     )
+
+
+def _ranges(values: list[int]) -> str:
+    """[2, 3, 5] -> "2-3, 5"."""
+    spans: list[list[int]] = []
+    for v in values:
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
 
 
 def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: CacheSpec, todo: list[ShardSpec]):
@@ -448,7 +444,14 @@ def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: Ca
             f"beside them (at most {cfg.workers} at a time)",
             flush=True,
         )
-    items = [{"shard": s.index, "instances": json.dumps([instance_to_json(i) for i in s.instances])} for s in todo]
+    items = [
+        {
+            "shard": s.index,
+            "instances": json.dumps([instance_to_json(i) for i in s.instances]),
+            "views": json.dumps(s.views),
+        }
+        for s in todo
+    ]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         crop_shard,
@@ -457,7 +460,6 @@ def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: Ca
         fn_kwargs=dict(
             image_root=layout.image_root,
             input_size=tuple(teacher_cfg.input_size),
-            views=cfg.views,
             seed=cfg.seed,
             store_crops=cfg.store_crops,
         ),
@@ -480,5 +482,5 @@ def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: Ca
         num_cpus=cpus_per_actor,
         num_gpus=cfg.gpus_per_worker,
     )
-    with ShardProgress(open_writer(cfg.out, spec, cfg.format), todo, cfg.views):
+    with ShardProgress(open_writer(cfg.out, spec, cfg.format), todo):
         ds.write_datasink(CacheSink(cfg.out, spec, cfg.format), ray_remote_args={"num_cpus": min(side_cpus, 0.5)})

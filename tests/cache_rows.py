@@ -25,9 +25,10 @@ VIEW_BUDGET_BYTES = 64 * KIB
 FORMATS = ["zarr", "wds"]
 
 
-def teacher_like_rows(spec: CacheSpec, n: int, seed: int = 0, first_instance: int = 0) -> dict:
+def teacher_like_rows(spec: CacheSpec, n: int, seed: int = 0, first_instance: int = 0, views: int = 4) -> dict:
     """fp32 record batch resembling teacher output: Gaussian blobs (sigma 1.5-3 px, peak
-    0.3-1) over an N(0, 0.003) noise floor, random-normal tokens, random geometry."""
+    0.3-1) over an N(0, 0.003) noise floor, random-normal tokens, random geometry. Rows are
+    instance-major (each instance's ``views`` views in turn); a whole shard needs n % views == 0."""
     rng = np.random.default_rng(seed)
     k = spec.num_joints
     height, width = spec.heatmap_size
@@ -39,7 +40,6 @@ def teacher_like_rows(spec: CacheSpec, n: int, seed: int = 0, first_instance: in
     dy = (ys - mu[..., 1, None, None]) / sigma[..., 1, None, None]
     heatmaps = peak[..., None, None] * np.exp(-0.5 * (dx**2 + dy**2))
     heatmaps = (heatmaps + rng.normal(0, 0.003, size=heatmaps.shape)).astype(np.float32)
-    views = 4
     rows = {
         "instance_id": first_instance + np.arange(n) // views,
         "image_id": (first_instance + np.arange(n)) // 8,
@@ -59,24 +59,33 @@ def teacher_like_rows(spec: CacheSpec, n: int, seed: int = 0, first_instance: in
     return rows
 
 
-def base_manifest() -> Manifest:
+def base_manifest(views: int = 4) -> Manifest:
     return Manifest(
         teacher=TeacherInfo(preset="tokenpose-tiny", checkpoint_sha256="a" * 64, config={"dim": 8}),
         data=DataInfo(ann_file_sha256="d" * 64, num_images=10, split="train"),
-        views=4,
+        views=views,
         seed=7,
     )
 
 
-def write_cache(uri: str, fmt: str, shard_rows=(20, 13), spec: CacheSpec = SMALL_SPEC) -> list[dict]:
+def write_cache(uri: str, fmt: str, shard_rows=(20, 12), spec: CacheSpec = SMALL_SPEC, views: int = 4) -> list[dict]:
+    """A finalized cache of teacher-like shards; returns each shard's rows in view order
+    (the order the cache stores and reads them back in)."""
     writer = open_writer(uri, spec, fmt)
     batches, start = [], 0
     for index, n in enumerate(shard_rows):
-        batches.append(teacher_like_rows(spec, n, seed=index, first_instance=start))
-        writer.write_shard(index, batches[-1])
+        rows = teacher_like_rows(spec, n, seed=index, first_instance=start, views=views)
+        writer.write_shard(index, rows)
+        batches.append(in_view_order(rows))
         start += n
-    writer.finalize(base_manifest(), expected_shards=len(shard_rows))
+    writer.finalize(base_manifest(views), expected_shards=len(shard_rows))
     return batches
+
+
+def in_view_order(rows: dict) -> dict:
+    """A shard's rows as the cache holds them: view-major, each view's rows in the given order."""
+    order = np.argsort(np.asarray(rows["view"]), kind="stable")
+    return {k: ([v[i] for i in order] if k == CROP_FIELD else v[order]) for k, v in rows.items()}
 
 
 def concat_rows(batches: list[dict]) -> dict:

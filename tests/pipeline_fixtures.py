@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 CACHE_JOB_TIMEOUT_S = 300
 TRAIN_IMAGES, VAL_IMAGES = 24, 8
-CACHE_VIEWS, CACHE_SHARD_VIEWS = 2, 32  # 47 instances x 2 views -> 3 shards
+CACHE_VIEWS, CACHE_SHARD_INSTANCES = 2, 16  # 47 instances -> 3 shards x 2 views
 TEACHER = "tokenpose-tiny"
 
 
@@ -88,7 +88,7 @@ def tiny_cache(tiny_data, tiny_teacher, tmp_path_factory) -> str:
     from `tiny_teacher`, 2 views per instance, 3 shards)."""
     out = str(tmp_path_factory.mktemp("tiny-cache") / "cache")
     args = ["--data", tiny_data, "--teacher", TEACHER, "--checkpoint", tiny_teacher, "--out", out]
-    args += ["--views", str(CACHE_VIEWS), "--shard-views", str(CACHE_SHARD_VIEWS)]
+    args += ["--views", str(CACHE_VIEWS), "--shard-instances", str(CACHE_SHARD_INSTANCES)]
     result = run_job("cache_teacher.py", args, timeout_s=CACHE_JOB_TIMEOUT_S)
     assert result.returncode == 0, f"cache job failed:\n{result.stdout[-4000:]}"
     return out

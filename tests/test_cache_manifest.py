@@ -32,20 +32,23 @@ from pipeline.cache.verify import CORRUPT, MISSING, TRUNCATED, verify_cache
 
 
 def test_manifest_json_roundtrip_and_mismatch_messages(tmp_path) -> None:
-    write_cache(str(tmp_path), "zarr", shard_rows=(4, 3))
+    write_cache(str(tmp_path), "zarr", shard_rows=(8, 4), views=2)
     manifest = open_reader(str(tmp_path)).manifest
     assert Manifest.from_json(manifest.to_json()) == manifest
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
     assert on_disk["complete"] is True and on_disk["schema_version"] == SCHEMA_VERSION
-    assert [s["first_row"] for s in on_disk["shards"]] == [0, 4]
+    assert [s["instances"] for s in on_disk["shards"]] == [4, 2]
+    units = [u for s in on_disk["shards"] for u in s["views"]]
+    assert [(u["shard"], u["view"], u["first_row"]) for u in units] == [(0, 0, 0), (0, 1, 4), (1, 0, 8), (1, 1, 10)]
+    assert units[3]["name"] == "shard-00001/view-001.zarr" and len(units[3]["sha256"]) == 64
     assert on_disk["arrays"]["heatmaps_scale"] == {"field": "heatmaps", "dtype": "float16", "shape": [17]}
 
-    check_compatible(manifest, {"teacher": {"checkpoint_sha256": "a" * 64}, "views": 4, "spec": SMALL_SPEC})
+    check_compatible(manifest, {"teacher": {"checkpoint_sha256": "a" * 64}, "views": 2, "spec": SMALL_SPEC})
     check_compatible(manifest, {"data.ann_file_sha256": "d" * 64})
     with pytest.raises(CacheMismatchError) as info:
         check_compatible(
             manifest,
-            {"teacher": {"checkpoint_sha256": "b" * 64}, "data": {"ann_file_sha256": "e" * 64}, "views": 4},
+            {"teacher": {"checkpoint_sha256": "b" * 64}, "data": {"ann_file_sha256": "e" * 64}, "views": 2},
             uri="s3://bucket/cache",
         )
     message = str(info.value)
@@ -65,7 +68,9 @@ def test_manifest_json_roundtrip_and_mismatch_messages(tmp_path) -> None:
 
 
 def _corrupt(uri: str, fmt: str, index: int, how: str) -> None:
-    shard = storage.join(uri, "shards", f"shard-{index:05d}.{'zarr' if fmt == 'zarr' else 'tar'}")
+    """Damage view 0 of shard ``index``."""
+    name = f"shard-{index:05d}/view-000.zarr" if fmt == "zarr" else f"shard-{index:05d}.view-000.tar"
+    shard = storage.join(uri, "shards", name)
     if how == "delete":
         storage.remove(shard, recursive=True)
         return
@@ -80,9 +85,9 @@ def _corrupt(uri: str, fmt: str, index: int, how: str) -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_verify_finds_truncated_flipped_and_missing_shards(cache_root: str, fmt: str) -> None:
-    write_cache(cache_root, fmt, shard_rows=(4, 4, 4, 3))
+    write_cache(cache_root, fmt, shard_rows=(4, 4, 4, 2), views=2)
     report = verify_cache(cache_root)
-    assert report.ok and report.rows_ok == report.expected_rows == 15, report.summary()
+    assert report.ok and report.rows_ok == report.expected_rows == 14, report.summary()
 
     _corrupt(cache_root, fmt, 0, "truncate")
     _corrupt(cache_root, fmt, 1, "flip")
@@ -91,46 +96,48 @@ def test_verify_finds_truncated_flipped_and_missing_shards(cache_root: str, fmt:
     summary = report.summary()
     print(summary)
     assert not report.ok
-    assert [c.index for c in report.by_status(TRUNCATED)] == [0]
-    assert [c.index for c in report.by_status(CORRUPT)] == [1]
-    assert [c.index for c in report.by_status(MISSING)] == [3]
-    assert report.rows_ok == 4
-    assert "1 ok, 1 corrupt, 1 truncated, 1 missing" in summary and "RESULT: FAILED" in summary
+    view0 = "shard-{:05d}/view-000.zarr" if fmt == "zarr" else "shard-{:05d}.view-000.tar"
+    assert [c.name for c in report.by_status(TRUNCATED)] == [view0.format(0)]
+    assert [c.name for c in report.by_status(CORRUPT)] == [view0.format(1)]
+    assert [c.name for c in report.by_status(MISSING)] == [view0.format(3)]
+    assert report.rows_ok == 2 + 2 + 4 + 1  # the view-1 units of shards 0, 1, 3 and shard 2
+    assert "5 ok, 1 corrupt, 1 truncated, 1 missing" in summary and "RESULT: FAILED" in summary
 
 
 def test_verify_and_inspect_unfinalized_and_inconsistent(tmp_path) -> None:
     uri = str(tmp_path)
     writer = open_writer(uri, SMALL_SPEC, "wds")
-    writer.write_shard(0, teacher_like_rows(SMALL_SPEC, 3))
+    writer.write_shard(0, teacher_like_rows(SMALL_SPEC, 3, views=1))
     report = verify_cache(uri)
     assert report.ok and not report.finalized and "NOT finalized" in report.summary()
-    assert "NOT FINALIZED: 1 committed shard(s), 3 rows" in cache_inspect.describe_cache(uri)
+    assert "NOT FINALIZED: 1 committed shard-view(s) in 1 shard(s), 3 rows" in cache_inspect.describe_cache(uri)
 
-    writer.finalize(base_manifest())
+    writer.finalize(base_manifest(views=1))
     assert verify_cache(uri).finalized
-    commit = tmp_path / "commits" / "shard-00000.json"
+    commit = tmp_path / "commits" / "shard-00000.view-000.json"
     record = json.loads(commit.read_text())
-    record["shard"]["rows"] = 4
+    record["unit"]["rows"] = 4
     commit.write_text(json.dumps(record))
     report = verify_cache(uri)
     assert not report.ok and "commit record differs from the manifest entry" in report.summary()
 
-    writer.write_shard(1, teacher_like_rows(SMALL_SPEC, 3))  # writing again un-finalizes the cache
+    writer.write_shard(1, teacher_like_rows(SMALL_SPEC, 3, views=1))  # writing again un-finalizes the cache
     assert not storage.exists(storage.join(uri, "manifest.json"))
 
 
 def test_inspect_cli(tmp_path, capsys: pytest.CaptureFixture) -> None:
-    write_cache(str(tmp_path), "zarr", shard_rows=(4, 3))
+    write_cache(str(tmp_path), "zarr", shard_rows=(4, 2), views=2)
     assert cache_inspect.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for expected in (
         "[zarr]",
-        "rows (views): 7",
+        "rows (views): 6",
         "teacher: tokenpose-tiny",
         "annotation sha256 dddd",
         "encodings: heatmaps i8-thresh",
         "vis_tokens",
-        "shard-00001.zarr",
-        "shards: 2",
+        "shard-00001",
+        "1 instances x 2 views",
+        "shards: 2, instances per shard min 1 / max 2, one unit per view (4 units)",
     ):
         assert expected in out, expected

@@ -47,14 +47,20 @@ def test_roundtrip_every_field(cache_root: str, fmt: str) -> None:
     expected_raw = [encode_views(b, SMALL_SPEC) for b in batches]
     reader = open_reader(cache_root)
     assert reader.manifest.format == fmt and reader.manifest.complete
-    assert len(reader) == 33 and reader.shard_indices == [0, 1]
+    assert len(reader) == 32 and reader.shard_indices == [0, 1]
+    assert [s.instances for s in reader.manifest.shards] == [5, 3]
 
     for index, batch in enumerate(batches):
         assert_raw_equal(reader.read_shard(index, decode=False), expected_raw[index])
         assert_decoded_close(reader.read_shard(index), batch, SMALL_SPEC)
+        for view in range(4):  # one unit: the shard's instances in id order, all in this view
+            one = reader.read_shard(index, view=view, fields=["instance_id", "view", "heatmaps"])
+            mine = batch["view"] == view
+            assert (one["view"] == view).all() and list(one["instance_id"]) == sorted(batch["instance_id"][mine])
+            assert_decoded_close(one, {k: batch[k][mine] for k in one}, SMALL_SPEC)
 
     everything = concat_rows(batches)
-    rows = [32, 0, 5, 5, 21, 19, 20]
+    rows = [31, 0, 5, 5, 21, 19, 20]
     picked = reader.read_rows(rows, fields=["instance_id", "view", "heatmaps", "vis_tokens", CROP_FIELD])
     assert sorted(picked) == ["crop_jpeg", "heatmaps", "instance_id", "view", "vis_tokens"]
     assert_decoded_close(
@@ -68,13 +74,15 @@ def test_roundtrip_every_field(cache_root: str, fmt: str) -> None:
     with pytest.raises(KeyError, match="instance 999 view 0"):
         reader.locate(999, 0)
     with pytest.raises(IndexError):
-        reader.read_rows([33])
+        reader.read_rows([32])
+    with pytest.raises(KeyError, match="no view 4"):
+        reader.read_shard(0, view=4)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_no_crops_spec_and_unknown_field(tmp_path, fmt: str) -> None:
     spec = dataclasses.replace(SMALL_SPEC, store_crops=False, heatmap_encoding="fp16-thresh", token_encoding="fp16")
-    batches = write_cache(str(tmp_path), fmt, shard_rows=(5,), spec=spec)
+    batches = write_cache(str(tmp_path), fmt, shard_rows=(6,), spec=spec, views=2)
     reader = open_reader(str(tmp_path))
     assert CROP_FIELD not in reader.read_shard(0)
     assert_decoded_close(reader.read_shard(0), batches[0], spec)
@@ -85,15 +93,20 @@ def test_no_crops_spec_and_unknown_field(tmp_path, fmt: str) -> None:
 def test_zarr_columnar_read_touches_only_asked_fields(cache_root: str) -> None:
     batches = write_cache(cache_root, "zarr")
     reader = open_reader(cache_root)
-    shard = storage.join(cache_root, "shards", "shard-00001.zarr")
     # Remove metadata and data of every array the read does not need: if the reader
     # touched them at all, it would fail.
-    for array in ("heatmaps", "heatmaps_scale", "vis_tokens", "vis_tokens_scale", CROP_FIELD, "crop_jpeg_offsets"):
-        storage.remove(storage.join(shard, array), recursive=True)
+    for view in range(4):
+        unit = storage.join(cache_root, "shards", "shard-00001", f"view-{view:03d}.zarr")
+        for array in ("heatmaps", "heatmaps_scale", "vis_tokens", "vis_tokens_scale", CROP_FIELD, "crop_jpeg_offsets"):
+            storage.remove(storage.join(unit, array), recursive=True)
+    # Units of views not asked for are not opened at all.
+    storage.remove(storage.join(cache_root, "shards", "shard-00000", "view-001.zarr"), recursive=True)
 
     got = reader.read_shard(1, fields=["gauss", "confidence"])
     np.testing.assert_array_equal(got["gauss"], batches[1]["gauss"])
     np.testing.assert_array_equal(got["confidence"], batches[1]["confidence"])
+    view2 = reader.read_shard(0, fields=["gauss"], view=2)
+    np.testing.assert_array_equal(view2["gauss"], batches[0]["gauss"][batches[0]["view"] == 2])
     got = reader.read_rows([25, 20], fields=["kpt_tokens", "instance_id"])  # kpt_tokens_scale kept
     assert got["kpt_tokens"].shape == (2, 17, 8)
     with pytest.raises(Exception, match="heatmaps"):
@@ -102,7 +115,7 @@ def test_zarr_columnar_read_touches_only_asked_fields(cache_root: str) -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_wds_members_are_never_pickled(tmp_path, fmt: str) -> None:
-    write_cache(str(tmp_path), fmt, shard_rows=(3,))
+    write_cache(str(tmp_path), fmt, shard_rows=(3,), views=1)
     for dirpath, _, files in os.walk(tmp_path):
         for name in files:
             path = os.path.join(dirpath, name)
@@ -125,10 +138,10 @@ def test_wds_members_are_never_pickled(tmp_path, fmt: str) -> None:
 def test_webdataset_pipeline_reads_s3_shards(s3_bucket: str) -> None:
     wds = pytest.importorskip("webdataset")
     uri = s3_bucket + "/wds"
-    batches = write_cache(uri, "wds", shard_rows=(5,))
+    batches = write_cache(uri, "wds", shard_rows=(5,), views=1)
     register_s3_gopen()
     fields = ["instance_id", "heatmaps", "kpt_tokens", CROP_FIELD]
-    url = storage.join(uri, "shards", "shard-00000.tar")
+    url = storage.join(uri, "shards", "shard-00000.view-000.tar")
     dataset = wds.WebDataset(url, shardshuffle=False).map(partial(decode_wds_sample, spec=SMALL_SPEC, fields=fields))
     samples = list(dataset)
     assert len(samples) == 5
@@ -152,36 +165,40 @@ def test_cache_layer_imports_neither_torch_nor_ray() -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_commit_record_semantics(cache_root: str, fmt: str) -> None:
     writer = open_writer(cache_root, SMALL_SPEC, fmt)
-    rows0 = teacher_like_rows(SMALL_SPEC, 9, seed=0)
+    rows0 = teacher_like_rows(SMALL_SPEC, 6, seed=0, views=2)
     first = writer.write_shard(0, rows0)
-    writer.write_shard(1, teacher_like_rows(SMALL_SPEC, 4, seed=1))
-    storage.remove(writer.commit_uri(1))  # data written, commit lost: the shard does not exist
+    assert [u.name for u in first.units] == [writer.unit_name(0, 0), writer.unit_name(0, 1)]
+    writer.write_shard(1, teacher_like_rows(SMALL_SPEC, 4, seed=1, views=2))
+    storage.remove(writer.commit_uri(1, 1))  # data written, commit lost: the unit does not exist
 
-    assert set(writer.committed()) == {0}
-    assert writer.committed()[0] == first
-    with pytest.raises(RuntimeError, match="1 of 2 shards are not committed"):
-        writer.finalize(base_manifest(), expected_shards=2)
+    assert set(writer.committed()) == {(0, 0), (0, 1), (1, 0)}
+    assert writer.committed()[(0, 1)] == first.unit(1)
+    with pytest.raises(RuntimeError, match="1 of 4 shard-views are not committed"):
+        writer.finalize(base_manifest(views=2), expected_shards=2)
 
     again = writer.write_shard(0, rows0)  # rewriting identical content is idempotent
-    assert again == first and writer.committed()[0] == first
+    assert again == first and writer.committed()[(0, 0)] == first.unit(0)
     other = writer.write_shard(2, rows0)
-    assert other.sha256 == first.sha256 and other.name != first.name  # same bytes, same digest
-    changed = writer.write_shard(0, teacher_like_rows(SMALL_SPEC, 9, seed=5))
-    assert changed.sha256 != first.sha256
+    assert [u.sha256 for u in other.units] == [u.sha256 for u in first.units]  # same bytes, same digest
+    assert other.units[0].name != first.units[0].name
+    changed = writer.write_shard(0, teacher_like_rows(SMALL_SPEC, 6, seed=5, views=2))
+    assert changed.units[0].sha256 != first.units[0].sha256
+    storage.remove(writer.commit_uri(1, 0))  # shard 1 is now wholly uncommitted
 
-    manifest = writer.finalize(base_manifest())
-    assert [s.index for s in manifest.shards] == [0, 2] and manifest.num_rows == 18
+    manifest = writer.finalize(base_manifest(views=2))
+    assert [s.index for s in manifest.shards] == [0, 2] and manifest.num_rows == 12
     reader = open_reader(cache_root)
-    assert len(reader) == 18 and reader.shard_indices == [0, 2]
-    np.testing.assert_array_equal(reader.read_rows([9])["instance_id"], rows0["instance_id"][:1])
+    assert len(reader) == 12 and reader.shard_indices == [0, 2]
+    # Global rows: shard 2's view 0 starts at row 6 (after shard 0's two units of 3 rows).
+    np.testing.assert_array_equal(reader.read_rows([6])["instance_id"], rows0["instance_id"][:1])
     leftovers = verify_cache(cache_root).leftovers
-    assert leftovers == [f"shard-00001.{'zarr' if fmt == 'zarr' else 'tar'}"]
+    assert leftovers == [writer.unit_name(1, 0), writer.unit_name(1, 1)]
 
 
 def test_interrupted_commit_then_resume(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri = str(tmp_path)
     writer = open_writer(uri, SMALL_SPEC, "zarr")
-    rows = teacher_like_rows(SMALL_SPEC, 5)
+    rows = teacher_like_rows(SMALL_SPEC, 5, views=1)
     real_write = storage.atomic_write_bytes
 
     def crash_on_commit(target: str, data: bytes) -> None:
@@ -198,12 +215,12 @@ def test_interrupted_commit_then_resume(tmp_path, monkeypatch: pytest.MonkeyPatc
         open_reader(uri)
 
     resumed = open_writer(uri, SMALL_SPEC, "zarr")
-    todo = [i for i in range(2) if i not in resumed.committed()]
+    todo = [i for i in range(2) if (i, 0) not in resumed.committed()]
     for i in todo:
         resumed.write_shard(i, rows)
-    resumed.finalize(base_manifest(), expected_shards=2)
+    resumed.finalize(base_manifest(views=1), expected_shards=2)
     assert len(open_reader(uri)) == 10
-    assert not [n for n in os.listdir(tmp_path / "shards") if n.startswith(".tmp-")]
+    assert not [p for p in storage.find_files(str(tmp_path / "shards")) if ".tmp-" in p]
 
 
 def test_writer_refuses_a_different_cache(tmp_path) -> None:
@@ -217,8 +234,29 @@ def test_writer_refuses_a_different_cache(tmp_path) -> None:
         open_writer(uri, SMALL_SPEC, "parquet")
 
 
-def _write_one_shard(uri: str, spec: CacheSpec, index: int) -> str:
-    return open_writer(uri, spec, "zarr").write_shard(index, teacher_like_rows(spec, 6, seed=index)).sha256
+def test_old_layout_is_refused_with_one_line(tmp_path) -> None:
+    """A schema-1 cache (all views of a shard in one object) is refused, finalized or not."""
+    import json
+
+    uri = str(tmp_path / "old")
+    write_cache(uri, "zarr", shard_rows=(4,), views=1)
+    manifest_uri = storage.join(uri, "manifest.json")
+    old = json.loads(storage.read_bytes(manifest_uri))
+    storage.atomic_write_bytes(manifest_uri, json.dumps({**old, "schema_version": 1}).encode())
+    for opener in (open_reader, lambda u: open_writer(u, SMALL_SPEC, "zarr")):
+        with pytest.raises(CacheMismatchError, match="schema version 1.*Rebuild the cache") as err:
+            opener(uri)
+        assert "\n" not in str(err.value)
+
+    partial_uri = str(tmp_path / "partial")
+    storage.atomic_write_bytes(storage.join(partial_uri, "commits", "shard-00000.json"), b"{}")
+    with pytest.raises(CacheMismatchError, match="schema version 1.*Rebuild the cache"):
+        open_writer(partial_uri, SMALL_SPEC, "zarr")
+
+
+def _write_one_shard(uri: str, spec: CacheSpec, index: int) -> list[str]:
+    shard = open_writer(uri, spec, "zarr").write_shard(index, teacher_like_rows(spec, 6, seed=index, views=2))
+    return [u.sha256 for u in shard.units]
 
 
 def test_multiprocess_writers_on_s3(s3_bucket: str) -> None:
@@ -227,18 +265,21 @@ def test_multiprocess_writers_on_s3(s3_bucket: str) -> None:
     with context.Pool(2) as pool:
         digests = pool.map(partial(_write_one_shard, uri, SMALL_SPEC), range(4))
     writer = open_writer(uri, SMALL_SPEC, "zarr")
-    assert [writer.committed()[i].sha256 for i in range(4)] == digests
-    writer.finalize(base_manifest(), expected_shards=4)
+    committed = writer.committed()
+    assert [[committed[(i, v)].sha256 for v in range(2)] for i in range(4)] == digests
+    writer.finalize(base_manifest(views=2), expected_shards=4)
     assert len(open_reader(uri)) == 24 and verify_cache(uri).ok
 
 
-def test_write_encoded_shard_checks_raw_arrays(tmp_path) -> None:
+def test_write_encoded_view_checks_raw_arrays(tmp_path) -> None:
     writer = open_writer(str(tmp_path), SMALL_SPEC, "zarr")
-    raw = encode_views(teacher_like_rows(SMALL_SPEC, 3), SMALL_SPEC)
+    raw = encode_views(teacher_like_rows(SMALL_SPEC, 3, views=1), SMALL_SPEC)
     with pytest.raises(ValueError, match="'heatmaps' is float32"):
-        writer.write_encoded_shard(0, {**raw, "heatmaps": raw["heatmaps"].astype(np.float32)})
+        writer.write_encoded_view(0, 0, {**raw, "heatmaps": raw["heatmaps"].astype(np.float32)})
     with pytest.raises(ValueError, match=r"\['vis_tokens_scale'\] are missing"):
-        writer.write_encoded_shard(0, {k: v for k, v in raw.items() if k != "vis_tokens_scale"})
+        writer.write_encoded_view(0, 0, {k: v for k, v in raw.items() if k != "vis_tokens_scale"})
+    with pytest.raises(ValueError, match=r"rows of views \[0\] given"):
+        writer.write_encoded_view(0, 1, raw)
     assert writer.committed() == {}
 
 
@@ -249,7 +290,7 @@ def test_write_shard_takes_encoded_rows_and_extra(tmp_path, token_encoding: str)
     writer = open_writer(str(tmp_path), spec, "wds")
     from_fp32 = writer.write_shard(0, rows)
     from_raw = writer.write_shard(1, encode_views(rows, spec), extra={"skipped": {"no_visible_joints": 2}})
-    assert from_raw.sha256 == from_fp32.sha256
+    assert [u.sha256 for u in from_raw.units] == [u.sha256 for u in from_fp32.units]
     manifest = writer.finalize(base_manifest())
-    assert manifest.shards[1].extra == {"skipped": {"no_visible_joints": 2}}
-    assert open_reader(str(tmp_path)).manifest.shards[1].extra == {"skipped": {"no_visible_joints": 2}}
+    assert manifest.shards[1].units[3].extra == {"skipped": {"no_visible_joints": 2}}
+    assert open_reader(str(tmp_path)).manifest.shards[1].units[3].extra == {"skipped": {"no_visible_joints": 2}}

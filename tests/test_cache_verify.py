@@ -121,8 +121,13 @@ def test_spot_check_tolerance_follows_the_recorded_precision(data, tiny_teacher,
         # Same crops, same fp32 forward: only the encoding separates an fp32 cache from it.
         assert fp32.max_abs[name] < bf16.max_abs[name], name
     mislabeled = _write_cache(tmp_path / "bf16-as-fp32", data, tiny_teacher, precision="bf16", recorded="fp32")
-    check = spot_check(mislabeled, 6, checkpoint=tiny_teacher)
-    assert not check.ok and "MISMATCH" in check.summary(), check.summary()
+    # This tiny teacher's bf16 drift is about the size of the fp32 tolerance (which is relative
+    # to the largest value among the views checked): measured, 5 of 12 samples of 6 views
+    # exceed it. Eight fixed samples: some fail as fp32, every one passes as bf16.
+    checks = [spot_check(mislabeled, 6, checkpoint=tiny_teacher, seed=seed) for seed in range(8)]
+    assert sum(not c.ok and "MISMATCH" in c.summary() for c in checks) >= 2, [c.summary() for c in checks]
+    as_bf16 = _write_cache(tmp_path / "bf16-again", data, tiny_teacher, precision="bf16")
+    assert all(spot_check(as_bf16, 6, checkpoint=tiny_teacher, seed=seed).ok for seed in range(8))
 
 
 def test_spot_check_of_a_cache_without_recorded_precision_allows_bf16(data, tiny_teacher, tmp_path) -> None:

@@ -61,9 +61,10 @@ class SpyReader:
     def __getattr__(self, name):
         return getattr(self._reader, name)
 
-    def read_shard(self, index, fields=None, decode=True):
+    def read_shard(self, index, fields=None, decode=True, view=None):
+        assert view is not None, "the loader reads one view's unit, never a whole shard"
         self.requests.append(tuple(fields))
-        return self._reader.read_shard(index, fields=fields, decode=decode)
+        return self._reader.read_shard(index, fields=fields, decode=decode, view=view)
 
 
 # ----------------------------------------------------------------------------- unit tests
@@ -256,8 +257,8 @@ def test_cache_mismatch_refused_before_training(tiny_cache, tmp_path) -> None:
 def test_incomplete_cache_refused(tiny_cache, tmp_path) -> None:
     partial = tmp_path / "partial-cache"
     shutil.copytree(tiny_cache, partial)
-    (partial / "manifest.json").unlink()  # the job died before finalizing
-    with pytest.raises(FileNotFoundError, match="not finalized \\(3 shard\\(s\\) committed\\)"):
+    (partial / "manifest.json").unlink()  # the job died before finalizing (3 shards x 2 views)
+    with pytest.raises(FileNotFoundError, match="not finalized \\(6 shard-view\\(s\\) committed\\)"):
         run_distill(_cfg(str(partial), tmp_path, "p"))
     with pytest.raises(UserError, match="cache .*nothing does not exist"):  # not "not finalized"
         run_distill(_cfg(str(tmp_path / "nothing"), tmp_path, "p"))

@@ -16,7 +16,7 @@ from pipeline.plan import (
     estimate,
     main,
     model_cost,
-    objects_per_shard,
+    objects_per_unit,
 )
 
 TINY = dict(teacher="tokenpose-tiny", students=("distilpose-tiny",))
@@ -25,13 +25,14 @@ COCO_TRAIN_INSTANCES = 149_813
 
 def test_bytes_hours_and_requests_scale_linearly_with_instances_and_views() -> None:
     # Instances and views that fill whole shards, so nothing is rounded.
-    base = estimate(instances=512, views=2, shard_views=256, **TINY)
-    more_instances = estimate(instances=1024, views=2, shard_views=256, **TINY)
-    more_views = estimate(instances=512, views=4, shard_views=256, **TINY)
+    base = estimate(instances=512, views=2, shard_instances=128, **TINY)
+    more_instances = estimate(instances=1024, views=2, shard_instances=128, **TINY)
+    more_views = estimate(instances=512, views=4, shard_instances=128, **TINY)
+    assert more_views.shards == base.shards  # shard membership does not depend on V
     for bigger, factor in ((more_instances, 2), (more_views, 2)):
         assert bigger.views_total == factor * base.views_total
         assert bigger.bytes_total == pytest.approx(factor * base.bytes_total)
-        assert bigger.shards == factor * base.shards
+        assert bigger.units == factor * base.units
         assert bigger.objects_total - 2 == factor * (base.objects_total - 2)  # - manifest.json, job.json
         assert bigger.teacher_gpu_hours == pytest.approx(factor * base.teacher_gpu_hours)
         assert bigger.storage_cost_per_month == pytest.approx(factor * base.storage_cost_per_month)
@@ -75,17 +76,18 @@ def _write_one_shard(uri: str, spec: CacheSpec, fmt: str, rows: int = 4) -> None
             batch[name] = rng.random((rows, *fdef.shape(spec)), dtype=np.float32) + 0.5
         else:
             batch[name] = np.arange(rows).astype(fdef.dtype)
+    batch["view"] = np.zeros(rows, dtype=FIELDS["view"].dtype)  # one unit
     open_writer(uri, spec, fmt).write_shard(0, batch)
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "wds"])
 @pytest.mark.parametrize("store_crops", [False, True])
-def test_object_count_per_shard_matches_the_real_store(tmp_path, fmt: str, store_crops: bool) -> None:
+def test_object_count_per_unit_matches_the_real_store(tmp_path, fmt: str, store_crops: bool) -> None:
     spec = CacheSpec(num_joints=17, heatmap_size=(32, 24), dim=64, num_patches=64, store_crops=store_crops)
     root = tmp_path / "cache"
     _write_one_shard(str(root), spec, fmt)
     files = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
-    assert len(files) == objects_per_shard(spec, fmt), sorted(os.path.relpath(f, root) for f in files)
+    assert len(files) == objects_per_unit(spec, fmt), sorted(os.path.relpath(f, root) for f in files)
 
 
 def test_token_and_small_field_bytes_are_the_schema_sizes() -> None:
@@ -117,7 +119,8 @@ def test_bad_inputs_are_refused() -> None:
 
 def test_coco_scale_plan_and_cli(capsys) -> None:
     plan = estimate(instances=COCO_TRAIN_INSTANCES, views=8, teacher="tokenpose-w48")
-    assert plan.shards == -(-COCO_TRAIN_INSTANCES // 32)  # 32 instances x 8 views per 256-view shard
+    assert plan.shards == -(-COCO_TRAIN_INSTANCES // 256)  # 256 instances per shard, one unit per view
+    assert plan.units == 8 * plan.shards
     assert 30 * 2**30 < plan.bytes_total < 200 * 2**30  # tens of GiB: tokens dominate
     assert plan.teacher_forward_gflops == pytest.approx(2 * (17.028 + 0.343), rel=1e-3)
     assert [s.preset for s in plan.students] == ["distilpose-s", "distilpose-l"]
@@ -138,6 +141,8 @@ def test_object_count_matches_a_real_cache_job(tiny_cache) -> None:
     from pipeline.cache import open_reader
 
     manifest = open_reader(tiny_cache).manifest
-    plan = estimate(manifest.num_rows // manifest.views, manifest.views, "tokenpose-tiny", students=(), shard_views=32)
-    assert plan.shards == len(manifest.shards)
+    plan = estimate(
+        manifest.num_rows // manifest.views, manifest.views, "tokenpose-tiny", students=(), shard_instances=16
+    )
+    assert plan.shards == len(manifest.shards) and plan.units == len(manifest.units())
     assert plan.objects_total == len(storage.find_files(tiny_cache))

@@ -130,7 +130,7 @@ def test_render_decodes_stored_crops_without_a_data_root(tmp_path: Path, dataset
 def test_render_cli_uses_the_recorded_data_location(tmp_path: Path, dataset: Path) -> None:
     _write_cache(tmp_path / "cache", dataset, "zarr", store_crops=False, record_data=True)
     reader = open_reader(str(tmp_path / "cache"))
-    instance_id = int(reader.read_rows([2], ["instance_id"])["instance_id"][0])
+    instance_id = int(reader.read_rows([1], ["instance_id"])["instance_id"][0])  # rows: view-major
     assert resolve_row(reader, f"{instance_id}:1") == 3
     message = render_cli(str(tmp_path / "cache"), f"{instance_id}:1", tmp_path / "cli.png")
     assert "row 3" in message

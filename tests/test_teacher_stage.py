@@ -24,6 +24,7 @@ from distilpose.data.coco import DataError, load_coco, load_instances, read_imag
 from distilpose.data.synthetic import make_synthetic_coco
 from distilpose.data.transforms import apply_view, crop_of_view
 from distilpose.data.views import view_for
+from distilpose.errors import UserError
 from distilpose.teacher_forward import build_teacher, run_teacher
 from pipeline import storage
 from pipeline.cache import CacheMismatchError, check_compatible, open_reader
@@ -43,13 +44,14 @@ def synth(tmp_path_factory) -> Path:
 
 
 def _config(synth: Path, out: str, **kw) -> CacheJobConfig:
-    base = dict(data=str(synth), teacher=TEACHER, out=out, views=2, shard_views=16, batch_size=8)
+    base = dict(data=str(synth), teacher=TEACHER, out=out, views=2, shard_instances=8, batch_size=8)
     base.update(kw)
     return CacheJobConfig(**base)
 
 
 def _shard_hashes(uri: str) -> dict[str, str]:
-    return {s.name: s.sha256 for s in open_reader(uri).manifest.shards}
+    """sha256 of every unit (one view of one shard) of a finalized cache, by unit name."""
+    return {u.name: u.sha256 for u in open_reader(uri).manifest.units()}
 
 
 def test_cache_job_zarr_fields_match_a_direct_teacher_run(synth, local_ray, tmp_path):
@@ -155,10 +157,12 @@ def test_rerun_reuses_committed_shards_and_refuses_other_settings(synth, local_r
     out = str(tmp_path / "cache")
     first = run_cache_job(_config(synth, out))
     again = run_cache_job(_config(synth, out))
-    assert again.shards_skipped_as_committed == again.shards_total == first.shards_total
-    assert _shard_hashes(out) == {s: h for s, h in _shard_hashes(out).items()}
-    with pytest.raises(ValueError, match="views"):
-        run_cache_job(_config(synth, out, views=3))
+    assert again.units_reused == again.units_total == first.units_total == 2 * first.shards_total
+    assert again.views_computed == 0 and "views computed this run 0" in again.table()
+    with pytest.raises(ValueError, match="seed"):
+        run_cache_job(_config(synth, out, seed=3))
+    with pytest.raises(UserError, match="--views 1 would shrink it.*--cache-views 1"):
+        run_cache_job(_config(synth, out, views=1))
     manifest = open_reader(out).manifest
     with pytest.raises(CacheMismatchError, match="checkpoint_sha256"):
         check_compatible(manifest, {"teacher": {"checkpoint_sha256": "0" * 64}})
@@ -223,8 +227,8 @@ def _job_cmd(synth: Path, out: Path, *extra: str) -> list[str]:
         str(out),
         "--views",
         "2",
-        "--shard-views",
-        "4",
+        "--shard-instances",
+        "2",
         "--batch-size",
         "4",
         *extra,
@@ -282,7 +286,7 @@ def test_two_node_cluster(synth, tmp_path):
 
         init_ray(address=cluster.address)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 3
-        summary = run_cache_job(_config(synth, str(tmp_path / "cache"), workers=2, shard_views=8))
+        summary = run_cache_job(_config(synth, str(tmp_path / "cache"), workers=2, shard_instances=4))
         assert summary.complete and summary.rows == summary.instances * 2
     finally:
         ray.shutdown()
@@ -343,7 +347,7 @@ def test_ray_job_submit_against_a_local_head(synth, tmp_path):
             str(out),
             "--views",
             "1",
-            "--shard-views",
+            "--shard-instances",
             "16",
         ]
         # The jobs API comes up a few seconds after the head, and on a loaded machine its job
@@ -388,7 +392,7 @@ def test_progress_counts_shards_from_one_listing_without_reading_records(tmp_pat
     writer = open_writer(uri, SMALL_SPEC, "zarr")
     shards = 40
     for index in range(shards - 10):
-        writer.write_shard(index, teacher_like_rows(SMALL_SPEC, 2, seed=index, first_instance=2 * index))
+        writer.write_shard(index, teacher_like_rows(SMALL_SPEC, 8, seed=index, first_instance=2 * index))
     calls = {"listdir": 0, "read": 0}
 
     def counted(name, fn, key):
@@ -401,15 +405,15 @@ def test_progress_counts_shards_from_one_listing_without_reading_records(tmp_pat
     counted("listdir", storage.listdir, "listdir")
     counted("read_bytes", storage.read_bytes, "read")
     counted("read_many_bytes", storage.read_many_bytes, "read")
-    # The shard count is all progress needs of a shard's instances: two per shard, one view each.
-    todo = [ShardSpec(index, instances=[None, None]) for index in range(5, shards)]
-    ShardProgress(writer, todo, views=1)._report()
-    assert "25/35 shards, 50/70 views" in capsys.readouterr().out
+    # The instance count is all progress needs of a shard: two per shard, four views each.
+    todo = [ShardSpec(index, instances=[None, None], views=(0, 1, 2, 3)) for index in range(5, shards)]
+    ShardProgress(writer, todo)._report()
+    assert "100/140 shard-views, 200/280 views" in capsys.readouterr().out
     assert calls == {"listdir": 1, "read": 0}
 
     for index in range(shards - 10, shards):
-        writer.write_shard(index, teacher_like_rows(SMALL_SPEC, 2, seed=index, first_instance=2 * index))
+        writer.write_shard(index, teacher_like_rows(SMALL_SPEC, 8, seed=index, first_instance=2 * index))
     committed = writer.committed()
     calls.update(listdir=0, read=0)
     final = writer.finalize(base_manifest(), expected_shards=shards, committed=committed)
-    assert calls["read"] == 0 and final.num_rows == 2 * shards
+    assert calls["read"] == 0 and final.num_rows == 8 * shards

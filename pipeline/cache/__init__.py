@@ -1,14 +1,14 @@
 """Teacher-output cache: one writer/reader interface over Zarr v3 and WebDataset stores.
 
 writer = open_writer("s3://bucket/cache", spec, fmt="zarr")
-for i, rows in enumerate(batches):              # rows: dict of fp32 numpy arrays
-    if i not in writer.committed():
-        writer.write_shard(i, rows)
+for (shard, view), rows in units.items():       # rows: dict of fp32 numpy arrays
+    if (shard, view) not in writer.committed_keys():
+        writer.write_view(shard, view, rows)    # one unit: one view of the shard's instances
 writer.finalize(Manifest(teacher=..., data=..., views=4, seed=0), expected_shards=n)
 
 reader = open_reader("s3://bucket/cache")      # format comes from manifest.json
 check_compatible(reader.manifest, {"teacher": {"checkpoint_sha256": sha}})
-batch = reader.read_shard(0, fields=["gauss", "confidence"])
+batch = reader.read_shard(0, view=2, fields=["gauss", "confidence"])
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from distilpose.errors import UserError
 from pipeline.cache.base import MANIFEST_NAME, CacheReader, CacheWriter, read_commits, read_manifest
 from pipeline.cache.encodings import decode_fields, encode_views
-from pipeline.cache.manifest import DataInfo, Manifest, ShardInfo, TeacherInfo, check_compatible
+from pipeline.cache.manifest import DataInfo, Manifest, ShardInfo, TeacherInfo, ViewUnit, check_compatible
 from pipeline.cache.schema import FORMATS, SCHEMA_VERSION, CacheMismatchError, CacheSpec
 from pipeline.cache.wds_store import WdsCacheReader, WdsCacheWriter
 from pipeline.cache.zarr_store import ZarrCacheReader, ZarrCacheWriter
@@ -33,7 +33,8 @@ def open_writer(uri: str, spec: CacheSpec, fmt: str = "zarr") -> CacheWriter:
 
 
 def open_reader(uri: str) -> CacheReader:
-    """Reader for a finalized cache; the format is taken from its manifest."""
+    """Reader for a finalized cache; the format is taken from its manifest (a cache of
+    another schema version is refused by ``read_manifest``)."""
     from pipeline import storage
 
     manifest = read_manifest(uri)
@@ -42,13 +43,8 @@ def open_reader(uri: str) -> CacheReader:
     if manifest is None:
         committed = len(read_commits(uri))
         raise FileNotFoundError(
-            f"no {MANIFEST_NAME} at {uri}: the cache is not finalized ({committed} shard(s) committed). "
+            f"no {MANIFEST_NAME} at {uri}: the cache is not finalized ({committed} shard-view(s) committed). "
             "Finish (or re-run) the teacher caching job, or check the URI."
-        )
-    if manifest.schema_version != SCHEMA_VERSION:
-        raise CacheMismatchError(
-            f"{uri} was written with cache schema version {manifest.schema_version}; this code reads "
-            f"version {SCHEMA_VERSION}. Rebuild the cache or use a matching distilpose version."
         )
     if manifest.format not in READERS:
         raise ValueError(f"{uri}: manifest names unknown format {manifest.format!r}")
@@ -66,6 +62,7 @@ __all__ = [
     "Manifest",
     "ShardInfo",
     "TeacherInfo",
+    "ViewUnit",
     "check_compatible",
     "decode_fields",
     "encode_views",

@@ -1,6 +1,7 @@
 """Print what a cache holds: ``python -m pipeline.cache.inspect URI``.
 
-Counts, stored bytes per field per view, encodings, teacher, data fingerprint, shards.
+Counts, stored bytes per field per view, encodings, teacher, data fingerprint, shards and
+their per-view units.
 Works on finalized caches and, from the commit records, on partly written ones.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cache.base import read_commits, read_manifest
+from pipeline.cache.base import committed_units, read_manifest
 from pipeline.cache.manifest import Manifest, ShardInfo
 from pipeline.cache.schema import HEATMAP_ENCODINGS, TOKEN_ENCODINGS
 
@@ -36,14 +37,18 @@ def _field_table(shards: list[ShardInfo]) -> list[str]:
 
 
 def _shard_lines(shards: list[ShardInfo]) -> list[str]:
-    rows = [s.rows for s in shards]
-    lines = [f"shards: {len(shards)}, rows per shard min {min(rows)} / max {max(rows)}"]
+    instances = [s.instances for s in shards]
+    lines = [
+        f"shards: {len(shards)}, instances per shard min {min(instances)} / max {max(instances)}, "
+        f"one unit per view ({sum(len(s.units) for s in shards)} units)"
+    ]
     shown = shards if len(shards) <= 2 * SHARDS_SHOWN else shards[:SHARDS_SHOWN] + shards[-SHARDS_SHOWN:]
     for i, shard in enumerate(shown):
         if len(shown) < len(shards) and i == SHARDS_SHOWN:
             lines.append(f"  ... {len(shards) - len(shown)} more")
         lines.append(
-            f"  {shard.name:<20} {shard.rows:>6} rows {shard.total_bytes / 2**20:>9.2f} MiB  sha256 {shard.sha256[:16]}"
+            f"  {shard.name:<14} {shard.instances:>6} instances x {len(shard.units)} views "
+            f"{shard.total_bytes / 2**20:>9.2f} MiB  view {shard.units[0].view}: sha256 {shard.units[0].sha256[:16]}"
         )
     return lines
 
@@ -76,13 +81,12 @@ def describe_cache(uri: str) -> str:
         lines = [f"cache {uri} [{manifest.format}]", *_manifest_lines(manifest)]
         shards = list(manifest.shards)
     else:
-        records = read_commits(uri)
-        if not records:
+        units = committed_units(uri)
+        if not units:
             return f"{uri}: no manifest.json and no commit records (not a cache, or nothing written yet)"
-        shards = [ShardInfo.from_dict(records[i]["shard"]) for i in sorted(records)]
-        fmt = records[min(records)].get("format", "?")
+        shards = ShardInfo.from_units(list(units.values()))
         lines = [
-            f"cache {uri} [{fmt}] NOT FINALIZED: {len(shards)} committed shard(s), "
+            f"cache {uri} NOT FINALIZED: {len(units)} committed shard-view(s) in {len(shards)} shard(s), "
             f"{sum(s.rows for s in shards):,} rows so far"
         ]
     return "\n".join([*lines, *_field_table(shards), *_shard_lines(shards)])

@@ -25,17 +25,20 @@ from pipeline.mismatch import refuse_differences
 
 
 @dataclass(frozen=True)
-class ShardInfo:
-    """A written shard, as recorded in its commit record and in the manifest."""
+class ViewUnit:
+    """One view of one shard: the unit of storage, write and commit. Its rows are the
+    shard's instances in id order, all seen in view ``view``; its bytes depend only on the
+    spec, those instances, the view index and the seed (never on how many views exist)."""
 
-    index: int
-    name: str
+    shard: int
+    view: int
+    name: str  # path below shards/, e.g. shard-00012/view-003.zarr
     rows: int
     sha256: str
     # Stored bytes attributed to each logical field; "overhead" holds container
-    # metadata (zarr.json, tar end blocks), so the values sum to the shard's size.
+    # metadata (zarr.json, tar end blocks), so the values sum to the unit's size.
     bytes_per_field: dict[str, int]
-    # Producer's notes on the shard, e.g. {"skipped": {"no_visible_joints": 3}}.
+    # Producer's notes on the unit, e.g. {"skipped": {"no_visible_joints": 3}}.
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -46,15 +49,62 @@ class ShardInfo:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ShardInfo:
+    def from_dict(cls, d: Mapping[str, Any]) -> ViewUnit:
         return cls(
-            index=int(d["index"]),
+            shard=int(d["shard"]),
+            view=int(d["view"]),
             name=str(d["name"]),
             rows=int(d["rows"]),
             sha256=str(d["sha256"]),
             bytes_per_field={k: int(v) for k, v in d["bytes_per_field"].items()},
             extra=dict(d.get("extra", {})),
         )
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A shard: a fixed set of instances, stored as one unit per view (views 0..V-1)."""
+
+    index: int
+    units: tuple[ViewUnit, ...]  # in view order
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}"
+
+    @property
+    def instances(self) -> int:
+        return self.units[0].rows if self.units else 0
+
+    @property
+    def rows(self) -> int:
+        return sum(u.rows for u in self.units)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(u.total_bytes for u in self.units)
+
+    @property
+    def bytes_per_field(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for unit in self.units:
+            for name, size in unit.bytes_per_field.items():
+                totals[name] = totals.get(name, 0) + size
+        return totals
+
+    def unit(self, view: int) -> ViewUnit:
+        for unit in self.units:
+            if unit.view == view:
+                return unit
+        raise KeyError(f"{self.name} has no view {view}; it has views {[u.view for u in self.units]}")
+
+    @classmethod
+    def from_units(cls, units: list[ViewUnit]) -> list[ShardInfo]:
+        """Group units by shard (shards in index order, units in view order)."""
+        by_shard: dict[int, list[ViewUnit]] = {}
+        for unit in units:
+            by_shard.setdefault(unit.shard, []).append(unit)
+        return [cls(i, tuple(sorted(by_shard[i], key=lambda u: u.view))) for i in sorted(by_shard)]
 
 
 @dataclass(frozen=True)
@@ -101,12 +151,16 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the augmentation config
     schema_version: int = SCHEMA_VERSION
 
+    def units(self) -> list[ViewUnit]:
+        """Every stored unit in global row order: shards in index order, views in order."""
+        return [unit for shard in self.shards for unit in shard.units]
+
     def first_rows(self) -> list[int]:
-        """Global row number of each shard's first row (shards in index order)."""
+        """Global row number of each unit's first row (in ``units()`` order)."""
         starts, total = [], 0
-        for shard in self.shards:
+        for unit in self.units():
             starts.append(total)
-            total += shard.rows
+            total += unit.rows
         return starts
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,7 +190,15 @@ class Manifest:
                 a.name: {"field": a.field, "dtype": a.dtype, "shape": list(a.shape)}
                 for a in stored_arrays(self.spec).values()
             }
-        d["shards"] = [{**s.to_dict(), "first_row": start} for s, start in zip(self.shards, self.first_rows())]
+        starts = iter(self.first_rows())
+        d["shards"] = [
+            {
+                "index": shard.index,
+                "instances": shard.instances,
+                "views": [{**unit.to_dict(), "first_row": next(starts)} for unit in shard.units],
+            }
+            for shard in self.shards
+        ]
         return d
 
     def to_json(self) -> str:
@@ -144,7 +206,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
-        shards = tuple(ShardInfo.from_dict(s) for s in d.get("shards", []))
+        units = [ViewUnit.from_dict(u) for s in d.get("shards", []) for u in s["views"]]
+        shards = tuple(ShardInfo.from_units(units))
         manifest = cls(
             teacher=TeacherInfo(**d["teacher"]),
             data=DataInfo(**d["data"]),
@@ -159,9 +222,9 @@ class Manifest:
             extra=dict(d.get("extra", {})),
             schema_version=int(d["schema_version"]),
         )
-        recorded = [s.get("first_row") for s in d.get("shards", [])]
+        recorded = [u.get("first_row") for s in d.get("shards", []) for u in s["views"]]
         if any(r is not None for r in recorded) and recorded != manifest.first_rows():
-            raise ValueError("manifest shards: first_row values do not match the shard row counts")
+            raise ValueError("manifest shards: first_row values do not match the units' row counts")
         return manifest
 
     @classmethod

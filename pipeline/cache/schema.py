@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+# 2: view-major layout, one stored unit per (shard, view); 1 stored all views of a shard together.
+SCHEMA_VERSION = 2
 FORMATS = ("zarr", "wds")
 
 HEATMAP_FIELD = "heatmaps"
@@ -29,6 +30,15 @@ HEATMAP_THRESHOLD = 0.01
 
 class CacheMismatchError(ValueError):
     """A cache's manifest does not match what a run asks for."""
+
+
+def old_schema_error(uri: str, version: object) -> CacheMismatchError:
+    """The one line that refuses a cache written in another layout."""
+    return CacheMismatchError(
+        f"{uri} was written with cache schema version {version}; this code reads and writes version "
+        f"{SCHEMA_VERSION} (one stored object per shard and view). Rebuild the cache with jobs/cache_teacher.py "
+        "into a new --out (or delete the old one)."
+    )
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Checks of a finished cache.
 
-``verify_cache`` recomputes every shard's sha256 and compares it with the commit records
+``verify_cache`` recomputes every unit's sha256 and compares it with the commit records
 and the manifest. Run it after copying a cache, or when a reader fails: Zarr reads a lost
 chunk object as fill values and a tar has no per-member checksum, so a silent bit flip or
 a partial copy is only found by hashing the stored bytes.
@@ -24,9 +24,9 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.cache import open_reader, wds_store, zarr_store
-from pipeline.cache.base import SHARDS_DIR, TMP_PREFIX, parse_shard_stem, read_commits, read_manifest
+from pipeline.cache.base import SHARDS_DIR, TMP_PREFIX, read_commits, read_manifest
 from pipeline.cache.encodings import decode_crop_jpeg, encode_crop_jpeg, error_bound
-from pipeline.cache.manifest import ShardInfo
+from pipeline.cache.manifest import ViewUnit
 from pipeline.cache.schema import HEATMAP_FIELD, TEACHER_PRECISIONS
 
 OK, MISSING, TRUNCATED, CORRUPT = "ok", "missing", "truncated", "corrupt"
@@ -37,8 +37,7 @@ DIGESTS: dict[str, Callable[[str], tuple[str, int] | None]] = {
 
 
 @dataclass(frozen=True)
-class ShardCheck:
-    index: int
+class UnitCheck:
     name: str
     status: str  # ok | missing | truncated | corrupt
     rows: int
@@ -64,9 +63,9 @@ class VerifyReport:
     format: str
     finalized: bool
     expected_rows: int
-    checks: list[ShardCheck] = field(default_factory=list)
+    checks: list[UnitCheck] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # cache-level inconsistencies
-    leftovers: list[str] = field(default_factory=list)  # uncommitted shards, temp files
+    leftovers: list[str] = field(default_factory=list)  # uncommitted units, temp files
 
     @property
     def ok(self) -> bool:
@@ -76,7 +75,7 @@ class VerifyReport:
     def rows_ok(self) -> int:
         return sum(c.rows for c in self.checks if c.status == OK)
 
-    def by_status(self, status: str) -> list[ShardCheck]:
+    def by_status(self, status: str) -> list[UnitCheck]:
         return [c for c in self.checks if c.status == status]
 
     def summary(self) -> str:
@@ -84,7 +83,7 @@ class VerifyReport:
         state = "finalized" if self.finalized else "NOT finalized (no manifest.json)"
         lines = [
             f"cache {self.uri} [{self.format or '?'}], {state}",
-            f"shards: {len(self.checks)} checked: "
+            f"shard-views: {len(self.checks)} checked: "
             + ", ".join(f"{counts.get(s, 0)} {s}" for s in (OK, CORRUPT, TRUNCATED, MISSING)),
             f"rows: {self.rows_ok:,} verified of {self.expected_rows:,} expected",
         ]
@@ -95,11 +94,11 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _expected_shards(uri: str, report: VerifyReport) -> list[ShardInfo]:
-    """Shards the cache claims to hold, cross-checking manifest and commit records."""
+def _expected_units(uri: str, report: VerifyReport) -> list[ViewUnit]:
+    """Units the cache claims to hold, cross-checking manifest and commit records."""
     manifest = read_manifest(uri)
     records = read_commits(uri)
-    commits = {i: ShardInfo.from_dict(r["shard"]) for i, r in records.items()}
+    commits = {key: ViewUnit.from_dict(r["unit"]) for key, r in records.items()}
     if manifest is None:
         formats = {r.get("format") for r in records.values()}
         report.format = formats.pop() if len(formats) == 1 else ""
@@ -107,66 +106,67 @@ def _expected_shards(uri: str, report: VerifyReport) -> list[ShardInfo]:
             report.problems.append("no manifest.json and no commit records: not a cache (or empty)")
         elif not report.format:
             report.problems.append(f"commit records disagree on the store format: {sorted(map(str, formats))}")
-        shards = [commits[i] for i in sorted(commits)]
+        units = [commits[key] for key in sorted(commits)]
     else:
         report.finalized = True
         report.format = manifest.format
-        shards = list(manifest.shards)
-        if manifest.num_rows != sum(s.rows for s in shards):
+        units = manifest.units()
+        if manifest.num_rows != sum(u.rows for u in units):
             report.problems.append(
-                f"manifest num_rows {manifest.num_rows} != sum of shard rows {sum(s.rows for s in shards)}"
+                f"manifest num_rows {manifest.num_rows} != sum of unit rows {sum(u.rows for u in units)}"
             )
-        for shard in shards:
-            commit = commits.get(shard.index)
+        for unit in units:
+            commit = commits.get((unit.shard, unit.view))
             if commit is None:
-                report.problems.append(f"{shard.name}: listed in the manifest but has no commit record")
-            elif commit != shard:
-                report.problems.append(f"{shard.name}: commit record differs from the manifest entry")
-        listed = {s.index for s in shards}
-        for index in sorted(set(commits) - listed):
-            report.problems.append(
-                f"{commits[index].name}: committed but not in the manifest (written after finalize?)"
-            )
-    report.expected_rows = sum(s.rows for s in shards)
-    return shards
+                report.problems.append(f"{unit.name}: listed in the manifest but has no commit record")
+            elif commit != unit:
+                report.problems.append(f"{unit.name}: commit record differs from the manifest entry")
+        listed = {(u.shard, u.view) for u in units}
+        for key in sorted(set(commits) - listed):
+            report.problems.append(f"{commits[key].name}: committed but not in the manifest (written after finalize?)")
+    report.expected_rows = sum(u.rows for u in units)
+    return units
 
 
-def check_shard(shard_uri: str, shard: ShardInfo, fmt: str) -> ShardCheck:
-    digest = DIGESTS[fmt](shard_uri)
-    expected = dict(
-        index=shard.index,
-        name=shard.name,
-        rows=shard.rows,
-        expected_bytes=shard.total_bytes,
-        expected_sha256=shard.sha256,
-    )
+def check_unit(unit_uri: str, unit: ViewUnit, fmt: str) -> UnitCheck:
+    digest = DIGESTS[fmt](unit_uri)
+    expected = dict(name=unit.name, rows=unit.rows, expected_bytes=unit.total_bytes, expected_sha256=unit.sha256)
     if digest is None:
-        return ShardCheck(status=MISSING, actual_bytes=0, actual_sha256="", **expected)
+        return UnitCheck(status=MISSING, actual_bytes=0, actual_sha256="", **expected)
     sha256, size = digest
-    if sha256 == shard.sha256:
+    if sha256 == unit.sha256:
         status = OK
-    elif size < shard.total_bytes:
+    elif size < unit.total_bytes:
         status = TRUNCATED
     else:
         status = CORRUPT
-    return ShardCheck(status=status, actual_bytes=size, actual_sha256=sha256, **expected)
+    return UnitCheck(status=status, actual_bytes=size, actual_sha256=sha256, **expected)
+
+
+def _leftovers(uri: str, fmt: str, known: set[str]) -> list[str]:
+    """Objects below shards/ that belong to no listed unit (temp files, uncommitted units)."""
+    depth = 2 if fmt == zarr_store.FORMAT else 1  # shard-00012/view-003.zarr/... vs shard-00012.view-003.tar
+    found = set()
+    for path in storage.find_files(storage.join(uri, SHARDS_DIR)):
+        parts = path.split("/")
+        top = "/".join(parts[:depth])
+        if any(p.startswith(TMP_PREFIX) for p in parts[:depth]) or top not in known:
+            found.add(top)
+    return sorted(found)
 
 
 def verify_cache(uri: str) -> VerifyReport:
-    """Hash every shard the cache claims to hold and report what is wrong."""
+    """Hash every unit the cache claims to hold and report what is wrong."""
     uri = uri.rstrip("/")
     report = VerifyReport(uri=uri, format="", finalized=False, expected_rows=0)
-    shards = _expected_shards(uri, report)
+    units = _expected_units(uri, report)
     if report.format not in DIGESTS:
         if report.format:
             report.problems.append(f"unknown store format {report.format!r}")
         return report
-    for shard in shards:
-        report.checks.append(check_shard(storage.join(uri, SHARDS_DIR, shard.name), shard, report.format))
-    known = {s.name for s in shards}
-    for name in storage.listdir(storage.join(uri, SHARDS_DIR)):
-        if name.startswith(TMP_PREFIX) or (parse_shard_stem(name) is not None and name not in known):
-            report.leftovers.append(name)
+    for unit in units:
+        report.checks.append(check_unit(storage.join(uri, SHARDS_DIR, unit.name), unit, report.format))
+    report.leftovers = _leftovers(uri, report.format, {u.name for u in units})
     return report
 
 

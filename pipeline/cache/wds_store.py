@@ -1,6 +1,6 @@
-"""WebDataset cache store: one tar per shard, ``shards/shard-00012.tar``.
+"""WebDataset cache store: one tar per unit (view of a shard), ``shards/shard-00012.view-003.tar``.
 
-Members per view (key = row number in the shard, 6 digits):
+Members per row (key = row number in the unit, 6 digits):
 
     <key>.small.npy[.zst]   one structured record packing every small field (a tar member
                             costs >= 1 KB with header and padding, so small arrays share one)
@@ -17,7 +17,7 @@ Everything is .npy written by numpy.lib.format and read with allow_pickle=False;
 webdataset package's ``.decode()`` is never used (its default table unpickles .pyd/.pkl).
 Reading goes through tarfile over an fsspec file, so local and s3:// shards work alike and
 ``import webdataset`` (which imports torch) is only needed for ``register_s3_gopen``.
-The shard is built in memory: its fp32 input is ~5x larger than the tar, so this costs
+The unit is built in memory: its fp32 input is ~5x larger than the tar, so this costs
 no more memory than the caller already holds, and the upload is a single PUT.
 """
 
@@ -34,9 +34,9 @@ import numcodecs
 import numpy as np
 
 from pipeline import storage
-from pipeline.cache.base import OVERHEAD, SHARDS_DIR, CacheReader, CacheWriter
+from pipeline.cache.base import OVERHEAD, CacheReader, CacheWriter, unit_stem
 from pipeline.cache.encodings import bytes_array, decode_fields
-from pipeline.cache.manifest import ShardInfo
+from pipeline.cache.manifest import ViewUnit
 from pipeline.cache.schema import (
     CROP_FIELD,
     HEATMAP_FIELD,
@@ -106,7 +106,7 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def encode_tar(spec: CacheSpec, raw: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, int]]:
-    """Raw arrays of one shard -> (tar bytes, stored bytes per field)."""
+    """Raw arrays of one unit -> (tar bytes, stored bytes per field)."""
     arrays = stored_arrays(spec)
     groups = member_groups(arrays)
     n = len(raw["instance_id"])
@@ -211,10 +211,10 @@ def register_s3_gopen() -> None:
     sys.modules["webdataset.gopen"].gopen_schemes["s3"] = _open_gopen_s3
 
 
-def stored_digest(shard_uri: str) -> tuple[str, int] | None:
+def stored_digest(unit_uri: str) -> tuple[str, int] | None:
     """(sha256 of the tar, its size) as stored now; None if absent."""
     try:
-        data = storage.read_bytes(shard_uri)
+        data = storage.read_bytes(unit_uri)
     except FileNotFoundError:
         return None
     return hashlib.sha256(data).hexdigest(), len(data)
@@ -222,34 +222,27 @@ def stored_digest(shard_uri: str) -> tuple[str, int] | None:
 
 class WdsCacheWriter(CacheWriter):
     format = FORMAT
-    shard_suffix = SUFFIX
 
-    def _write_shard_data(self, shard_index: int, raw: Mapping[str, np.ndarray], rows: int) -> ShardInfo:
+    def unit_name(self, shard: int, view: int) -> str:
+        return unit_stem(shard, view) + SUFFIX
+
+    def _write_unit_data(self, shard: int, view: int, raw: Mapping[str, np.ndarray]) -> tuple[str, dict[str, int]]:
         data, sizes = encode_tar(self.spec, raw)
-        storage.atomic_write_bytes(self.shard_uri(shard_index), data)
-        return ShardInfo(
-            index=shard_index,
-            name=self.shard_name(shard_index),
-            rows=rows,
-            sha256=hashlib.sha256(data).hexdigest(),
-            bytes_per_field=sizes,
-        )
+        storage.atomic_write_bytes(self.unit_uri(shard, view), data)
+        return hashlib.sha256(data).hexdigest(), sizes
 
 
 class WdsCacheReader(CacheReader):
-    """Reads whole shards (a tar has no index); fields not asked for are skipped, not decoded."""
+    """Reads whole units (a tar has no index); fields not asked for are skipped, not decoded."""
 
     format = FORMAT
-    shard_suffix = SUFFIX
 
-    def _read_raw(
-        self, shard: ShardInfo, arrays: dict[str, ArrayDef], rows: np.ndarray | None
-    ) -> dict[str, np.ndarray]:
-        uri = storage.join(self.uri, SHARDS_DIR, shard.name)
+    def _read_raw(self, unit: ViewUnit, arrays: dict[str, ArrayDef], rows: np.ndarray | None) -> dict[str, np.ndarray]:
+        uri = self.unit_uri(unit)
         views = storage.retry(self._read_views, uri)
-        if len(views) != shard.rows:
-            raise ValueError(f"{uri}: {len(views)} views, the commit record says {shard.rows} (truncated?)")
-        selected = range(shard.rows) if rows is None else rows.tolist()
+        if len(views) != unit.rows:
+            raise ValueError(f"{uri}: {len(views)} rows, the commit record says {unit.rows} (truncated?)")
+        selected = range(unit.rows) if rows is None else rows.tolist()
         columns: dict[str, list[Any]] = {name: [] for name in arrays}
         for row in selected:
             key, members = views[row]

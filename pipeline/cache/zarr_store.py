@@ -1,15 +1,15 @@
-"""Zarr v3 cache store: one group per shard, ``shards/shard-00012.zarr``.
+"""Zarr v3 cache store: one group per unit (view of a shard), ``shards/shard-00012/view-003.zarr``.
 
-Every stored array of a shard is exactly one object: big arrays (heatmaps, tokens, crop
-bytes) use the sharding codec with the whole shard as one zarr shard and inner chunks of
-``CHUNK_ROWS`` views (so a random row fetches ~16 views, not 256); small arrays are one
+Every stored array of a unit is exactly one object: big arrays (heatmaps, tokens, crop
+bytes) use the sharding codec with the whole unit as one zarr shard and inner chunks of
+``CHUNK_ROWS`` rows (so a random row fetches ~16 rows, not 256); small arrays are one
 plain chunk. Chunks are zstd-3 with a content checksum (zarr's inner chunks carry none by
 default, and corrupt zstd data can decode silently); floats fill with NaN so a lost
 object never reads as a valid empty heatmap (see docs/platform-notes.md#zarr-integrity).
 
-A shard is encoded into an in-memory store first. That gives one code path for disk and
+A unit is encoded into an in-memory store first. That gives one code path for disk and
 S3, the exact bytes for sha256 and the per-field sizes, and lets the local writer publish
-the shard with a single directory rename.
+the unit with a single directory rename.
 """
 
 from __future__ import annotations
@@ -27,9 +27,17 @@ import zarr.storage
 from zarr.codecs import ZstdCodec
 
 from pipeline import storage
-from pipeline.cache.base import OVERHEAD, SHARDS_DIR, TMP_PREFIX, CacheReader, CacheWriter, objects_sha256
+from pipeline.cache.base import (
+    OVERHEAD,
+    TMP_PREFIX,
+    CacheReader,
+    CacheWriter,
+    objects_sha256,
+    shard_stem,
+    view_stem,
+)
 from pipeline.cache.encodings import bytes_array
-from pipeline.cache.manifest import ShardInfo
+from pipeline.cache.manifest import ViewUnit
 from pipeline.cache.schema import (
     CROP_FIELD,
     HEATMAP_FIELD,
@@ -92,9 +100,9 @@ def _create(group: zarr.Group, name: str, data: np.ndarray, chunk_rows: int | No
     array[...] = data
 
 
-def encode_shard_objects(spec: CacheSpec, raw: Mapping[str, np.ndarray]) -> dict[str, bytes]:
+def encode_unit_objects(spec: CacheSpec, raw: Mapping[str, np.ndarray]) -> dict[str, bytes]:
     """Raw arrays -> {relative object name: bytes} of a complete Zarr group. Deterministic,
-    and independent of the shard's index, so equal content gives an equal sha256."""
+    and independent of the unit's shard index, so equal content gives an equal sha256."""
     objects: dict[str, zarr.core.buffer.Buffer] = {}
     group = zarr.create_group(
         store=zarr.storage.MemoryStore(objects),
@@ -130,38 +138,33 @@ def bytes_per_field(spec: CacheSpec, sizes: Mapping[str, int]) -> dict[str, int]
     return totals
 
 
-def stored_digest(shard_uri: str) -> tuple[str, int] | None:
-    """(sha256 as in ShardInfo, total bytes) of a shard as stored now; None if absent."""
-    sizes = storage.find_files(shard_uri)
+def stored_digest(unit_uri: str) -> tuple[str, int] | None:
+    """(sha256 as in ViewUnit, total bytes) of a unit as stored now; None if absent."""
+    sizes = storage.find_files(unit_uri)
     if not sizes:
         return None
-    blobs = storage.read_many_bytes([storage.join(shard_uri, name) for name in sizes])
-    objects = {name: blobs[storage.join(shard_uri, name)] for name in sizes}
+    blobs = storage.read_many_bytes([storage.join(unit_uri, name) for name in sizes])
+    objects = {name: blobs[storage.join(unit_uri, name)] for name in sizes}
     return objects_sha256(objects), sum(len(b) for b in objects.values())
 
 
 class ZarrCacheWriter(CacheWriter):
     format = FORMAT
-    shard_suffix = SUFFIX
 
-    def _write_shard_data(self, shard_index: int, raw: Mapping[str, np.ndarray], rows: int) -> ShardInfo:
-        objects = encode_shard_objects(self.spec, raw)
-        info = ShardInfo(
-            index=shard_index,
-            name=self.shard_name(shard_index),
-            rows=rows,
-            sha256=objects_sha256(objects),
-            bytes_per_field=bytes_per_field(self.spec, {k: len(v) for k, v in objects.items()}),
-        )
-        target = self.shard_uri(shard_index)
+    def unit_name(self, shard: int, view: int) -> str:
+        return f"{shard_stem(shard)}/{view_stem(view)}{SUFFIX}"
+
+    def _write_unit_data(self, shard: int, view: int, raw: Mapping[str, np.ndarray]) -> tuple[str, dict[str, int]]:
+        objects = encode_unit_objects(self.spec, raw)
+        target = self.unit_uri(shard, view)
         if storage.is_s3(target):
             # No rename on S3: clear stale objects of an earlier attempt, upload; the
-            # commit record written afterwards is what makes the shard visible.
+            # commit record written afterwards is what makes the unit visible.
             storage.remove(target, recursive=True)
             storage.write_many_bytes(target, objects)
         else:
             self._publish_local(target, objects)
-        return info
+        return objects_sha256(objects), bytes_per_field(self.spec, {k: len(v) for k, v in objects.items()})
 
     def _publish_local(self, target: str, objects: Mapping[str, bytes]) -> None:
         """Write into a temp dir beside the target, then rename it into place."""
@@ -187,13 +190,10 @@ class ZarrCacheWriter(CacheWriter):
 
 class ZarrCacheReader(CacheReader):
     format = FORMAT
-    shard_suffix = SUFFIX
 
-    def _read_raw(
-        self, shard: ShardInfo, arrays: dict[str, ArrayDef], rows: np.ndarray | None
-    ) -> dict[str, np.ndarray]:
-        store = storage.zarr_store(storage.join(self.uri, SHARDS_DIR, shard.name), read_only=True)
-        where = f"{self.uri} shard {shard.name}"
+    def _read_raw(self, unit: ViewUnit, arrays: dict[str, ArrayDef], rows: np.ndarray | None) -> dict[str, np.ndarray]:
+        store = storage.zarr_store(self.unit_uri(unit), read_only=True)
+        where = f"{self.uri} unit {unit.name}"
 
         # Arrays are opened one by one (no group listing, no consolidated metadata), so a
         # field that is not asked for costs no request at all. They are fetched
@@ -202,8 +202,8 @@ class ZarrCacheReader(CacheReader):
             if name == CROP_FIELD:
                 return self._read_crops(store, rows)
             array = zarr.open_array(store=store, path=name, mode="r", zarr_format=3)
-            if array.shape[0] != shard.rows:
-                raise ValueError(f"{where}: array {name} has {array.shape[0]} rows, expected {shard.rows}")
+            if array.shape[0] != unit.rows:
+                raise ValueError(f"{where}: array {name} has {array.shape[0]} rows, expected {unit.rows}")
             return array[...] if rows is None else array.oindex[rows]
 
         with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_ARRAYS, max(len(arrays), 1))) as pool:

@@ -44,6 +44,7 @@ def check_cache_for_run(cfg: DistillConfig):
     if cfg.expect_teacher:
         check_compatible(reader.manifest, cfg.expect_teacher, uri=cfg.cache)
     check_student_fits(cfg, reader.manifest)
+    check_cache_views(cfg, reader.manifest)
     if cfg.data:
         check_data_matches(cfg, reader.manifest)
     steps = steps_per_epoch(reader, cfg.workers, cfg.batch_size)  # raises when a worker would get no batch
@@ -55,6 +56,14 @@ def check_online_views(cfg: DistillConfig) -> None:
         raise UserError(
             f"--online-views {cfg.online_views} chooses what the online teacher sees; add --online-teacher PRESET "
             "(without it the student reads the cache's views and outputs)"
+        )
+
+
+def check_cache_views(cfg: DistillConfig, manifest) -> None:
+    if cfg.cache_views is not None and not 1 <= cfg.cache_views <= manifest.views:
+        raise UserError(
+            f"--cache-views {cfg.cache_views}: the cache {cfg.cache} holds {manifest.views} views per instance; "
+            f"choose 1..{manifest.views} (or grow the cache with jobs/cache_teacher.py --views {cfg.cache_views})"
         )
 
 
@@ -129,6 +138,7 @@ def run_identity(cfg: DistillConfig, manifest, backbone) -> dict:
     identity["cache_data"] = manifest.data.ann_file_sha256
     if cfg.online_teacher:  # the teacher's views: the cache's or fresh ones (cached runs have no choice)
         identity["online_views"] = cfg.view_source()
+    identity["cache_views"] = cfg.cache_views or manifest.views  # views the loader draws from
     return json.loads(json.dumps(identity))
 
 

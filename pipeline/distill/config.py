@@ -18,6 +18,9 @@ LOCAL_PATH_FIELDS = ("storage", "cache", "data", "val", "teacher_checkpoint", "i
 @dataclass
 class DistillConfig:
     cache: str = option(help="teacher cache URI (from jobs/cache_teacher.py)")
+    cache_views: int | None = option(
+        None, help="read only the cache's first K views per instance (default: all); one V=16 cache serves K=1..16"
+    )
     student: str = option("distilpose-s", help="student preset")
     storage: str = option("runs", help="checkpoint/log root (local or s3://)")
     name: str = option("distill", help="run name; the same name resumes")

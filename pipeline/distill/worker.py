@@ -85,6 +85,7 @@ def train_loop_per_worker(config: dict) -> None:
             world_size=world,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
+            cache_views=cfg.cache_views,
             prefetch=loader_prefetch(cfg),
             pin_memory=device.type == "cuda",  # pinned in the loader thread: the copy below is async
         )

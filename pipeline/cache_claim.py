@@ -1,0 +1,71 @@
+"""What a cache being built is for (``job.json``), and the check that a rerun matches it.
+
+Every setting that determines a unit's bytes must match on a rerun, except the number of
+views: a unit's bytes never depend on V (views are seeded per (instance, view)), so a rerun
+with a larger ``--views`` grows the cache in place and computes only the new units.
+"""
+
+from __future__ import annotations
+
+import json
+
+from distilpose.data.layout import SplitFiles
+from distilpose.errors import UserError
+from pipeline import storage
+from pipeline.cache.schema import CacheSpec
+from pipeline.mismatch import refuse_differences
+
+JOB_FILE = "job.json"  # what identifies the cache being built; a rerun must match it
+
+
+def job_identity(cfg, layout: SplitFiles, teacher_config: dict, spec: CacheSpec) -> dict:
+    """Everything that determines the cache's content (``cfg``: a CacheJobConfig)."""
+    identity = {
+        "teacher": {
+            "preset": cfg.teacher,
+            "checkpoint_sha256": storage.sha256(cfg.checkpoint) if cfg.checkpoint else "random-init",
+            "config": teacher_config,
+            "precision": cfg.teacher_precision,
+        },
+        "data": {"ann_file_sha256": storage.sha256(layout.ann_file), "split": cfg.split, "limit": cfg.limit},
+        "views": cfg.views,
+        "seed": cfg.seed,
+        "shard_instances": cfg.shard_instances,
+        "format": cfg.format,
+        "spec": spec.to_dict(),
+    }
+    return json.loads(json.dumps(identity))  # the form it has when read back from job.json
+
+
+def claim_output(out: str, identity: dict) -> int | None:
+    """Record what this cache is for, or check that a partly or fully built one matches.
+
+    Returns the views the cache was claimed with before (None for a new cache). A larger
+    ``views`` is recorded (the cache grows); a smaller one is refused.
+    """
+    uri = storage.join(out, JOB_FILE)
+    if not storage.exists(uri):
+        storage.atomic_write_bytes(uri, _job_json(identity))
+        return None
+    existing = json.loads(storage.read_bytes(uri))
+    before, views = int(existing.get("views", 0)), int(identity["views"])
+    if views < before:
+        raise UserError(
+            f"{out} holds {before} views per instance; --views {views} would shrink it. Rerun with "
+            f"--views {before} (or more, to grow it); distillation reads a subset with --cache-views {views}."
+        )
+    keys = sorted((set(existing) | set(identity)) - {"views"})
+    refuse_differences(
+        {key: existing.get(key) for key in keys},
+        {key: identity.get(key) for key in keys},
+        what=f"{out} holds a cache built with different settings",
+        advice="Use another --out, or delete it to rebuild.",
+        recorded_as="cache has",
+    )
+    if views > before:
+        storage.atomic_write_bytes(uri, _job_json(identity))
+    return before
+
+
+def _job_json(identity: dict) -> bytes:
+    return json.dumps(identity, indent=2, sort_keys=True).encode()
