@@ -92,8 +92,9 @@ def cache_costs(growth: list[dict], cache: Path) -> list[dict]:
     for row in sorted(growth, key=lambda r: r["views"]):
         built += row["step_s"]
         row["build_s"] = built
-        row["bytes"] = reader.manifest.bytes_of_views(row["views"])
-        row["bytes_per_view"] = row["bytes"] / (reader.manifest.instances * row["views"])
+        units = [u for u in reader.manifest.units() if u.view < row["views"]]
+        row["bytes"] = sum(u.total_bytes for u in units)
+        row["bytes_per_view"] = row["bytes"] / sum(u.rows for u in units)
     return sorted(growth, key=lambda r: r["views"])
 
 
