@@ -61,7 +61,8 @@ def fresh(synth, tmp_path_factory, s3_server) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+# One format per store in the default suite, the other two under heavy.
+@pytest.mark.parametrize("fmt", ["zarr", pytest.param("wds", marks=pytest.mark.heavy)])
 def test_growing_a_complete_local_cache_equals_a_fresh_build(synth, fresh, local_ray, tmp_path, fmt, capsys):
     uri = str(tmp_path / "cache")
     small = _job(synth, uri, fmt, views=2)
@@ -86,7 +87,7 @@ def test_growing_a_complete_local_cache_equals_a_fresh_build(synth, fresh, local
     assert again.views_computed == 0 and again.units_reused == 8
 
 
-@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+@pytest.mark.parametrize("fmt", [pytest.param("zarr", marks=pytest.mark.heavy), "wds"])
 def test_growing_a_partial_s3_cache_equals_a_fresh_build(synth, fresh, local_ray, s3_bucket, fmt, capsys):
     uri = f"{s3_bucket}/cache-{fmt}"
     _job(synth, uri, fmt, views=2)

@@ -368,6 +368,7 @@ def test_resume_continues_at_next_epoch(ddp_run, local_ray, capsys) -> None:
         run_distill(DistillConfig(**{**cfg.__dict__, "epochs": 4, "alpha_kt": 5e-4}))
 
 
+@pytest.mark.heavy  # a second Train fit beside the DDP run: ~30 s
 @RAY_TIMEOUT
 def test_no_distill_fresh_run_reads_no_teacher(ddp_run, local_ray, tiny_cache, capsys) -> None:
     cfg, _ = ddp_run

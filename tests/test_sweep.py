@@ -230,3 +230,14 @@ def test_sweep_overrides_are_checked() -> None:
     with pytest.raises(ValueError, match="unknown DistillConfig fields.*'epoch'"):
         resolve_overrides({"epoch": 3})
     assert {f.name for f in dataclasses.fields(DistillConfig)} >= {"pid_dir", "placement_strategy"}
+
+
+def test_every_shipped_sweep_space_loads() -> None:
+    # A misspelt field or choice in a shipped space fails here, not an hour into a study.
+    spaces = sorted((ROOT / "sweeps").glob("*.yaml"))
+    assert len(spaces) >= 4
+    for path in spaces:
+        trials = load_space(str(path))
+        assert trials and all("name" in t for t in trials), path
+    premise = {t["name"]: t for t in load_space(str(ROOT / "sweeps" / "premise-l-tiny.yaml"))}
+    assert premise["online-fresh"]["online_views"] == "fresh" and premise["cache-v16"]["cache_views"] == 16

@@ -106,6 +106,7 @@ def test_cache_job_zarr_fields_match_a_direct_teacher_run(synth, local_ray, tmp_
     assert np.all(cached["view_params"][cached["view"] == 0][:, 4:] == 0)
 
 
+@pytest.mark.heavy  # four cache jobs (the grow tests build local and S3, Zarr and WebDataset too): ~30 s
 def test_cache_job_same_bytes_local_and_s3_both_formats(synth, local_ray, tmp_path, s3_bucket):
     for fmt in ("zarr", "wds"):
         local = str(tmp_path / fmt)
@@ -199,6 +200,7 @@ def test_bad_inputs_are_counted_not_fatal(synth, local_ray, tmp_path):
         run_cache_job(_config(data, str(tmp_path / "strict"), strict=True))
 
 
+@pytest.mark.heavy  # a cache job and two CLI subprocesses (verify itself: test_cache_manifest.py): ~10 s
 def test_verify_cli_detects_a_flipped_byte(synth, local_ray, tmp_path):
     out = tmp_path / "cache"
     run_cache_job(_config(synth, str(out), format="wds"))
@@ -390,8 +392,8 @@ def test_progress_counts_shards_from_one_listing_without_reading_records(tmp_pat
 
     uri = str(tmp_path / "cache")
     writer = open_writer(uri, SMALL_SPEC, "zarr")
-    shards = 40
-    for index in range(shards - 10):
+    shards = 16
+    for index in range(shards - 6):
         writer.write_shard(index, teacher_like_rows(SMALL_SPEC, 8, seed=index, first_instance=2 * index))
     calls = {"listdir": 0, "read": 0}
 
@@ -408,10 +410,10 @@ def test_progress_counts_shards_from_one_listing_without_reading_records(tmp_pat
     # The instance count is all progress needs of a shard: two per shard, four views each.
     todo = [ShardSpec(index, instances=[None, None], views=(0, 1, 2, 3)) for index in range(5, shards)]
     ShardProgress(writer, todo)._report()
-    assert "100/140 shard-views, 200/280 views" in capsys.readouterr().out
+    assert "20/44 shard-views, 40/88 views" in capsys.readouterr().out
     assert calls == {"listdir": 1, "read": 0}
 
-    for index in range(shards - 10, shards):
+    for index in range(shards - 6, shards):
         writer.write_shard(index, teacher_like_rows(SMALL_SPEC, 8, seed=index, first_instance=2 * index))
     committed = writer.committed()
     calls.update(listdir=0, read=0)
