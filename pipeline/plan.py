@@ -48,6 +48,7 @@ from pipeline.cloud_prices import (
     S3_PUT_PRICE_PER_1000,
     GpuType,
 )
+from pipeline.premise import views_advice
 
 # Heatmap bytes after zstd-3 / raw encoded bytes, measured with the Zarr writer on 256
 # teacher-like views (Gaussians on an N(0, 0.003) noise floor, as real teacher output has).
@@ -418,6 +419,7 @@ def format_plan(plan: Plan) -> str:
             f"{k} {v:,.0f}" for k, v in sorted(plan.bytes_per_view_by_field.items(), key=lambda kv: -kv[1])
         ) + ")"),
         ("cache size (estimate)", _bytes(plan.bytes_total)),
+        ("student epoch reads", f"{_bytes(plan.bytes_total / plan.views)} (one view unit per shard: 1/{plan.views})"),
         ("shards", f"{plan.shards:,} x {plan.instances_per_shard} instances, one unit per view"),
         ("objects", f"{plan.units:,} shard-views x {plan.objects_per_unit} objects + 2 = {plan.objects_total:,}"),
         ("PUT requests (cache)", f"{plan.put_requests:,}"),
@@ -426,6 +428,7 @@ def format_plan(plan: Plan) -> str:
         ("teacher GPU-hours", f"{_hours(plan.teacher_gpu_hours)}  {_dollars(plan.teacher_cost)}  "
                               f"({plan.gpu_type}, ${plan.price_per_gpu_hour:g}/h)"),
         ("S3 storage", f"{_dollars(plan.storage_cost_per_month)} / month"),
+        ("views (premise study)", views_advice(plan.views, plan.epochs)),
     ]  # fmt: skip
     for s in plan.students:
         cores = {k: s.samples_per_s_per_gpu * v / 1e3 for k, v in LOADER_CPU_MS_PER_SAMPLE.items()}

@@ -146,3 +146,16 @@ def test_object_count_matches_a_real_cache_job(tiny_cache) -> None:
     )
     assert plan.shards == len(manifest.shards) and plan.units == len(manifest.units())
     assert plan.objects_total == len(storage.find_files(tiny_cache))
+
+
+def test_the_plan_recommends_views_from_the_premise_study() -> None:
+    from pipeline.premise import STUDY, PremiseStudy, views_advice
+
+    best = STUDY.smallest_views_within()
+    assert best is not None and STUDY.cache_ap[best] >= STUDY.online_fresh_ap - 0.01
+    assert f"V={best} already within 1 AP" in views_advice(8, STUDY.epochs)
+    assert "replay each view 38 times" in views_advice(8, 300)
+    none_good = PremiseStudy("s", 12, (0,), online_fresh_ap=0.5, cache_ap={1: 0.1, 16: 0.3})
+    assert none_good.smallest_views_within() is None and "no V was within" in views_advice(8, 12, none_good)
+    plan = estimate(instances=1000, views=8, teacher="tokenpose-tiny", students=("distilpose-tiny",))
+    assert "views (premise study)" in plan.table() and "(one view unit per shard: 1/8)" in plan.table()
