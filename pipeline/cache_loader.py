@@ -135,10 +135,7 @@ class CachedViewStream:
 
     def epoch(self, epoch: int):
         """This rank's `steps` batches of `epoch`, in a seeded order."""
-        if self.prefetch <= 0:
-            yield from self._batches(epoch)
-            return
-        yield from _prefetched(self._batches(epoch), self.prefetch)
+        return prefetched(self._batches(epoch), self.prefetch)
 
     def _batches(self, epoch: int):
         rng = np.random.default_rng([self.seed, epoch, 104729])
@@ -202,6 +199,11 @@ class CachedViewStream:
 
 
 _DONE = object()
+
+
+def prefetched(batches, depth: int):
+    """`batches`, built up to `depth` ahead in a background thread when `depth` > 0."""
+    return _prefetched(batches, depth) if depth > 0 else batches
 
 
 def _prefetched(batches, depth: int):

@@ -31,7 +31,7 @@ from distilpose.data.coco import Instance, load_instances, read_image
 from distilpose.data.transforms import AugmentConfig, ViewParams, apply_view, draw_view, normalize_batch
 from distilpose.device import pin_batch
 from distilpose.errors import UserError
-from pipeline.cache_loader import _prefetched, assign_shards, instances_per_shard, steps_per_epoch
+from pipeline.cache_loader import assign_shards, instances_per_shard, prefetched, steps_per_epoch
 
 FRESH_VIEW_TAG = 0x66726573  # "fres": a seed word the cached views' seeds never start with
 IMAGE_CACHE_SIZE = 64
@@ -96,10 +96,7 @@ class FreshViewStream:
 
     def epoch(self, epoch: int):
         """This rank's `steps` batches of `epoch`, in a seeded order."""
-        if self.prefetch <= 0:
-            yield from self._batches(epoch)
-            return
-        yield from _prefetched(self._batches(epoch), self.prefetch)
+        return prefetched(self._batches(epoch), self.prefetch)
 
     def _batches(self, epoch: int):
         order = np.random.default_rng([self.seed, epoch, 104729]).permutation(len(self.instances))
