@@ -50,18 +50,22 @@ def _unit_hashes(uri: str) -> dict[tuple[int, int], str]:
 
 
 @pytest.fixture(scope="module")
-def fresh(synth, tmp_path_factory, s3_server) -> dict[str, dict]:
-    """Per format: the unit checksums of a fresh V=4 build."""
-    ensure_local_ray()
-    out = {}
-    for fmt in ("zarr", "wds"):
-        uri = str(tmp_path_factory.mktemp(f"fresh-{fmt}") / "cache")
-        _job(synth, uri, fmt, views=4)
-        out[fmt] = _unit_hashes(uri)
-    return out
+def fresh(synth, tmp_path_factory):
+    """fresh(fmt): the unit checksums of a fresh V=4 build, built on first use per format."""
+    built: dict[str, dict] = {}
+
+    def hashes(fmt: str) -> dict:
+        if fmt not in built:
+            ensure_local_ray()
+            uri = str(tmp_path_factory.mktemp(f"fresh-{fmt}") / "cache")
+            _job(synth, uri, fmt, views=4)
+            built[fmt] = _unit_hashes(uri)
+        return built[fmt]
+
+    return hashes
 
 
-# One format per store in the default suite, the other two under heavy.
+# Zarr, local and S3, in the default suite (one fresh reference build); WebDataset under heavy.
 @pytest.mark.parametrize("fmt", ["zarr", pytest.param("wds", marks=pytest.mark.heavy)])
 def test_growing_a_complete_local_cache_equals_a_fresh_build(synth, fresh, local_ray, tmp_path, fmt, capsys):
     uri = str(tmp_path / "cache")
@@ -79,7 +83,7 @@ def test_growing_a_complete_local_cache_equals_a_fresh_build(synth, fresh, local
     assert f"views computed this run {n * 2}" in grown.table()
     for name, record in commits_before.items():  # the old units were not rewritten
         assert storage.read_bytes(storage.join(uri, "commits", name)) == record, name
-    assert _unit_hashes(uri) == fresh[fmt]
+    assert _unit_hashes(uri) == fresh(fmt)
     manifest = open_reader(uri).manifest
     assert manifest.views == 4 and manifest.complete and verify_cache(uri).ok
 
@@ -87,7 +91,7 @@ def test_growing_a_complete_local_cache_equals_a_fresh_build(synth, fresh, local
     assert again.views_computed == 0 and again.units_reused == 8
 
 
-@pytest.mark.parametrize("fmt", [pytest.param("zarr", marks=pytest.mark.heavy), "wds"])
+@pytest.mark.parametrize("fmt", ["zarr", pytest.param("wds", marks=pytest.mark.heavy)])
 def test_growing_a_partial_s3_cache_equals_a_fresh_build(synth, fresh, local_ray, s3_bucket, fmt, capsys):
     uri = f"{s3_bucket}/cache-{fmt}"
     _job(synth, uri, fmt, views=2)
@@ -102,7 +106,7 @@ def test_growing_a_partial_s3_cache_equals_a_fresh_build(synth, fresh, local_ray
     assert "[cache] growing V 2 -> 4: reusing 3 shard-views, computing 5 (views 1-3)" in log
     n = grown.instances
     assert grown.views_computed == (n - SHARD_INSTANCES) + n * 2  # shard 1's view 1, and views 2-3
-    assert _unit_hashes(uri) == fresh[fmt]
+    assert _unit_hashes(uri) == fresh(fmt)
     assert verify_cache(uri).ok
 
 
