@@ -118,7 +118,7 @@ class CachedViewStream:
         self.reader = reader
         self.image_root = image_root
         self.image_files = image_files or {}
-        self._image_cache: dict[int, np.ndarray] = {}
+        self._images = RecentImages(image_root)
         self.input_size = tuple(input_size)
         self.teacher_fields = tuple(teacher_fields)
         self.batch_size = batch_size
@@ -190,12 +190,25 @@ class CachedViewStream:
         return crop_of_view(image, rows["view_params"][i], self.input_size)
 
     def _image(self, image_id: int) -> np.ndarray:
-        # Instances of one image sit in the same shard; a small cache saves re-decoding.
-        if image_id not in self._image_cache:
-            if len(self._image_cache) >= 64:
-                self._image_cache.pop(next(iter(self._image_cache)))
-            self._image_cache[image_id] = read_image(self.image_root, self.image_files[image_id])
-        return self._image_cache[image_id]
+        # Instances of one image sit in the same shard: recent images are kept decoded.
+        return self._images.get(image_id, self.image_files[image_id])
+
+
+class RecentImages:
+    """The last `capacity` decoded images by id (oldest dropped first): persons of one image
+    come one after another, so each image is decoded about once per epoch."""
+
+    def __init__(self, image_root: str | None, capacity: int = 64):
+        self.image_root = image_root
+        self.capacity = capacity
+        self._images: dict[int, np.ndarray] = {}
+
+    def get(self, image_id: int, file_name: str) -> np.ndarray:
+        if image_id not in self._images:
+            if len(self._images) >= self.capacity:
+                self._images.pop(next(iter(self._images)))
+            self._images[image_id] = read_image(self.image_root, file_name)
+        return self._images[image_id]
 
 
 _DONE = object()

@@ -27,14 +27,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distilpose.data.coco import Instance, load_instances, read_image
+from distilpose.data.coco import Instance, load_instances
 from distilpose.data.transforms import AugmentConfig, ViewParams, apply_view, draw_view, normalize_batch
 from distilpose.device import pin_batch
 from distilpose.errors import UserError
-from pipeline.cache_loader import assign_shards, instances_per_shard, prefetched, steps_per_epoch
+from pipeline.cache_loader import RecentImages, assign_shards, instances_per_shard, prefetched, steps_per_epoch
 
 FRESH_VIEW_TAG = 0x66726573  # "fres": a seed word the cached views' seeds never start with
-IMAGE_CACHE_SIZE = 64
 
 
 def fresh_view(
@@ -92,7 +91,7 @@ class FreshViewStream:
         self.aug = aug or AugmentConfig()
         self.prefetch = prefetch
         self.pin_memory = pin_memory
-        self._image_cache: dict[int, np.ndarray] = {}
+        self._images = RecentImages(image_root)
 
     def epoch(self, epoch: int):
         """This rank's `steps` batches of `epoch`, in a seeded order."""
@@ -123,12 +122,8 @@ class FreshViewStream:
         return pin_batch(batch) if self.pin_memory else batch
 
     def _image(self, inst: Instance) -> np.ndarray:
-        # Several persons share an image (and a small data set has few): a small cache saves re-decoding.
-        if inst.image_id not in self._image_cache:
-            if len(self._image_cache) >= IMAGE_CACHE_SIZE:
-                self._image_cache.pop(next(iter(self._image_cache)))
-            self._image_cache[inst.image_id] = read_image(self.image_root, inst.image_file)
-        return self._image_cache[inst.image_id]
+        # Several persons share an image (and a small data set has few): recent ones stay decoded.
+        return self._images.get(inst.image_id, inst.image_file)
 
 
 def fresh_stream_for_rank(
