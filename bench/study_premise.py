@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.premise import WITHIN_AP  # noqa: E402  ("as good as": the planner's bound)
+from pipeline.premise import WITHIN_AP, PremiseStudy  # noqa: E402  (the planner reads what this writes)
 
 TEACHER_AP_MIN = 0.25  # below this the teacher has not learnt the data: the study means little
 ONLINE_FRESH = "online-fresh"
@@ -181,6 +181,25 @@ def smallest_good_v(table: list[dict]) -> str:
     )
 
 
+def study_summary(table: list[dict], space: str, seeds: list[int]) -> PremiseStudy | None:
+    """What the planner needs (`docs/<name>.json`, read by pipeline.premise)."""
+    from pipeline.sweep import load_space
+
+    online = next((r for r in table if r["configuration"] == ONLINE_FRESH), None)
+    if online is None:
+        return None
+    base = load_space(str(ROOT / space))[0]  # every trial shares the student and schedule
+    finished = sorted({int(s) for r in table for s in r["seeds"].split()})
+    return PremiseStudy(
+        student=base["student"],
+        epochs=int(base["epochs"]),
+        seeds=tuple(finished or seeds),
+        online_fresh_ap=round(online["AP_mean"], 4),
+        cache_ap={r["views"]: round(r["AP_mean"], 4) for r in table if r["views"] != ""},
+        where=f"{base['student']}, synthetic data, {base['epochs']}-epoch schedule, {len(finished)} seed(s)",
+    )
+
+
 def markdown(table: list[dict]) -> str:
     lines = [
         "| configuration | runs | val AP mean | spread (min-max) | train wall s / run | cache bytes | cache build s |",
@@ -276,9 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     args.docs.mkdir(parents=True, exist_ok=True)
     write_csv(table, args.docs / f"{args.name}.csv")
     plot(table, f"{args.name}: teacher AP {teacher_ap:.3f}", args.docs / f"{args.name}.png")
+    summary = study_summary(table, args.space, args.seeds)
+    if summary is not None:
+        (args.docs / f"{args.name}.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     print(markdown(table))
     print(f"[study] {smallest_good_v(table)}")
-    print(f"[study] wrote {args.docs / (args.name + '.csv')} and {args.docs / (args.name + '.png')}")
+    print(f"[study] wrote {args.docs / args.name}.csv, .png and .json (the planner's advice)")
     return 0
 
 

@@ -3,16 +3,27 @@ needs to match distillation with the teacher online.
 
 The study (`bench/study_premise.py`, README "Cached vs online teacher") distils one student
 with one schedule from a single V=16 cache read with `--cache-views` 1..16, and with the
-teacher in the loop on a fresh augmentation per instance per epoch (the official way).
-The figures below are its results (val AP, GT boxes); rerun the study and update them
-together with the README table.
+teacher in the loop on a fresh augmentation per instance per epoch (the official way). It
+writes its summary to `docs/<study>.json`; the planner reads those files, so a rerun of the
+study updates the advice with no figure copied by hand.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 WITHIN_AP = 0.01  # "as good as the online teacher": within 1 AP point
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+# Which study speaks for which student: the backbone family decides how much a student
+# needs augmentation (a student initialised from the teacher's backbone vs one from scratch).
+STUDY_FOR_STUDENT = {
+    "distilpose-l": "premise-l-tiny",  # HRNet stages 1-3, initialised from the teacher's backbone
+    "distilpose-s": "premise-tiny",  # stemnet from scratch
+    "distilpose-tiny": "premise-tiny",
+}
 
 
 @dataclass(frozen=True)
@@ -28,22 +39,40 @@ class PremiseStudy:
         good = [v for v, ap in self.cache_ap.items() if ap >= self.online_fresh_ap - within]
         return min(good) if good else None
 
+    def to_json(self) -> dict:
+        return {**self.__dict__, "seeds": list(self.seeds), "cache_ap": {str(v): ap for v, ap in self.cache_ap.items()}}
 
-# Measured 2026-11-29 on the 2-core CPU machine (synthetic data, the demo's teacher: val AP
-# 0.351; distilpose-l-tiny from the teacher's backbone, 12 epochs x 81 steps, seed 0 only).
-STUDY = PremiseStudy(
-    student="distilpose-l-tiny",
-    epochs=12,
-    seeds=(0,),
-    online_fresh_ap=0.081,
-    cache_ap={1: 0.184, 2: 0.124, 4: 0.103, 8: 0.116, 16: 0.089},
-    where="synthetic data, 12-epoch schedule, 1 seed",
-)
+    @classmethod
+    def from_json(cls, data: dict) -> PremiseStudy:
+        return cls(
+            student=data["student"],
+            epochs=int(data["epochs"]),
+            seeds=tuple(data["seeds"]),
+            online_fresh_ap=float(data["online_fresh_ap"]),
+            cache_ap={int(v): float(ap) for v, ap in data["cache_ap"].items()},
+            where=data.get("where", ""),
+        )
 
 
-def views_advice(views: int, epochs: int, study: PremiseStudy = STUDY) -> str:
+def load_study(name: str, docs: Path = DOCS) -> PremiseStudy | None:
+    """The study's summary as `bench/study_premise.py` wrote it; None if it was never run."""
+    path = docs / f"{name}.json"
+    return PremiseStudy.from_json(json.loads(path.read_text())) if path.exists() else None
+
+
+def study_for(student: str, docs: Path = DOCS) -> PremiseStudy | None:
+    """The study that speaks for ``student`` (by preset family), else the first one found."""
+    family = next((f for f in sorted(STUDY_FOR_STUDENT, key=len, reverse=True) if student.startswith(f)), None)
+    names = [STUDY_FOR_STUDENT[family]] if family else []
+    names += [n for n in dict.fromkeys(STUDY_FOR_STUDENT.values()) if n not in names]
+    return next((s for s in map(lambda n: load_study(n, docs), names) if s is not None), None)
+
+
+def views_advice(views: int, epochs: int, study: PremiseStudy | None) -> str:
     """One planner line: the study's smallest V within 1 AP of the fresh-view online teacher,
     and what the study does not cover (a schedule much longer than the study's)."""
+    if study is None:
+        return "no premise study found (docs/premise-*.json): run bench/study_premise.py"
     best = study.smallest_views_within()
     if best is None:
         return f"no V was within {WITHIN_AP * 100:.0f} AP of the online teacher in the study ({study.where})"
@@ -52,9 +81,9 @@ def views_advice(views: int, epochs: int, study: PremiseStudy = STUDY) -> str:
         f"with fresh augmentation ({study.cache_ap[best]:.3f} vs {study.online_fresh_ap:.3f})"
     )
     if best == 1:
-        line += " (V=1 is the un-augmented crop alone: the short schedule did not need augmentation)"
+        line += " (V=1 is the un-augmented crop alone: that schedule did not need augmentation)"
     if epochs > 2 * study.epochs:
-        # Each view is replayed epochs/V times; the study never replayed one more than 12 times.
+        # Each view is replayed epochs/V times; the study never replayed one more than its epochs.
         line += (
             f"; {epochs} epochs replay each view {epochs / views:.0f} times, beyond what it measured: "
             "build V=16 once and compare --cache-views 4/8/16 on a short run"

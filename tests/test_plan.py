@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -148,14 +149,20 @@ def test_object_count_matches_a_real_cache_job(tiny_cache) -> None:
     assert plan.objects_total == len(storage.find_files(tiny_cache))
 
 
-def test_the_plan_recommends_views_from_the_premise_study() -> None:
-    from pipeline.premise import STUDY, PremiseStudy, views_advice
+def test_the_plan_recommends_views_from_the_premise_study(tmp_path) -> None:
+    from pipeline.premise import PremiseStudy, load_study, study_for, views_advice
 
-    best = STUDY.smallest_views_within()
-    assert best is not None and STUDY.cache_ap[best] >= STUDY.online_fresh_ap - 0.01
-    assert f"V={best} already within 1 AP" in views_advice(8, STUDY.epochs)
-    assert "replay each view 38 times" in views_advice(8, 300)
+    study = load_study("premise-l-tiny")  # what bench/study_premise.py wrote into docs/
+    assert study is not None and study.student == "distilpose-l-tiny"
+    best = study.smallest_views_within()
+    assert best is not None and study.cache_ap[best] >= study.online_fresh_ap - 0.01
+    assert f"V={best} already within 1 AP" in views_advice(8, study.epochs, study)
+    assert "replay each view 38 times" in views_advice(8, 300, study)
     none_good = PremiseStudy("s", 12, (0,), online_fresh_ap=0.5, cache_ap={1: 0.1, 16: 0.3})
     assert none_good.smallest_views_within() is None and "no V was within" in views_advice(8, 12, none_good)
+    # The study is picked by student family; without any study the planner says so.
+    (tmp_path / "premise-tiny.json").write_text(json.dumps(none_good.to_json()))
+    assert study_for("distilpose-s", tmp_path) == none_good and study_for("distilpose-l", tmp_path) == none_good
+    assert "no premise study found" in views_advice(8, 12, study_for("distilpose-s", tmp_path / "none"))
     plan = estimate(instances=1000, views=8, teacher="tokenpose-tiny", students=("distilpose-tiny",))
     assert "views (premise study)" in plan.table() and "(one view unit per shard: 1/8)" in plan.table()
