@@ -167,18 +167,15 @@ def summarize(by_config: dict[str, list[dict]], growth: list[dict]) -> list[dict
     return sorted(table, key=lambda r: (order.get(r["configuration"], 2), r["views"] or 0))
 
 
-def smallest_good_v(table: list[dict]) -> str:
-    online = next((r for r in table if r["configuration"] == ONLINE_FRESH), None)
-    if online is None:
-        return "no online-fresh run finished: no reference"
-    good = [r for r in table if r["views"] != "" and r["AP_mean"] >= online["AP_mean"] - WITHIN_AP]
-    if not good:
-        return f"no cached V reaches within {WITHIN_AP * 100:.0f} AP of {ONLINE_FRESH} ({online['AP_mean']:.3f})"
-    best = min(good, key=lambda r: r["views"])
-    return (
-        f"smallest V within {WITHIN_AP * 100:.0f} AP of {ONLINE_FRESH} ({online['AP_mean']:.3f}): "
-        f"V={best['views']} ({best['AP_mean']:.3f})"
-    )
+def smallest_good_v(summary: PremiseStudy | None) -> str:
+    """The answer to the study's question, by the planner's own rule (pipeline.premise)."""
+    if summary is None:
+        return f"no {ONLINE_FRESH} run finished: no reference"
+    best = summary.smallest_views_within()
+    bound = f"within {WITHIN_AP * 100:.0f} AP of {ONLINE_FRESH} ({summary.online_fresh_ap:.3f})"
+    if best is None:
+        return f"no cached V reaches {bound}"
+    return f"smallest V {bound}: V={best} ({summary.cache_ap[best]:.3f})"
 
 
 def study_summary(table: list[dict], space: str, seeds: list[int]) -> PremiseStudy | None:
@@ -299,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary is not None:
         (args.docs / f"{args.name}.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     print(markdown(table))
-    print(f"[study] {smallest_good_v(table)}")
+    print(f"[study] {smallest_good_v(summary)}")
     print(f"[study] wrote {args.docs / args.name}.csv, .png and .json (the planner's advice)")
     return 0
 
