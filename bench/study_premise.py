@@ -178,7 +178,7 @@ def smallest_good_v(summary: PremiseStudy | None) -> str:
     return f"smallest V {bound}: V={best} ({summary.cache_ap[best]:.3f})"
 
 
-def study_summary(table: list[dict], space: str, seeds: list[int]) -> PremiseStudy | None:
+def study_summary(table: list[dict], space: str) -> PremiseStudy | None:
     """What the planner needs (`docs/<name>.json`, read by pipeline.premise)."""
     from pipeline.sweep import load_space
 
@@ -190,7 +190,7 @@ def study_summary(table: list[dict], space: str, seeds: list[int]) -> PremiseStu
     return PremiseStudy(
         student=base["student"],
         epochs=int(base["epochs"]),
-        seeds=tuple(finished or seeds),
+        seeds=tuple(finished),
         online_fresh_ap=round(online["AP_mean"], 4),
         cache_ap={r["views"]: round(r["AP_mean"], 4) for r in table if r["views"] != ""},
         where=f"{base['student']}, synthetic data, {base['epochs']}-epoch schedule, {len(finished)} seed(s)",
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args.docs.mkdir(parents=True, exist_ok=True)
     write_csv(table, args.docs / f"{args.name}.csv")
     plot(table, f"{args.name}: teacher AP {teacher_ap:.3f}", args.docs / f"{args.name}.png")
-    summary = study_summary(table, args.space, args.seeds)
+    summary = study_summary(table, args.space)
     if summary is not None:
         (args.docs / f"{args.name}.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     print(markdown(table))

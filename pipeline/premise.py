@@ -1,7 +1,7 @@
 """What the premise study measured, for the planner: how many cached views V a student
 needs to match distillation with the teacher online.
 
-The study (`bench/study_premise.py`, README "Cached vs online teacher") distils one student
+The study (`bench/study_premise.py`, README "Cached vs online teacher") distils a student
 with one schedule from a single V=16 cache read with `--cache-views` 1..16, and with the
 teacher in the loop on a fresh augmentation per instance per epoch (the official way). It
 writes its summary to `docs/<study>.json`; the planner reads those files, so a rerun of the
@@ -61,11 +61,15 @@ def load_study(name: str, docs: Path = DOCS) -> PremiseStudy | None:
 
 
 def study_for(student: str, docs: Path = DOCS) -> PremiseStudy | None:
-    """The study that speaks for ``student`` (by preset family), else the first one found."""
-    family = next((f for f in sorted(STUDY_FOR_STUDENT, key=len, reverse=True) if student.startswith(f)), None)
-    names = [STUDY_FOR_STUDENT[family]] if family else []
-    names += [n for n in dict.fromkeys(STUDY_FOR_STUDENT.values()) if n not in names]
-    return next((s for s in map(lambda n: load_study(n, docs), names) if s is not None), None)
+    """The study of ``student``'s preset family (the longest matching prefix); if that one was
+    never run, any study there is."""
+    families = [f for f in STUDY_FOR_STUDENT if student.startswith(f)]
+    own = STUDY_FOR_STUDENT[max(families, key=len)] if families else None
+    for name in sorted(set(STUDY_FOR_STUDENT.values()), key=lambda n: n != own):
+        study = load_study(name, docs)
+        if study is not None:
+            return study
+    return None
 
 
 def views_advice(views: int, epochs: int, study: PremiseStudy | None) -> str:
