@@ -2,7 +2,8 @@
 
 Each training worker owns a fixed subset of cache shards (shard i goes to rank
 i % world_size). Per epoch it picks one of the first K cached views for each shard (seeded
-by seed, epoch and shard; K = ``cache_views``, default all V) and reads only that view's
+by seed, epoch and shard; K = ``cache_views``, default all V; with ``exclude_view0`` views
+1..K, the augmented ones only) and reads only that view's
 unit, and of it only the teacher fields the enabled loss terms need: 1/V of the cache's
 bytes and decode work, one whole unit at a time (sequential reads are 25-30x faster than
 per-row gets). It rebuilds the student's crop from the stored view parameters (or decodes
@@ -81,18 +82,24 @@ def steps_per_epoch(reader, world_size: int, batch_size: int) -> int:
     return steps
 
 
-def shard_view(seed: int, epoch: int, shard_index: int, num_views: int) -> int:
-    """The view every instance of a shard is read in this epoch (uniform over num_views).
-    Seeded by the shard index, not by its position or rank: the same on any worker count."""
-    return int(np.random.default_rng([seed, epoch, shard_index, 7919]).integers(num_views))
+def shard_view(seed: int, epoch: int, shard_index: int, num_views: int, first_view: int = 0) -> int:
+    """The view every instance of a shard is read in this epoch (uniform over views
+    first_view .. first_view + num_views - 1). Seeded by the shard index, not by its position
+    or rank: the same on any worker count."""
+    return first_view + int(np.random.default_rng([seed, epoch, shard_index, 7919]).integers(num_views))
 
 
-def resolve_cache_views(cached: int, cache_views: int | None) -> int:
-    """K, the views the loader draws from: the first ``cache_views`` of the ``cached`` ones."""
+def resolve_cache_views(cached: int, cache_views: int | None, first_view: int = 0) -> int:
+    """K, the views the loader draws from: ``cache_views`` of the ``cached`` ones, starting at
+    ``first_view`` (1 skips the un-augmented view 0)."""
+    usable = int(cached) - first_view
     if cache_views is None:
-        return int(cached)
-    if not 1 <= cache_views <= cached:
-        raise UserError(f"cache_views={cache_views}: the cache holds {cached} views per instance (choose 1..{cached})")
+        cache_views = usable
+    if not 1 <= cache_views <= usable:
+        raise UserError(
+            f"cache_views={cache_views}: the cache holds {usable} views per instance from view {first_view} on "
+            f"(choose 1..{usable})"
+        )
     return int(cache_views)
 
 
@@ -111,6 +118,7 @@ class CachedViewStream:
         batch_size: int,
         seed: int,
         cache_views: int | None = None,
+        exclude_view0: bool = False,
         shuffle_shards: int = 4,
         prefetch: int = 0,
         pin_memory: bool = False,
@@ -123,7 +131,8 @@ class CachedViewStream:
         self.teacher_fields = tuple(teacher_fields)
         self.batch_size = batch_size
         self.seed = seed
-        self.views = resolve_cache_views(reader.manifest.views, cache_views)
+        self.first_view = 1 if exclude_view0 else 0
+        self.views = resolve_cache_views(reader.manifest.views, cache_views, self.first_view)
         self.shuffle_shards = shuffle_shards
         self.prefetch = prefetch
         self.pin_memory = pin_memory
@@ -165,7 +174,7 @@ class CachedViewStream:
                 buffer.append(leftover)
 
     def _load_shard(self, shard: int, fields: tuple[str, ...], epoch: int) -> dict[str, np.ndarray]:
-        view = shard_view(self.seed, epoch, shard, self.views)
+        view = shard_view(self.seed, epoch, shard, self.views, self.first_view)
         return self.reader.read_shard(shard, fields=list(fields), view=view)
 
     def _make_batch(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -48,7 +48,7 @@ from pipeline.cloud_prices import (
     S3_PUT_PRICE_PER_1000,
     GpuType,
 )
-from pipeline.premise import study_for, views_advice
+from pipeline.premise import load_replay_study, replay_advice, study_for, views_advice
 
 # Heatmap bytes after zstd-3 / raw encoded bytes, measured with the Zarr writer on 256
 # teacher-like views (Gaussians on an N(0, 0.003) noise floor, as real teacher output has).
@@ -429,6 +429,7 @@ def format_plan(plan: Plan) -> str:
                               f"({plan.gpu_type}, ${plan.price_per_gpu_hour:g}/h)"),
         ("S3 storage", f"{_dollars(plan.storage_cost_per_month)} / month"),
     ]  # fmt: skip
+    replay = load_replay_study()
     for s in plan.students:
         cores = {k: s.samples_per_s_per_gpu * v / 1e3 for k, v in LOADER_CPU_MS_PER_SAMPLE.items()}
         online = s.online_teacher_gpu_hours_per_epoch
@@ -443,7 +444,8 @@ def format_plan(plan: Plan) -> str:
                                          f"{_hours(plan.teacher_gpu_hours)} once for the cache"),
             ("  loader CPU per GPU", f"{s.loader_cores_per_gpu:.1f} cores for {s.samples_per_s_per_gpu:,.0f} samples/s "
                                      f"(crops rebuilt {cores['rebuild']:.1f}; stored {cores['stored']:.1f})"),
-            ("  views (premise study)", views_advice(plan.views, plan.epochs, study_for(s.preset))),
+            ("  views (replay study)", replay_advice(plan.epochs, replay)),
+            ("  views (short schedules)", views_advice(plan.views, plan.epochs, study_for(s.preset))),
         ]  # fmt: skip
     rows += [
         ("S3 requests", f"{_dollars(plan.request_cost)}"),

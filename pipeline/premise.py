@@ -1,16 +1,25 @@
-"""What the premise study measured, for the planner: how many cached views V a student
+"""What the premise studies measured, for the planner: how many cached views a student
 needs to match distillation with the teacher online.
 
-The study (`bench/study_premise.py`, README "Cached vs online teacher") distils a student
-with one schedule from a single V=16 cache read with `--cache-views` 1..16, and with the
-teacher in the loop on a fresh augmentation per instance per epoch (the official way). It
-writes its summary to `docs/<study>.json`; the planner reads those files, so a rerun of the
-study updates the advice with no figure copied by hand.
+Two studies, two regimes:
+
+- the short-schedule study (`bench/study_premise.py`) distils a student with one short
+  schedule from a V=16 cache read with `--cache-views` 1..16, and with the teacher in the
+  loop on a fresh augmentation per instance per epoch (the official way); it speaks for
+  schedules like its own only;
+- the replay study (`bench/study_replay.py`) runs a fixed step count on training subsets small
+  enough that each cached view is replayed as often as a long recipe replays it (300 epochs
+  at K = 8 views: 37 times), and measures each K's AP minus the online run's, paired by seed,
+  against replays per view; it speaks for long schedules.
+
+Each writes its summary to `docs/<study>.json`; the planner reads those files, so a rerun of
+a study updates the advice with no figure copied by hand.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +63,80 @@ class PremiseStudy:
         )
 
 
+# A measured replay count speaks for a schedule's epochs / K within this factor (31 measured
+# replays speak for 300 epochs at K = 8, 37.5); farther than that is extrapolation.
+REPLAY_MATCH = 1.5
+REPLAY_STUDY = "premise-replay"
+
+
+@dataclass(frozen=True)
+class ReplayPoint:
+    """One cached arm of the replay study: K augmented views replayed epochs / K times, and
+    its AP minus the online-fresh run's, paired by seed (AP units, 0.01 = 1 point)."""
+
+    views: int
+    instances: int
+    epochs: int
+    diff_mean: float
+    diff_std: float
+    diff_min: float
+    diff_max: float
+    seeds: int
+
+    @property
+    def replays(self) -> float:
+        return self.epochs / self.views
+
+
+@dataclass(frozen=True)
+class ReplayStudy:
+    """What `bench/study_replay.py` measured (docs/premise-replay.json)."""
+
+    student: str
+    steps: int
+    points: tuple[ReplayPoint, ...]
+    where: str = ""
+
+    def measured(self, views: int, replays: float) -> ReplayPoint | None:
+        """The measured point of K = `views` nearest to `replays` (within REPLAY_MATCH), if any."""
+
+        def distance(p: ReplayPoint) -> float:
+            return abs(math.log(p.replays / replays))
+
+        near = [p for p in self.points if p.views == views and distance(p) <= math.log(REPLAY_MATCH)]
+        return min(near, key=distance, default=None)
+
+    def recommend(self, epochs: int, within: float = WITHIN_AP) -> tuple[int | None, list[tuple[int, ReplayPoint]]]:
+        """The smallest K whose measured paired difference at epochs / K replays is >= -within
+        (one-sided: better is fine), and the measured points that decided it."""
+        checked = []
+        for views in sorted({p.views for p in self.points}):
+            point = self.measured(views, epochs / views)
+            if point is None:
+                continue
+            checked.append((views, point))
+            if point.diff_mean >= -within:
+                return views, checked
+        return None, checked
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "points": [p.__dict__ for p in self.points]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> ReplayStudy:
+        return cls(
+            student=data["student"],
+            steps=int(data["steps"]),
+            points=tuple(ReplayPoint(**p) for p in data["points"]),
+            where=data.get("where", ""),
+        )
+
+
+def load_replay_study(docs: Path = DOCS) -> ReplayStudy | None:
+    path = docs / f"{REPLAY_STUDY}.json"
+    return ReplayStudy.from_json(json.loads(path.read_text())) if path.exists() else None
+
+
 def load_study(name: str, docs: Path = DOCS) -> PremiseStudy | None:
     """The study's summary as `bench/study_premise.py` wrote it; None if it was never run."""
     path = docs / f"{name}.json"
@@ -73,23 +156,50 @@ def study_for(student: str, docs: Path = DOCS) -> PremiseStudy | None:
 
 
 def views_advice(views: int, epochs: int, study: PremiseStudy | None) -> str:
-    """One planner line: the study's smallest V within 1 AP of the fresh-view online teacher,
-    and what the study does not cover (a schedule much longer than the study's)."""
+    """The short-schedule row: the study's smallest V within 1 AP of the fresh-view online
+    teacher (one-sided: a V that does better qualifies), for schedules like the study's only.
+    A V that does better on a short schedule is no evidence that fewer views suffice on a long
+    one, where each view is replayed epochs / V times: that is the replay study's row."""
     if study is None:
         return "no premise study found (docs/premise-*.json): run bench/study_premise.py"
+    if epochs > 2 * study.epochs:
+        return (
+            f"not measured for {epochs} epochs (the short-schedule study ran {study.epochs}; {epochs} epochs replay "
+            f"each of V={views} views {epochs / views:.0f} times): see the replay study's row"
+        )
     best = study.smallest_views_within()
     if best is None:
         return f"no V was within {WITHIN_AP * 100:.0f} AP of the online teacher in the study ({study.where})"
     line = (
-        f"the study ({study.where}): V={best} already within {WITHIN_AP * 100:.0f} AP of the online teacher "
-        f"with fresh augmentation ({study.cache_ap[best]:.3f} vs {study.online_fresh_ap:.3f})"
+        f"the study ({study.where}): V={best} within {WITHIN_AP * 100:.0f} AP of the online teacher or better "
+        f"({study.cache_ap[best]:.3f} vs {study.online_fresh_ap:.3f} with fresh augmentation)"
     )
     if best == 1:
         line += " (V=1 is the un-augmented crop alone: that schedule did not need augmentation)"
-    if epochs > 2 * study.epochs:
-        # Each view is replayed epochs/V times; the study never replayed one more than its epochs.
-        line += (
-            f"; {epochs} epochs replay each view {epochs / views:.0f} times, beyond what it measured: "
-            "build V=16 once and compare --cache-views 4/8/16 on a short run"
-        )
     return line
+
+
+def replay_advice(epochs: int, study: ReplayStudy | None) -> str:
+    """The long-schedule row: the smallest K whose measured paired difference to the online
+    teacher at epochs / K replays per view is within 1 AP (or better), from the replay study."""
+    if study is None:
+        return f"no replay study found (docs/{REPLAY_STUDY}.json): run bench/study_replay.py"
+    best, checked = study.recommend(epochs)
+    if not checked:
+        return (
+            f"the replay study ({study.where}) measured no K near {epochs}/K replays per view: not measured for "
+            f"{epochs} epochs"
+        )
+    if best is None:
+        seen = ", ".join(f"K={k} {p.diff_mean * 100:+.1f} AP at {p.replays:.0f} replays" for k, p in checked)
+        return (
+            f"no K <= {max(k for k, _ in checked)} was within {WITHIN_AP * 100:.0f} AP of the online teacher at "
+            f"{epochs}/K replays per view ({seen}; {study.where}): the cache falls behind there"
+        )
+    point = dict(checked)[best]
+    return (
+        f"K={best} cached augmented views: {point.diff_mean * 100:+.1f} AP (min {point.diff_min * 100:+.1f}, "
+        f"{point.seeds} seeds) vs the online teacher at {point.replays:.0f} replays per view, measured on "
+        f"{point.instances} instances x {point.epochs} epochs ({epochs} epochs at K={best}: {epochs / best:.0f}); "
+        f"{study.where}"
+    )

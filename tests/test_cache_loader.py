@@ -53,9 +53,19 @@ def cache(tmp_path_factory) -> str:
     return uri
 
 
-def _stream(reader, cache_views=None) -> CachedViewStream:
+def _stream(reader, cache_views=None, exclude_view0=False) -> CachedViewStream:
     return CachedViewStream(
-        reader, None, None, (64, 48), ("gauss",), rank=0, world_size=1, batch_size=2, seed=3, cache_views=cache_views
+        reader,
+        None,
+        None,
+        (64, 48),
+        ("gauss",),
+        rank=0,
+        world_size=1,
+        batch_size=2,
+        seed=3,
+        cache_views=cache_views,
+        exclude_view0=exclude_view0,
     )
 
 
@@ -107,3 +117,35 @@ def test_more_cache_views_than_cached_are_refused(cache) -> None:
         check_cache_views(cfg, manifest)
     assert "\n" not in str(err.value)
     check_cache_views(dataclasses.replace(cfg, cache_views=4), manifest)
+
+
+@pytest.mark.parametrize("cache_views", [None, 2])
+def test_exclude_view0_draws_only_augmented_views(cache, cache_views) -> None:
+    """--exclude-view0: views 1..K (K augmented views; default all but view 0), uniformly;
+    the un-augmented view 0 never comes."""
+    stream = _stream(open_reader(cache), cache_views, exclude_view0=True)
+    k = cache_views or VIEWS - 1
+    assert (stream.first_view, stream.views) == (1, k)
+    views = Counter()
+    for epoch in range(300):
+        for shard in range(SHARDS):
+            rows = stream._load_shard(shard, ("instance_id", "view"), epoch) if epoch < 3 else None
+            view = shard_view(3, epoch, shard, stream.views, stream.first_view)
+            if rows is not None:
+                assert (rows["view"] == view).all()
+            views[view] += 1
+    assert set(views) == set(range(1, k + 1))
+    assert all(abs(n / (300 * SHARDS) - 1 / k) < 0.04 for n in views.values())
+    # The same draw as without the exclusion, shifted by one: K=2 excluded reads 1..2, not 0..1.
+    assert shard_view(3, 5, 2, 2, 1) == shard_view(3, 5, 2, 2) + 1
+
+
+def test_exclude_view0_bounds(cache) -> None:
+    assert resolve_cache_views(VIEWS, None, first_view=1) == VIEWS - 1
+    with pytest.raises(UserError, match="holds 3 views per instance from view 1 on"):
+        resolve_cache_views(VIEWS, VIEWS, first_view=1)
+    manifest = open_reader(cache).manifest
+    cfg = DistillConfig(cache=cache, cache_views=4, exclude_view0=True)
+    with pytest.raises(UserError, match=r"holds 3 augmented views \(1..V-1\) per instance.*--views 5"):
+        check_cache_views(cfg, manifest)
+    check_cache_views(dataclasses.replace(cfg, cache_views=3), manifest)

@@ -111,6 +111,11 @@ def test_online_views_needs_an_online_teacher(tiny_cache, tmp_path) -> None:
         _cfg(tiny_cache, tmp_path, "x", online_views="stored")
     assert _cfg(tiny_cache, tmp_path, "x", online_teacher="tokenpose-tiny").view_source() == "fresh"
     assert _cfg(tiny_cache, tmp_path, "x").view_source() == "cache"
+    # The no-distillation baseline matched to an online-fresh run: fresh views, no teacher.
+    assert _cfg(tiny_cache, tmp_path, "x", no_distill=True, online_views="fresh").view_source() == "fresh"
+    assert _cfg(tiny_cache, tmp_path, "x", no_distill=True).view_source() == "cache"
+    with pytest.raises(UserError, match="--exclude-view0 chooses among the cached views; fresh views are always"):
+        check_cache_for_run(_cfg(tiny_cache, tmp_path, "x", no_distill=True, online_views="fresh", exclude_view0=True))
 
 
 @pytest.mark.timeout(300)
@@ -131,6 +136,25 @@ def test_fresh_view_run_trains_and_a_resume_in_another_mode_is_refused(
     assert json.loads((Path(result.run_dir) / "run.json").read_text())["online_views"] == "fresh"
     with pytest.raises(UserError, match="online_views: run has 'fresh', this command 'cache'"):
         prepare_run(_cfg(tiny_cache, tmp_path, "fresh", online_views="cache", **online))
+    # The matched baseline: L_reg only on the same fresh views; two epochs, one checkpoint.
+    result = run_distill(
+        _cfg(
+            tiny_cache,
+            tmp_path,
+            "none-fresh",
+            workers=1,
+            epochs=2,
+            checkpoint_every=2,
+            no_distill=True,
+            online_views="fresh",
+        )
+    )
+    assert "no distillation (L_reg only) on fresh views" in capsys.readouterr().out
+    rows = read_csv(Path(result.run_dir) / "logs" / "epochs.csv")
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2]
+    assert "train/reg" in rows[0] and not any(f"train/{t}" in rows[0] for t in TERMS if t != "reg")
+    assert sorted(p.name for p in Path(result.run_dir).glob("epoch_*")) == ["epoch_0002"]
+    assert json.loads((Path(result.run_dir) / "run.json").read_text())["online_views"] == "fresh"
 
 
 def test_online_teacher_defaults_to_the_caches_teacher_checkpoint(tiny_cache, tmp_path, capsys) -> None:

@@ -19,6 +19,7 @@ from pipeline.plan import (
     model_cost,
     objects_per_unit,
 )
+from pipeline.premise import ReplayPoint, ReplayStudy, replay_advice
 
 TINY = dict(teacher="tokenpose-tiny", students=("distilpose-tiny",))
 COCO_TRAIN_INSTANCES = 149_813
@@ -156,8 +157,9 @@ def test_the_plan_recommends_views_from_the_premise_study(tmp_path) -> None:
     assert study is not None and study.student == "distilpose-l-tiny"
     best = study.smallest_views_within()
     assert best is not None and study.cache_ap[best] >= study.online_fresh_ap - 0.01
-    assert f"V={best} already within 1 AP" in views_advice(8, study.epochs, study)
-    assert "replay each view 38 times" in views_advice(8, 300, study)
+    assert f"V={best} within 1 AP of the online teacher or better" in views_advice(8, study.epochs, study)
+    # One-sided for its own schedule only: a long schedule replays each view 300/8 times.
+    assert views_advice(8, 300, study).startswith("not measured for 300 epochs (the short-schedule study ran 12;")
     none_good = PremiseStudy("s", 12, (0,), online_fresh_ap=0.5, cache_ap={1: 0.1, 16: 0.3})
     assert none_good.smallest_views_within() is None and "no V was within" in views_advice(8, 12, none_good)
     # The study is picked by student family; without any study the planner says so.
@@ -165,4 +167,38 @@ def test_the_plan_recommends_views_from_the_premise_study(tmp_path) -> None:
     assert study_for("distilpose-s", tmp_path) == none_good and study_for("distilpose-l", tmp_path) == none_good
     assert "no premise study found" in views_advice(8, 12, study_for("distilpose-s", tmp_path / "none"))
     plan = estimate(instances=1000, views=8, teacher="tokenpose-tiny", students=("distilpose-tiny",))
-    assert "views (premise study)" in plan.table() and "(one view unit per shard: 1/8)" in plan.table()
+    table = plan.table()
+    assert "views (short schedules)" in table and "views (replay study)" in table
+    assert "(one view unit per shard: 1/8)" in table
+
+
+def _point(views: int, instances: int, epochs: int, diff: float) -> ReplayPoint:
+    return ReplayPoint(views, instances, epochs, diff, 0.01, diff - 0.01, diff + 0.01, 3)
+
+
+def test_the_replay_study_recommends_the_smallest_measured_k_within_1_ap() -> None:
+    study = ReplayStudy(
+        "s",
+        1000,
+        (
+            _point(2, 128, 250, -0.05),  # 125 replays
+            _point(4, 128, 250, -0.02),  # 62
+            _point(8, 128, 250, -0.004),  # 31
+            _point(16, 128, 250, 0.01),  # 16
+            _point(4, 512, 62, 0.02),  # 16
+        ),
+        "where",
+    )
+    # 300 epochs: K=2 at 150 (measured 125), K=4 at 75 (62): behind; K=8 at 37.5 (31): within.
+    best, checked = study.recommend(300)
+    assert best == 8 and [k for k, _ in checked] == [2, 4, 8]
+    assert replay_advice(300, study).startswith("K=8 cached augmented views: -0.4 AP (min -1.4, 3 seeds)")
+    # 64 epochs: K=4 at 16 replays was measured on 512 instances (+2 AP); K=2 at 32 was not.
+    assert study.recommend(64)[0] == 4
+    # Better is fine (one-sided), but no extrapolation: 2000 epochs are far from anything measured.
+    assert study.recommend(2000) == (None, [])
+    assert "measured no K near 2000/K replays" in replay_advice(2000, study)
+    behind = ReplayStudy("s", 1000, (_point(8, 128, 250, -0.03), _point(16, 128, 250, -0.02)), "where")
+    assert "no K <= 16 was within 1 AP" in replay_advice(300, behind) and "falls behind" in replay_advice(300, behind)
+    assert "no replay study found" in replay_advice(300, None)
+    assert ReplayStudy.from_json(json.loads(json.dumps(study.to_json()))) == study

@@ -52,18 +52,28 @@ def check_cache_for_run(cfg: DistillConfig):
 
 
 def check_online_views(cfg: DistillConfig) -> None:
-    if cfg.online_views and not cfg.online_teacher:
+    if cfg.online_views and not (cfg.online_teacher or cfg.no_distill):
         raise UserError(
             f"--online-views {cfg.online_views} chooses what the online teacher sees; add --online-teacher PRESET "
-            "(without it the student reads the cache's views and outputs)"
+            "(or --no-distill for the matched baseline; without either the student reads the cache's views and "
+            "outputs)"
         )
+    if cfg.exclude_view0 and cfg.view_source() == "fresh":
+        raise UserError("--exclude-view0 chooses among the cached views; fresh views are always augmented")
+    if cfg.checkpoint_every < 1:
+        raise UserError(f"--checkpoint-every {cfg.checkpoint_every}: give a number of epochs >= 1")
 
 
 def check_cache_views(cfg: DistillConfig, manifest) -> None:
-    if cfg.cache_views is not None and not 1 <= cfg.cache_views <= manifest.views:
+    first = 1 if cfg.exclude_view0 else 0
+    usable = manifest.views - first
+    if usable < 1:
+        raise UserError(f"--exclude-view0: the cache {cfg.cache} holds view 0 only; grow it with --views 2 or more")
+    if cfg.cache_views is not None and not 1 <= cfg.cache_views <= usable:
+        which = "augmented views (1..V-1)" if first else "views"
         raise UserError(
-            f"--cache-views {cfg.cache_views}: the cache {cfg.cache} holds {manifest.views} views per instance; "
-            f"choose 1..{manifest.views} (or grow the cache with jobs/cache_teacher.py --views {cfg.cache_views})"
+            f"--cache-views {cfg.cache_views}: the cache {cfg.cache} holds {usable} {which} per instance; "
+            f"choose 1..{usable} (or grow the cache with jobs/cache_teacher.py --views {cfg.cache_views + first})"
         )
 
 
@@ -136,9 +146,11 @@ def run_identity(cfg: DistillConfig, manifest, backbone) -> dict:
     identity["backbone"] = {"source": backbone.source, "checkpoint": backbone.checkpoint or ""}
     identity["cache_teacher"] = f"{manifest.teacher.preset}:{manifest.teacher.checkpoint_sha256}"
     identity["cache_data"] = manifest.data.ann_file_sha256
-    if cfg.online_teacher:  # the teacher's views: the cache's or fresh ones (cached runs have no choice)
+    if cfg.online_teacher or cfg.view_source() == "fresh":  # the cache's views or fresh ones
         identity["online_views"] = cfg.view_source()
     identity["cache_views"] = cfg.cache_views or manifest.views  # views the loader draws from
+    if cfg.exclude_view0:
+        identity["exclude_view0"] = True
     return json.loads(json.dumps(identity))
 
 
@@ -185,10 +197,7 @@ def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
         print(f"[distill] {get_profile(cfg.profile).describe()}{override}", flush=True)
         if backbone.warning:
             print(f"[distill] {backbone.warning}", flush=True)
-    if cfg.online_teacher:
-        fresh = cfg.view_source() == "fresh"
-        views = "fresh views (a new augmentation per instance per epoch)" if fresh else "the cached views"
-        print(f"[distill] online teacher {cfg.online_teacher} on {views}", flush=True)
+    print(f"[distill] {views_line(cfg, manifest)}", flush=True)
     print(warmup_line(cfg, steps * cfg.epochs), flush=True)
     warn_if_cluster_too_small(cfg)
     return cfg, resumed
@@ -237,3 +246,18 @@ def warn_if_cluster_too_small(cfg: DistillConfig) -> None:
     if short:
         text = ", ".join(f"{k} {v:g} needed, {h:g} in the cluster" for k, (v, h) in short.items())
         print(f"[distill] WARNING: {text}; training waits until the cluster grows (autoscaler)", flush=True)
+
+
+def views_line(cfg: DistillConfig, manifest) -> str:
+    """Which crops the student (and an online teacher) trains on."""
+    if cfg.view_source() == "fresh":
+        views = "fresh views (a new augmentation per instance per epoch)"
+    else:
+        first = 1 if cfg.exclude_view0 else 0
+        k = cfg.cache_views or manifest.views - first
+        views = f"cached views {first}..{first + k - 1} of {manifest.views}"
+        views += " (augmented only)" if first else (" (view 0 is the un-augmented crop)" if k > 1 else "")
+    teacher = f"online teacher {cfg.online_teacher}" if cfg.online_teacher else None
+    if cfg.no_distill:
+        return f"no distillation (L_reg only) on {views}"
+    return f"{teacher or 'cached teacher outputs'} on {views}"

@@ -21,6 +21,11 @@ class DistillConfig:
     cache_views: int | None = option(
         None, help="read only the cache's first K views per instance (default: all); one V=16 cache serves K=1..16"
     )
+    exclude_view0: bool = option(
+        False,
+        help="draw only the cache's augmented views 1..K (view 0 is the un-augmented crop, which the official "
+        "pipeline never draws; K = --cache-views, default all but view 0)",
+    )
     student: str = option("distilpose-s", help="student preset")
     storage: str = option("runs", help="checkpoint/log root (local or s3://)")
     name: str = option("distill", help="run name; the same name resumes")
@@ -53,12 +58,13 @@ class DistillConfig:
     teacher_checkpoint: str | None = option(
         None, help="checkpoint for --online-teacher (default: the cache's teacher checkpoint, same preset)"
     )
-    # None: "fresh" with --online-teacher (see view_source).
+    # None: "fresh" with --online-teacher, "cache" otherwise (see view_source).
     online_views: str | None = option(
         None,
         choices=ONLINE_VIEWS,
-        help="what the online teacher sees: 'fresh' augmentation per instance per epoch (default, the official "
-        "way) or the cache's stored views ('cache': isolates the storage error)",
+        help="what the student (and the online teacher) sees: 'fresh' augmentation per instance per epoch "
+        "(default with --online-teacher, the official way) or the cache's stored views ('cache': isolates the "
+        "storage error); with --no-distill, 'fresh' is the baseline matched to an online-fresh run",
     )
     init_backbone: str | None = option(
         None,
@@ -77,6 +83,9 @@ class DistillConfig:
     val: str | None = option(None, help="data set root whose val split is evaluated (pycocotools)")
     val_boxes: str = option("gt", help="'gt' or a detector results json")
     eval_every: int = option(0, help="also evaluate every N epochs")
+    # A checkpoint costs a state save and a copy into storage: per epoch, that is most of an
+    # epoch of a few steps (long schedules on small subsets, as in the replay study).
+    checkpoint_every: int = option(1, help="epochs between checkpoints (the last epoch always gets one)")
     flip_test: bool = option(True, flag="--no-flip-test", help="evaluate without the flip test")
     amp: bool = option(False, help="mixed precision (GPU only)")
     seed: int = option(0, help="random seed")
@@ -120,10 +129,10 @@ class DistillConfig:
 
     def view_source(self) -> str:
         """Where the student's crops come from: "cache" (the cached views, also with
-        --online-views cache) or "fresh" (a new augmentation every epoch, online teacher only)."""
-        if self.online_teacher and (self.online_views or "fresh") == "fresh":
-            return "fresh"
-        return "cache"
+        --online-views cache) or "fresh" (a new augmentation every epoch; with the online
+        teacher, the default, or without distillation)."""
+        default = "fresh" if self.online_teacher else "cache"
+        return self.online_views or default
 
     def milestones(self) -> tuple[int, ...]:
         if self.lr_steps is not None:

@@ -86,6 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
             batch_size=cfg.batch_size,
             seed=cfg.seed,
             cache_views=cfg.cache_views,
+            exclude_view0=cfg.exclude_view0,
             prefetch=loader_prefetch(cfg),
             pin_memory=device.type == "cuda",  # pinned in the loader thread: the copy below is async
         )
@@ -161,6 +162,12 @@ def train_loop_per_worker(config: dict) -> None:
                     export_extra(cfg, epoch + 1, metrics, needed),
                 )
         metrics["best_AP"] = best.get("AP", -1.0)
+        if rank == 0:
+            logger.epoch(metrics)
+            print(epoch_line(metrics), flush=True)
+        if not (final or (epoch + 1) % cfg.checkpoint_every == 0):
+            ray.train.report(metrics)
+            continue
         # Built on every rank: gathering the ranks' RNG states is a collective.
         state = TrainState(
             model=core.state_dict(),
@@ -177,8 +184,6 @@ def train_loop_per_worker(config: dict) -> None:
             student_config=dataclasses.asdict(core.config),
         )
         if rank == 0:
-            logger.epoch(metrics)
-            print(epoch_line(metrics), flush=True)
             with tempfile.TemporaryDirectory() as d:
                 state.save(os.path.join(d, CHECKPOINT_FILE))
                 write_checkpoint_record(cfg, epoch + 1, step)

@@ -1,0 +1,420 @@
+"""The replay study: does a student distilled from cached views keep up with the teacher
+online once each view is replayed as often as a 300-epoch recipe replays it?
+
+    make demo                                   # synthetic data + a tiny teacher trained with augmentation
+    python bench/study_replay.py                # teacher check, caches, sweeps, report (resumable)
+    python bench/study_replay.py --subsets 128 --seeds 0,1,2
+    python bench/study_replay.py --report-only  # re-read finished trials
+
+Every trial runs the same number of steps (~1,000 of batch 32) on a training subset of N
+instances, so N sets the epochs (128: 250, 256: 125, 512: 62) and a cache arm of K views
+replays each view epochs / K times (K = 8 on 128 instances: 31 times, as 300 epochs at
+V = 8 replay each view 37 times). Arms, differing in one thing each:
+
+- online-fresh: the teacher in the loop on a fresh augmentation per instance per epoch;
+- cache-kK: the teacher's outputs on the cache's augmented views 1..K (view 0, the
+  un-augmented crop the official pipeline never draws, is excluded);
+- none-fresh / none-k8: no distillation, on fresh views / on cached views 1..8 (the
+  baselines matched to online-fresh and cache-k8).
+
+Phases, each resumable:
+
+0. teacher check (before any student runs): PCK of the teacher on the cached views of the
+   smallest subset, view 0 vs the augmented ones; far below on augmented views means its
+   targets there are wrong, and the study stops;
+1. caches: `jobs/cache_teacher.py --limit N --views 17` per subset;
+2. sweeps: `jobs/sweep.py` with sweeps/premise-replay.yaml, `--set epochs=E --set seed=S`,
+   one sweep per (subset, seed), subsets in the order given, all seeds of one before the next;
+3. detector boxes: each finished trial's final student evaluated with the data set's person
+   detections too (GT-box AP comes from the trial itself);
+4. report: docs/premise-replay.{csv,png,json}: AP per arm (mean, spread), each cache arm's
+   paired difference to online-fresh per seed, against replays per view, and the K the
+   planner recommends for a schedule (pipeline.premise.ReplayStudy.recommend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from study_premise import _ints, _run, teacher_val_ap  # noqa: E402
+
+from pipeline.premise import WITHIN_AP, ReplayPoint, ReplayStudy  # noqa: E402
+
+NAME = "premise-replay"
+SPACE = "sweeps/premise-replay.yaml"
+ONLINE = "online-fresh"
+CACHED_VIEWS = 17  # view 0 + 16 augmented views: K = 2..16 draw among views 1..K
+TARGET_STEPS = 1000
+# Augmented-view PCK below this fraction of view 0's: the teacher's targets on augmented
+# crops are not trustworthy, and neither is any comparison built on them.
+MIN_PCK_RATIO = 0.8
+PLANNER_EPOCHS = (300, 210, 100)  # schedules the report answers for (the paper's 300 first)
+
+
+def teacher_check(args, subset: int) -> dict:
+    """PCK on view 0 vs the augmented views of the first `subset` train instances (the ones
+    `--limit subset` caches), with the cache's seed."""
+    path = Path(args.out) / "teacher_check.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    import torch
+
+    from distilpose.data.coco import load_instances
+    from distilpose.data.layout import split_files
+    from distilpose.teacher_forward import build_teacher
+    from distilpose.view_accuracy import teacher_view_accuracy
+
+    torch.set_num_threads(2)
+    teacher = build_teacher(args.teacher, args.demo / "teacher" / "teacher.pt")
+    files = split_files(str(args.demo / "data"), "train")
+    instances, _ = load_instances(files.ann_file, split_kind="train", input_size=teacher.config.input_size)
+    instances = sorted(instances, key=lambda inst: inst.instance_id)[:subset]
+    accuracy = teacher_view_accuracy(teacher, instances, files.image_root, views=CACHED_VIEWS, seed=args.cache_seed)
+    check = {**accuracy.to_dict(), "line": accuracy.line()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(check, indent=2))
+    return check
+
+
+def build_caches(args) -> dict[int, Path]:
+    caches = {}
+    for subset in args.subsets:
+        cache = Path(args.out) / f"cache-n{subset}"
+        caches[subset] = cache
+        if args.report_only:
+            continue
+        _run(
+            [
+                sys.executable, "jobs/cache_teacher.py",
+                "--data", str(args.demo / "data"),
+                "--teacher", args.teacher,
+                "--checkpoint", str(args.demo / "teacher" / "teacher.pt"),
+                "--out", str(cache),
+                "--views", str(CACHED_VIEWS),
+                "--limit", str(subset),
+                "--shard-instances", str(args.shard_instances),
+                "--workers", str(args.cache_workers),
+                "--seed", str(args.cache_seed),
+            ]
+        )  # fmt: skip
+    return caches
+
+
+def subset_epochs(cache: Path, batch_size: int = 32) -> tuple[int, int]:
+    """(instances, epochs) of a subset: epochs that make about TARGET_STEPS steps."""
+    from pipeline.cache import open_reader
+    from pipeline.cache_loader import steps_per_epoch
+
+    reader = open_reader(str(cache))
+    instances = sum(s.instances for s in reader.manifest.shards)
+    return instances, max(1, round(TARGET_STEPS / steps_per_epoch(reader, 1, batch_size)))
+
+
+def sweep_name(subset: int, seed: int) -> str:
+    return f"replay-n{subset}-seed{seed}"
+
+
+def run_sweeps(args, caches: dict[int, Path]) -> None:
+    for subset, cache in caches.items():
+        _, epochs = subset_epochs(cache)
+        for seed in args.seeds:
+            _run(
+                [
+                    sys.executable, "jobs/sweep.py",
+                    "--cache", str(cache),
+                    "--space", SPACE,
+                    "--storage", args.out,
+                    "--name", sweep_name(subset, seed),
+                    "--val", str(args.demo / "data"),
+                    "--set", f"seed={seed}",
+                    "--set", f"epochs={epochs}",
+                    "--max-concurrent", str(args.max_concurrent),
+                ]
+            )  # fmt: skip
+
+
+def det_ap(args, run_dir: Path, student: str) -> float | None:
+    """The trial's final student evaluated with the data set's person detections (kept in
+    the trial's folder, so a rerun reuses it)."""
+    from distilpose.evaluate import EvalRequest, detections_file, run_evaluation
+
+    out = run_dir / "eval_det.json"
+    if not out.exists():
+        boxes = detections_file(str(args.demo / "data"))
+        checkpoint = run_dir / "export" / "student_latest.pt"
+        if boxes is None or not checkpoint.exists():
+            return None
+        run_evaluation(
+            EvalRequest(
+                data=str(args.demo / "data"),
+                model=student,
+                checkpoint=str(checkpoint),
+                boxes=boxes,
+                profile="intended",
+                out=str(out),
+            )
+        )
+    return float(json.loads(out.read_text())["metrics"]["AP"])
+
+
+def collect(args, caches: dict[int, Path]) -> list[dict]:
+    """One row per finished trial: subset, arm, seed, AP (GT and detector boxes), wall time."""
+    from pipeline.sweep import load_space
+
+    student = load_space(str(ROOT / SPACE))[0]["student"]
+    rows = []
+    for subset, cache in caches.items():
+        if not (cache / "manifest.json").exists():
+            continue
+        instances, epochs = subset_epochs(cache)
+        for seed in args.seeds:
+            sweep = Path(args.out) / sweep_name(subset, seed)
+            results = sweep / "results.csv"
+            for row in csv.DictReader(results.open()) if results.exists() else []:
+                if row.get("AP") in ("", None):
+                    continue
+                run_dir = sweep / "runs" / row["trial"]
+                epoch_rows = list(csv.DictReader((run_dir / "logs" / "epochs.csv").open()))
+                if int(float(epoch_rows[-1]["epoch"])) != epochs:
+                    continue  # unfinished, or run with another schedule
+                views = int(row["trial"].split("-k")[1]) if "-k" in row["trial"] else None
+                rows.append(
+                    {
+                        "instances": instances,
+                        "epochs": epochs,
+                        "trial": row["trial"],
+                        "views": views or "",
+                        "replays_per_view": round(epochs / views, 1) if views else "",
+                        "seed": seed,
+                        "AP_gt": float(row["AP"]),
+                        "AP_det": det_ap(args, run_dir, student),
+                        "train_s": sum(float(e["epoch_time_s"]) for e in epoch_rows),
+                    }
+                )
+    return rows
+
+
+def _spread(values: list[float]) -> dict:
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (subset, arm): AP mean and spread for both box kinds, and the paired difference to
+    online-fresh (same subset, same seed) with its spread."""
+    online = {(r["instances"], r["seed"]): r for r in rows if r["trial"] == ONLINE}
+    table = []
+    for key in sorted({(r["instances"], r["trial"]) for r in rows}, key=_arm_order):
+        runs = [r for r in rows if (r["instances"], r["trial"]) == key]
+        first = runs[0]
+        entry = {
+            "instances": key[0],
+            "epochs": first["epochs"],
+            "trial": key[1],
+            "views": first["views"],
+            "replays_per_view": first["replays_per_view"],
+        }
+        for boxes in ("gt", "det"):
+            aps = [r[f"AP_{boxes}"] for r in runs if r[f"AP_{boxes}"] is not None]
+            diffs = [
+                r[f"AP_{boxes}"] - online[(r["instances"], r["seed"])][f"AP_{boxes}"]
+                for r in runs
+                if (r["instances"], r["seed"]) in online and r[f"AP_{boxes}"] is not None
+            ]
+            for name, values in (("AP", aps), ("diff", diffs)):
+                spread = _spread(values) if values else {}
+                for stat in ("mean", "std", "min", "max"):
+                    entry[f"{name}_{boxes}_{stat}"] = spread.get(stat, "")
+            entry[f"diffs_{boxes}"] = " ".join(f"{d * 100:+.1f}" for d in diffs)
+        entry["seeds"] = " ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+        entry["train_s_mean"] = statistics.fmean(r["train_s"] for r in runs)
+        table.append(entry)
+    return table
+
+
+def _arm_order(key: tuple[int, str]) -> tuple:
+    instances, trial = key
+    order = {ONLINE: 0, "none-fresh": 90, "none-k8": 91}
+    views = int(trial.split("-k")[1]) if trial.startswith("cache-k") else 0
+    return instances, order.get(trial, 1), views
+
+
+def replay_study(table: list[dict], steps: int) -> ReplayStudy:
+    from pipeline.sweep import load_space
+
+    student = load_space(str(ROOT / SPACE))[0]["student"]
+    points = tuple(
+        ReplayPoint(
+            views=int(r["views"]),
+            instances=r["instances"],
+            epochs=r["epochs"],
+            diff_mean=round(r["diff_gt_mean"], 4),
+            diff_std=round(r["diff_gt_std"], 4),
+            diff_min=round(r["diff_gt_min"], 4),
+            diff_max=round(r["diff_gt_max"], 4),
+            seeds=len(r["seeds"].split()),
+        )
+        for r in table
+        if r["trial"].startswith("cache-k") and r["diff_gt_mean"] != ""
+    )
+    subsets = sorted({p.instances for p in points})
+    seeds = max((p.seeds for p in points), default=0)
+    where = (
+        f"{student}, synthetic data, ~{steps} steps, {'/'.join(map(str, subsets))} instances, "
+        f"up to {seeds} paired seed(s)"
+    )
+    return ReplayStudy(student=student, steps=steps, points=points, where=where)
+
+
+def recommendation_lines(study: ReplayStudy) -> list[str]:
+    lines = []
+    for epochs in PLANNER_EPOCHS:
+        best, checked = study.recommend(epochs)
+        seen = ", ".join(
+            f"K={k}: {p.diff_mean * 100:+.1f} AP at {p.replays:.0f} replays ({p.instances} inst.)" for k, p in checked
+        )
+        if best is not None:
+            lines.append(f"{epochs} epochs: K={best} ({seen})")
+        elif checked:
+            lines.append(f"{epochs} epochs: no measured K within {WITHIN_AP * 100:.0f} AP ({seen})")
+        else:
+            lines.append(f"{epochs} epochs: not measured (no K at about {epochs}/K replays yet)")
+    return lines
+
+
+def markdown(table: list[dict]) -> str:
+    def ap(r, boxes):
+        m = r[f"AP_{boxes}_mean"]
+        return f"{m:.3f} ± {r[f'AP_{boxes}_std']:.3f}" if m != "" else ""
+
+    def diff(r, boxes):
+        m = r[f"diff_{boxes}_mean"]
+        if m == "" or r["trial"] == ONLINE:
+            return ""
+        return f"{m * 100:+.1f} ± {r[f'diff_{boxes}_std'] * 100:.1f} ({r[f'diffs_{boxes}']})"
+
+    lines = [
+        "| instances | epochs | arm | replays/view | seeds | AP (GT boxes) | paired diff vs online, AP points "
+        "(per seed) | AP (det. boxes) | paired diff (det.) | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['instances']} | {r['epochs']} | {r['trial']} | {r['replays_per_view']} | {r['seeds']} "
+            f"| {ap(r, 'gt')} | {diff(r, 'gt')} | {ap(r, 'det')} | {diff(r, 'det')} | {r['train_s_mean']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(table: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        for row in table:
+            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def plot(table: list[dict], title: str, path: Path) -> None:
+    """Paired difference to online-fresh (GT boxes) against replays per view, one line per K;
+    the matched no-distillation baselines as horizontal marks per subset."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 4.4))
+    ax = fig.add_subplot()
+    cached = [r for r in table if r["trial"].startswith("cache-k") and r["diff_gt_mean"] != ""]
+    for i, k in enumerate(sorted({r["views"] for r in cached})):
+        pts = sorted((r for r in cached if r["views"] == k), key=lambda r: r["replays_per_view"])
+        ax.errorbar(
+            [r["replays_per_view"] for r in pts],
+            [r["diff_gt_mean"] * 100 for r in pts],
+            yerr=[
+                [(r["diff_gt_mean"] - r["diff_gt_min"]) * 100 for r in pts],
+                [(r["diff_gt_max"] - r["diff_gt_mean"]) * 100 for r in pts],
+            ],
+            marker="o",
+            capsize=3,
+            color=f"C{i}",
+            label=f"cache K={k} (min-max over seeds)",
+        )
+    ax.axhline(0.0, color="k", linewidth=0.8)
+    ax.axhspan(-WITHIN_AP * 100, 0.0, color="C2", alpha=0.1, label=f"within {WITHIN_AP * 100:.0f} AP")
+    ax.axvline(300 / 8, color="C7", linestyle=":", label="300 epochs at K=8 (37 replays)")
+    for r in table:
+        if r["trial"] == "none-fresh" and r["diff_gt_mean"] != "":
+            ax.axhline(r["diff_gt_mean"] * 100, color="C7", linestyle="--", linewidth=0.8)
+    ax.plot([], [], color="C7", linestyle="--", linewidth=0.8, label="no distillation, fresh views (per subset)")
+    ax.set_xscale("log")
+    ax.set_xlabel("replays per cached view (epochs / K)")
+    ax.set_ylabel("AP - online-fresh AP, paired by seed (points)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo", type=Path, default=ROOT / "runs" / "demo", help="make demo's folder (data, teacher)")
+    p.add_argument("--teacher", default="tokenpose-tiny")
+    p.add_argument("--out", default=str(ROOT / "runs" / "replay"), help="study folder (caches, sweeps)")
+    p.add_argument("--subsets", type=_ints, default=[128, 512, 256], help="training subsets (instances), in order")
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="seeds per subset, in order")
+    p.add_argument("--cache-seed", type=int, default=0, help="the caches' view seed")
+    p.add_argument("--shard-instances", type=int, default=32)
+    p.add_argument("--cache-workers", type=int, default=2)
+    p.add_argument("--max-concurrent", type=int, default=2, help="trials at once (one CPU each)")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    p.add_argument("--report-only", action="store_true", help="only re-read the finished trials")
+    args = p.parse_args(argv)
+
+    if not (args.demo / "teacher" / "teacher.pt").exists():
+        p.error(f"{args.demo}/teacher/teacher.pt does not exist: run `make demo` first (or pass --demo)")
+    print(f"[study] teacher {args.teacher} val AP {teacher_val_ap(args.demo):.3f} (GT boxes)", flush=True)
+    check = teacher_check(args, min(args.subsets))
+    print(f"[study] {check['line']}", flush=True)
+    if check["ratio"] < MIN_PCK_RATIO:
+        print(
+            f"[study] the teacher's augmented-view PCK is below {MIN_PCK_RATIO:.0%} of its view-0 PCK: its targets "
+            "on augmented crops are not trustworthy, so neither is this study. Train it with augmentation "
+            "(jobs/train_teacher.py --recipe fast-aug; make demo does). Stopping.",
+            flush=True,
+        )
+        return 1
+    caches = build_caches(args)
+    if not args.report_only:
+        run_sweeps(args, caches)
+    rows = collect(args, caches)
+    if not rows:
+        print("[study] no finished trial yet", flush=True)
+        return 1
+    table = summarize(rows)
+    study = replay_study(table, TARGET_STEPS)
+    args.docs.mkdir(parents=True, exist_ok=True)
+    write_csv(table, args.docs / f"{NAME}.csv")
+    plot(table, f"{NAME}: {study.where}", args.docs / f"{NAME}.png")
+    recommendations = recommendation_lines(study)
+    summary = {**study.to_json(), "teacher_check": check, "recommendations": recommendations}
+    (args.docs / f"{NAME}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(markdown(table))
+    for line in recommendations:
+        print(f"[study] recommended views for {line}")
+    print(f"[study] wrote {args.docs / NAME}.csv, .png and .json (the planner's advice)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
