@@ -14,6 +14,7 @@ V = 8 replay each view 37 times). Arms, differing in one thing each:
 - online-fresh: the teacher in the loop on a fresh augmentation per instance per epoch;
 - cache-kK: the teacher's outputs on the cache's augmented views 1..K (view 0, the
   un-augmented crop the official pipeline never draws, is excluded);
+- cache-k8-flip: cache-k8 with the label-side flip (`--label-flip`, the remedy candidate);
 - none-fresh / none-k8: no distillation, on fresh views / on cached views 1..8 (the
   baselines matched to online-fresh and cache-k8).
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -57,6 +59,17 @@ TARGET_STEPS = 1000
 # crops are not trustworthy, and neither is any comparison built on them.
 MIN_PCK_RATIO = 0.8
 PLANNER_EPOCHS = (300, 210, 100)  # schedules the report answers for (the paper's 300 first)
+
+
+def arm_views(trial: str) -> int | None:
+    """K of a cached arm ("cache-k8", "cache-k8-flip", "none-k8"); None for fresh views."""
+    found = re.search(r"-k(\d+)", trial)
+    return int(found.group(1)) if found else None
+
+
+def is_cache_arm(trial: str) -> bool:
+    """The plain cached arms, the ones the recommendation is about (no remedy)."""
+    return re.fullmatch(r"cache-k\d+", trial) is not None
 
 
 def teacher_check(args, subset: int) -> dict:
@@ -185,7 +198,7 @@ def collect(args, caches: dict[int, Path]) -> list[dict]:
                 epoch_rows = list(csv.DictReader((run_dir / "logs" / "epochs.csv").open()))
                 if int(float(epoch_rows[-1]["epoch"])) != epochs:
                     continue  # unfinished, or run with another schedule
-                views = int(row["trial"].split("-k")[1]) if "-k" in row["trial"] else None
+                views = arm_views(row["trial"])
                 rows.append(
                     {
                         "instances": instances,
@@ -248,8 +261,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 def _arm_order(key: tuple[int, str]) -> tuple:
     instances, trial = key
     order = {ONLINE: 0, "none-fresh": 90, "none-k8": 91}
-    views = int(trial.split("-k")[1]) if trial.startswith("cache-k") else 0
-    return instances, order.get(trial, 1), views
+    return instances, order.get(trial, 1), arm_views(trial) or 0, trial
 
 
 def replay_study(table: list[dict], steps: int) -> ReplayStudy:
@@ -268,7 +280,7 @@ def replay_study(table: list[dict], steps: int) -> ReplayStudy:
             seeds=len(r["seeds"].split()),
         )
         for r in table
-        if r["trial"].startswith("cache-k") and r["diff_gt_mean"] != ""
+        if is_cache_arm(r["trial"]) and r["diff_gt_mean"] != ""
     )
     subsets = sorted({p.instances for p in points})
     seeds = max((p.seeds for p in points), default=0)
@@ -334,7 +346,7 @@ def plot(table: list[dict], title: str, path: Path) -> None:
 
     fig = Figure(figsize=(7.0, 4.4))
     ax = fig.add_subplot()
-    cached = [r for r in table if r["trial"].startswith("cache-k") and r["diff_gt_mean"] != ""]
+    cached = [r for r in table if is_cache_arm(r["trial"]) and r["diff_gt_mean"] != ""]
     for i, k in enumerate(sorted({r["views"] for r in cached})):
         pts = sorted((r for r in cached if r["views"] == k), key=lambda r: r["replays_per_view"])
         ax.errorbar(
@@ -348,6 +360,17 @@ def plot(table: list[dict], title: str, path: Path) -> None:
             capsize=3,
             color=f"C{i}",
             label=f"cache K={k} (min-max over seeds)",
+        )
+    flipped = [r for r in table if r["trial"].endswith("-flip") and r["diff_gt_mean"] != ""]
+    if flipped:
+        ax.scatter(
+            [r["replays_per_view"] for r in flipped],
+            [r["diff_gt_mean"] * 100 for r in flipped],
+            marker="*",
+            s=90,
+            color="k",
+            zorder=3,
+            label="cache K=8 + label-side flip (at its K=8 replay count)",
         )
     ax.axhline(0.0, color="k", linewidth=0.8)
     ax.axhspan(-WITHIN_AP * 100, 0.0, color="C2", alpha=0.1, label=f"within {WITHIN_AP * 100:.0f} AP")
@@ -364,6 +387,36 @@ def plot(table: list[dict], title: str, path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
+
+
+BEGIN, END = "<!-- study_replay: begin (written by bench/study_replay.py) -->", "<!-- study_replay: end -->"
+
+
+def write_docs_block(page: Path, text: str) -> None:
+    """Put the study's results between the page's markers: the figures in the docs are the
+    ones this run computed, never retyped."""
+    doc = page.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{page} lacks the study's markers ({BEGIN} ... {END})")
+    head, rest = doc.split(BEGIN, 1)
+    page.write_text(head + BEGIN + "\n" + text.strip() + "\n" + END + rest.split(END, 1)[1])
+
+
+def results_block(table: list[dict], check: dict, study: ReplayStudy, recommendations: list[str]) -> str:
+    lines = [
+        f"Teacher check: {check['line']}.",
+        "",
+        markdown(table),
+        "",
+        f"![paired difference vs replays per view]({NAME}.png)",
+        "",
+        "Recommended cached views (the smallest K whose measured paired difference at epochs / K replays is "
+        f"within {WITHIN_AP * 100:.0f} AP or better; `pipeline.premise.ReplayStudy.recommend`, what the planner "
+        "prints):",
+        "",
+    ]
+    lines += [f"- {line}" for line in recommendations]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,10 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     recommendations = recommendation_lines(study)
     summary = {**study.to_json(), "teacher_check": check, "recommendations": recommendations}
     (args.docs / f"{NAME}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_docs_block(args.docs / f"{NAME}.md", results_block(table, check, study, recommendations))
     print(markdown(table))
     for line in recommendations:
         print(f"[study] recommended views for {line}")
-    print(f"[study] wrote {args.docs / NAME}.csv, .png and .json (the planner's advice)")
+    print(f"[study] wrote {args.docs / NAME}.csv, .png, .json (the planner's advice) and the results in .md")
     return 0
 
 

@@ -21,6 +21,8 @@ ShWeighting = Literal["per-sample", "official"]
 SH_WEIGHTINGS: tuple[str, ...] = ("per-sample", "official")
 # Which teacher output each distillation term reads (the cache reader skips the others).
 TEACHER_FIELD_OF_TERM = {"kt": "kpt_tokens", "vt": "vis_tokens", "sh": "heatmaps", "cs": "heatmaps"}
+# Optional (N,) batch entry: per-sample weight of the token terms (0 masks a sample).
+TOKEN_WEIGHT = "token_weight"
 
 
 def _joint_weights(target_weight: torch.Tensor) -> torch.Tensor:
@@ -50,16 +52,31 @@ def loss_reg(coords: torch.Tensor, target: torch.Tensor, target_weight: torch.Te
     return F.smooth_l1_loss(coords * weight, target.to(coords.dtype) * weight, beta=1.0)
 
 
-def loss_kt(student_kpt_tokens: torch.Tensor, teacher_kpt_tokens: torch.Tensor) -> torch.Tensor:
+def _token_mse(student: torch.Tensor, teacher: torch.Tensor, sample_weight: torch.Tensor | None) -> torch.Tensor:
+    """MSE (mean over every entry); with ``sample_weight`` (N,) each sample's squared errors
+    are weighted first (0 masks a sample; it still counts in the mean, as zero-weight joints
+    do in L_reg)."""
+    teacher = teacher.detach().to(student.dtype)
+    if sample_weight is None:
+        return F.mse_loss(student, teacher)
+    weight = sample_weight.to(student.dtype).reshape(-1, *([1] * (student.dim() - 1)))
+    return ((student - teacher).pow(2) * weight).mean()
+
+
+def loss_kt(
+    student_kpt_tokens: torch.Tensor, teacher_kpt_tokens: torch.Tensor, sample_weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """L_KT: MSE (mean) between last-layer keypoint tokens (N, K, D); teacher is a constant."""
     _check_same_shape(student_kpt_tokens, teacher_kpt_tokens, "kpt_tokens")
-    return F.mse_loss(student_kpt_tokens, teacher_kpt_tokens.detach().to(student_kpt_tokens.dtype))
+    return _token_mse(student_kpt_tokens, teacher_kpt_tokens, sample_weight)
 
 
-def loss_vt(student_vis_tokens: torch.Tensor, teacher_vis_tokens: torch.Tensor) -> torch.Tensor:
+def loss_vt(
+    student_vis_tokens: torch.Tensor, teacher_vis_tokens: torch.Tensor, sample_weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """L_VT: MSE (mean) between last-layer visual tokens (N, P, D); teacher is a constant."""
     _check_same_shape(student_vis_tokens, teacher_vis_tokens, "vis_tokens")
-    return F.mse_loss(student_vis_tokens, teacher_vis_tokens.detach().to(student_vis_tokens.dtype))
+    return _token_mse(student_vis_tokens, teacher_vis_tokens, sample_weight)
 
 
 def simulated_heatmap_validity(mu: torch.Tensor, sigma: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -175,10 +192,12 @@ class DistillLoss(nn.Module):
         self, term: str, student: Any, target_weight: torch.Tensor, teacher: Mapping[str, torch.Tensor] | Any
     ) -> torch.Tensor:
         teacher_value = self._teacher_field(teacher, term)
+        # A label-side flipped sample has no token target (distilpose.label_flip).
+        token_weight = teacher.get(TOKEN_WEIGHT) if isinstance(teacher, Mapping) else None
         if term == "kt":
-            return loss_kt(student.kpt_tokens, teacher_value)
+            return loss_kt(student.kpt_tokens, teacher_value, token_weight)
         if term == "vt":
-            return loss_vt(student.vis_tokens, teacher_value)
+            return loss_vt(student.vis_tokens, teacher_value, token_weight)
         if term == "sh":
             return loss_sh(student.coords, student.sigma, teacher_value, target_weight, self.sh_weighting)
         return loss_cs(student.score, student.coords, teacher_value, target_weight)

@@ -41,10 +41,13 @@ from distilpose.data.coco import read_image
 from distilpose.data.transforms import crop_of_view, normalize_batch
 from distilpose.device import pin_batch
 from distilpose.errors import UserError
+from distilpose.label_flip import flip_heatmaps, flip_joints, label_flips
+from distilpose.losses import TOKEN_WEIGHT
 from pipeline.cache.encodings import decode_crop_jpeg
 
 # Fields always read: the student's input view and its regression target.
 BASE_FIELDS = ("instance_id", "image_id", "view", "view_params", "joints", "joint_weights")
+TOKEN_FIELDS = ("kpt_tokens", "vis_tokens")  # do not follow a label-side flip (masked instead)
 
 
 @dataclass
@@ -119,6 +122,7 @@ class CachedViewStream:
         seed: int,
         cache_views: int | None = None,
         exclude_view0: bool = False,
+        label_flip: bool = False,
         shuffle_shards: int = 4,
         prefetch: int = 0,
         pin_memory: bool = False,
@@ -133,6 +137,7 @@ class CachedViewStream:
         self.seed = seed
         self.first_view = 1 if exclude_view0 else 0
         self.views = resolve_cache_views(reader.manifest.views, cache_views, self.first_view)
+        self.label_flip = label_flip
         self.shuffle_shards = shuffle_shards
         self.prefetch = prefetch
         self.pin_memory = pin_memory
@@ -165,7 +170,7 @@ class CachedViewStream:
             for start in range(0, usable, self.batch_size):
                 if emitted == self.steps:
                     return
-                yield self._make_batch({k: v[start : start + self.batch_size] for k, v in pool.items()})
+                yield self._make_batch({k: v[start : start + self.batch_size] for k, v in pool.items()}, epoch)
                 emitted += 1
             # Fewer rows than a batch are carried into the next group of shards; this rank's
             # share is at least steps x batch_size rows, so all `steps` batches come out.
@@ -177,18 +182,28 @@ class CachedViewStream:
         view = shard_view(self.seed, epoch, shard, self.views, self.first_view)
         return self.reader.read_shard(shard, fields=list(fields), view=view)
 
-    def _make_batch(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def _make_batch(self, rows: dict[str, np.ndarray], epoch: int) -> dict[str, torch.Tensor]:
         crops = np.stack([self._crop(rows, i) for i in range(len(rows["instance_id"]))])
         h, w = self.input_size
-        target = torch.from_numpy(rows["joints"].astype(np.float32)) / torch.tensor([w, h], dtype=torch.float32)
+        joints, weights = rows["joints"].astype(np.float32), rows["joint_weights"].astype(np.float32)
+        fields = {key: np.asarray(rows[key], dtype=np.float32) for key in self.teacher_fields}
+        flips = None
+        if self.label_flip:
+            flips = label_flips(self.seed, epoch, rows["instance_id"])
+            crops[flips] = crops[flips, :, ::-1]
+            joints[flips], weights[flips] = flip_joints(joints[flips], weights[flips], w)
+            if "heatmaps" in fields:
+                fields["heatmaps"][flips] = flip_heatmaps(fields["heatmaps"][flips], w)
         batch = {
             "image": normalize_batch(crops),
-            "target": target,
-            "target_weight": torch.from_numpy(rows["joint_weights"].astype(np.float32)),
+            "target": torch.from_numpy(joints) / torch.tensor([w, h], dtype=torch.float32),
+            "target_weight": torch.from_numpy(weights),
             "instance_id": torch.from_numpy(rows["instance_id"].astype(np.int64)),
         }
-        for key in self.teacher_fields:
-            batch[key] = torch.from_numpy(np.ascontiguousarray(rows[key], dtype=np.float32))
+        for key, value in fields.items():
+            batch[key] = torch.from_numpy(np.ascontiguousarray(value))
+        if flips is not None and any(f in fields for f in TOKEN_FIELDS):
+            batch[TOKEN_WEIGHT] = torch.from_numpy((~flips).astype(np.float32))
         # Pinned here, in the prefetch thread, so the step's non_blocking copy is asynchronous.
         return pin_batch(batch) if self.pin_memory else batch
 

@@ -60,6 +60,8 @@ def check_online_views(cfg: DistillConfig) -> None:
         )
     if cfg.exclude_view0 and cfg.view_source() == "fresh":
         raise UserError("--exclude-view0 chooses among the cached views; fresh views are always augmented")
+    if cfg.label_flip and cfg.view_source() == "fresh":
+        raise UserError("--label-flip mirrors cached views; fresh views already draw their own flip")
     if cfg.checkpoint_every < 1:
         raise UserError(f"--checkpoint-every {cfg.checkpoint_every}: give a number of epochs >= 1")
 
@@ -149,8 +151,9 @@ def run_identity(cfg: DistillConfig, manifest, backbone) -> dict:
     if cfg.online_teacher or cfg.view_source() == "fresh":  # the cache's views or fresh ones
         identity["online_views"] = cfg.view_source()
     identity["cache_views"] = cfg.cache_views or manifest.views  # views the loader draws from
-    if cfg.exclude_view0:
-        identity["exclude_view0"] = True
+    for option_name in ("exclude_view0", "label_flip"):  # recorded when on: older runs stay comparable
+        if getattr(cfg, option_name):
+            identity[option_name] = True
     return json.loads(json.dumps(identity))
 
 
@@ -257,6 +260,8 @@ def views_line(cfg: DistillConfig, manifest) -> str:
         k = cfg.cache_views or manifest.views - first
         views = f"cached views {first}..{first + k - 1} of {manifest.views}"
         views += " (augmented only)" if first else (" (view 0 is the un-augmented crop)" if k > 1 else "")
+        if cfg.label_flip:
+            views += ", half of them mirrored at load time (label-side flip; token losses masked there)"
     teacher = f"online teacher {cfg.online_teacher}" if cfg.online_teacher else None
     if cfg.no_distill:
         return f"no distillation (L_reg only) on {views}"

@@ -26,6 +26,11 @@ class DistillConfig:
         help="draw only the cache's augmented views 1..K (view 0 is the un-augmented crop, which the official "
         "pipeline never draws; K = --cache-views, default all but view 0)",
     )
+    label_flip: bool = option(
+        False,
+        help="mirror half of the cached views at load time, the teacher's heatmaps with them (joints swapped) "
+        "and the token losses masked for those: twice the distinct crops per cached view",
+    )
     student: str = option("distilpose-s", help="student preset")
     storage: str = option("runs", help="checkpoint/log root (local or s3://)")
     name: str = option("distill", help="run name; the same name resumes")

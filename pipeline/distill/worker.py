@@ -87,6 +87,7 @@ def train_loop_per_worker(config: dict) -> None:
             seed=cfg.seed,
             cache_views=cfg.cache_views,
             exclude_view0=cfg.exclude_view0,
+            label_flip=cfg.label_flip,
             prefetch=loader_prefetch(cfg),
             pin_memory=device.type == "cuda",  # pinned in the loader thread: the copy below is async
         )
