@@ -14,6 +14,7 @@ import torch
 
 from distilpose.data.layout import split_files
 from distilpose.data.synthetic import make_synthetic_coco
+from distilpose.data.transforms import AugmentConfig
 from distilpose.evaluate import detections_file
 from distilpose.models import build_model
 from distilpose.models.checkpoints import CheckpointError, load_checkpoint
@@ -74,6 +75,9 @@ def test_recipes_set_defaults_that_explicit_values_override():
     fast = TeacherTrainConfig.from_recipe("fast", data="d", lr=None, epochs=3)
     assert (fast.lr, fast.aug, fast.backbone_init, fast.epochs) == (3e-3, AUG_PRESETS["none"], "kaiming", 3)
     assert TeacherTrainConfig.from_recipe("fast", data="d", lr=5e-4, aug="light").lr == 5e-4
+    # The demo's teacher: "fast" with exactly the augmentation the students' views are drawn with.
+    fast_aug = TeacherTrainConfig.from_recipe("fast-aug", data="d")
+    assert (fast_aug.lr, fast_aug.aug, fast_aug.backbone_init) == (3e-3, AugmentConfig(), "kaiming")
     with pytest.raises(ValueError, match="unknown recipe"):
         TeacherTrainConfig.from_recipe("slow", data="d")
     with pytest.raises(ValueError, match="budget_clock"):
