@@ -19,6 +19,7 @@ teacher's own error is the figure to read.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instances", type=int, default=128)
     p.add_argument("--views", type=int, default=9, help="cached views per instance (1..V-1 are measured)")
     p.add_argument("--seed", type=int, default=0, help="the cache's view seed")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "label-flip.json", help="the figures, as JSON")
     args = p.parse_args(argv)
     checkpoint = args.demo / "teacher" / "teacher.pt"
     if not checkpoint.exists():
@@ -94,6 +96,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"warp / teacher error (means): {warp_px.mean() / teacher_px.mean():.2f}")
     print(f"heatmap RMSE of the warp, per joint's max |x|: {rmse:.3f} (the i8-thresh encoding allows 0.010)")
+    record = {
+        "instances": len(instances),
+        "views": f"1..{args.views - 1}",
+        "crops": len(crops),
+        "input_size": list(size),
+        "warp_px": {
+            "mean": float(warp_px.mean()),
+            "median": float(np.median(warp_px)),
+            "p90": float(np.percentile(warp_px, 90)),
+        },
+        "teacher_px": {
+            "mean": float(teacher_px.mean()),
+            "median": float(np.median(teacher_px)),
+            "p90": float(np.percentile(teacher_px, 90)),
+        },
+        "warp_over_teacher": float(warp_px.mean() / teacher_px.mean()),
+        "heatmap_rmse_rel": rmse,
+    }
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 
