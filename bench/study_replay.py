@@ -25,7 +25,8 @@ Phases, each resumable:
    targets there are wrong, and the study stops;
 1. caches: `jobs/cache_teacher.py --limit N --views 17` per subset;
 2. sweeps: `jobs/sweep.py` with sweeps/premise-replay.yaml, `--set epochs=E --set seed=S`,
-   one sweep per (subset, seed), subsets in the order given, all seeds of one before the next;
+   one sweep per (subset, arm group, seed): two arms at a time, each group for every seed
+   before the next group (ARM_GROUPS: online-fresh and K = 8 first), subsets in the order given;
 3. detector boxes: each finished trial's final student evaluated with the data set's person
    detections too (GT-box AP comes from the trial itself);
 4. report: docs/premise-replay.{csv,png,json}: AP per arm (mean, spread), each cache arm's
@@ -48,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from study_premise import _ints, _run, teacher_val_ap  # noqa: E402
 
-from pipeline.premise import WITHIN_AP, ReplayPoint, ReplayStudy  # noqa: E402
+from pipeline.premise import WITHIN_AP, ReplayPoint, ReplayStudy, remedy_advice  # noqa: E402
 
 NAME = "premise-replay"
 SPACE = "sweeps/premise-replay.yaml"
@@ -67,9 +68,17 @@ def arm_views(trial: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+REMEDIES = {"flip": "--label-flip"}  # arm suffix -> the distill option it adds
+
+
 def is_cache_arm(trial: str) -> bool:
-    """The plain cached arms, the ones the recommendation is about (no remedy)."""
-    return re.fullmatch(r"cache-k\d+", trial) is not None
+    """The cached arms: plain (what the recommendation is about) or with a remedy."""
+    return re.fullmatch(r"cache-k\d+(-(" + "|".join(REMEDIES) + "))?", trial) is not None
+
+
+def arm_remedy(trial: str) -> str:
+    suffix = trial.rsplit("-", 1)[-1]
+    return REMEDIES.get(suffix, "")
 
 
 def teacher_check(args, subset: int) -> dict:
@@ -131,27 +140,57 @@ def subset_epochs(cache: Path, batch_size: int = 32) -> tuple[int, int]:
     return instances, max(1, round(TARGET_STEPS / steps_per_epoch(reader, 1, batch_size)))
 
 
-def sweep_name(subset: int, seed: int) -> str:
-    return f"replay-n{subset}-seed{seed}"
+# Arms in the order they are run: each group for every seed before the next group, so a
+# study cut short has the arms that decide the 300-epoch answer (online-fresh and K = 8 at
+# ~31 replays) paired over all seeds first. Two arms a group: two trials side by side.
+ARM_GROUPS = {
+    "a": ("online-fresh", "cache-k8"),
+    "b": ("cache-k8-flip", "cache-k16"),
+    "c": ("cache-k4", "none-fresh"),
+    "d": ("cache-k2", "none-k8"),
+}
+
+
+def sweep_name(subset: int, seed: int, group: str) -> str:
+    return f"replay-n{subset}-seed{seed}-{group}"
+
+
+def finished_trials(out: Path, subset: int, seed: int) -> dict[str, Path]:
+    """Finished trials of (subset, seed) by arm name -> run folder, over every sweep of that
+    pair (one per arm group; an older layout ran all arms in one sweep)."""
+    done = {}
+    for epochs_csv in sorted(out.glob(f"replay-n{subset}-seed{seed}*/runs/*/logs/epochs.csv")):
+        rows = list(csv.DictReader(epochs_csv.open()))
+        last = rows[-1] if rows else {}
+        finished = last.get("AP") not in ("", None) and last.get("epoch") == last.get("epochs")
+        run_dir = epochs_csv.parents[1]
+        if finished and run_dir.name not in done:
+            done[run_dir.name] = run_dir
+    return done
 
 
 def run_sweeps(args, caches: dict[int, Path]) -> None:
     for subset, cache in caches.items():
         _, epochs = subset_epochs(cache)
-        for seed in args.seeds:
-            _run(
-                [
-                    sys.executable, "jobs/sweep.py",
-                    "--cache", str(cache),
-                    "--space", SPACE,
-                    "--storage", args.out,
-                    "--name", sweep_name(subset, seed),
-                    "--val", str(args.demo / "data"),
-                    "--set", f"seed={seed}",
-                    "--set", f"epochs={epochs}",
-                    "--max-concurrent", str(args.max_concurrent),
-                ]
-            )  # fmt: skip
+        for group in args.groups:
+            arms = ARM_GROUPS[group]
+            for seed in args.seeds:
+                if set(arms) <= set(finished_trials(Path(args.out), subset, seed)):
+                    continue
+                _run(
+                    [
+                        sys.executable, "jobs/sweep.py",
+                        "--cache", str(cache),
+                        "--space", SPACE,
+                        "--only", ",".join(arms),
+                        "--storage", args.out,
+                        "--name", sweep_name(subset, seed, group),
+                        "--val", str(args.demo / "data"),
+                        "--set", f"seed={seed}",
+                        "--set", f"epochs={epochs}",
+                        "--max-concurrent", str(args.max_concurrent),
+                    ]
+                )  # fmt: skip
 
 
 def det_ap(args, run_dir: Path, student: str) -> float | None:
@@ -189,25 +228,20 @@ def collect(args, caches: dict[int, Path]) -> list[dict]:
             continue
         instances, epochs = subset_epochs(cache)
         for seed in args.seeds:
-            sweep = Path(args.out) / sweep_name(subset, seed)
-            results = sweep / "results.csv"
-            for row in csv.DictReader(results.open()) if results.exists() else []:
-                if row.get("AP") in ("", None):
-                    continue
-                run_dir = sweep / "runs" / row["trial"]
+            for trial, run_dir in finished_trials(Path(args.out), subset, seed).items():
                 epoch_rows = list(csv.DictReader((run_dir / "logs" / "epochs.csv").open()))
                 if int(float(epoch_rows[-1]["epoch"])) != epochs:
-                    continue  # unfinished, or run with another schedule
-                views = arm_views(row["trial"])
+                    continue  # run with another schedule
+                views = arm_views(trial)
                 rows.append(
                     {
                         "instances": instances,
                         "epochs": epochs,
-                        "trial": row["trial"],
+                        "trial": trial,
                         "views": views or "",
                         "replays_per_view": round(epochs / views, 1) if views else "",
                         "seed": seed,
-                        "AP_gt": float(row["AP"]),
+                        "AP_gt": float(epoch_rows[-1]["AP"]),
                         "AP_det": det_ap(args, run_dir, student),
                         "train_s": sum(float(e["epoch_time_s"]) for e in epoch_rows),
                     }
@@ -278,6 +312,7 @@ def replay_study(table: list[dict], steps: int) -> ReplayStudy:
             diff_min=round(r["diff_gt_min"], 4),
             diff_max=round(r["diff_gt_max"], 4),
             seeds=len(r["seeds"].split()),
+            remedy=arm_remedy(r["trial"]),
         )
         for r in table
         if is_cache_arm(r["trial"]) and r["diff_gt_mean"] != ""
@@ -301,7 +336,9 @@ def recommendation_lines(study: ReplayStudy) -> list[str]:
         if best is not None:
             lines.append(f"{epochs} epochs: K={best} ({seen})")
         elif checked:
-            lines.append(f"{epochs} epochs: no measured K within {WITHIN_AP * 100:.0f} AP ({seen})")
+            lines.append(
+                f"{epochs} epochs: no measured K within {WITHIN_AP * 100:.0f} AP ({seen}){remedy_advice(epochs, study)}"
+            )
         else:
             lines.append(f"{epochs} epochs: not measured (no K at about {epochs}/K replays yet)")
     return lines
@@ -346,7 +383,7 @@ def plot(table: list[dict], title: str, path: Path) -> None:
 
     fig = Figure(figsize=(7.0, 4.4))
     ax = fig.add_subplot()
-    cached = [r for r in table if is_cache_arm(r["trial"]) and r["diff_gt_mean"] != ""]
+    cached = [r for r in table if is_cache_arm(r["trial"]) and not arm_remedy(r["trial"]) and r["diff_gt_mean"] != ""]
     for i, k in enumerate(sorted({r["views"] for r in cached})):
         pts = sorted((r for r in cached if r["views"] == k), key=lambda r: r["replays_per_view"])
         ax.errorbar(
@@ -426,6 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "replay"), help="study folder (caches, sweeps)")
     p.add_argument("--subsets", type=_ints, default=[128, 512, 256], help="training subsets (instances), in order")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="seeds per subset, in order")
+    p.add_argument(
+        "--groups",
+        type=lambda text: [g for g in text.split(",") if g],
+        default=list(ARM_GROUPS),
+        help="arm groups to run, in order (" + "; ".join(f"{g}: {' + '.join(a)}" for g, a in ARM_GROUPS.items()) + ")",
+    )
     p.add_argument("--cache-seed", type=int, default=0, help="the caches' view seed")
     p.add_argument("--shard-instances", type=int, default=32)
     p.add_argument("--cache-workers", type=int, default=2)
@@ -433,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
     p.add_argument("--report-only", action="store_true", help="only re-read the finished trials")
     args = p.parse_args(argv)
+    unknown = [g for g in args.groups if g not in ARM_GROUPS]
+    if unknown:
+        p.error(f"--groups: unknown group(s) {', '.join(unknown)}; choose from {', '.join(ARM_GROUPS)}")
 
     if not (args.demo / "teacher" / "teacher.pt").exists():
         p.error(f"{args.demo}/teacher/teacher.pt does not exist: run `make demo` first (or pass --demo)")

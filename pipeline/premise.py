@@ -82,6 +82,7 @@ class ReplayPoint:
     diff_min: float
     diff_max: float
     seeds: int
+    remedy: str = ""  # "" for a plain cached arm; else the option that changed it, e.g. "--label-flip"
 
     @property
     def replays(self) -> float:
@@ -97,21 +98,27 @@ class ReplayStudy:
     points: tuple[ReplayPoint, ...]
     where: str = ""
 
-    def measured(self, views: int, replays: float) -> ReplayPoint | None:
-        """The measured point of K = `views` nearest to `replays` (within REPLAY_MATCH), if any."""
+    def measured(self, views: int, replays: float, remedy: str = "") -> ReplayPoint | None:
+        """The measured point of K = `views` (with `remedy`) nearest to `replays` (within
+        REPLAY_MATCH), if any."""
 
         def distance(p: ReplayPoint) -> float:
             return abs(math.log(p.replays / replays))
 
-        near = [p for p in self.points if p.views == views and distance(p) <= math.log(REPLAY_MATCH)]
+        near = [
+            p for p in self.points if p.views == views and p.remedy == remedy and distance(p) <= math.log(REPLAY_MATCH)
+        ]
         return min(near, key=distance, default=None)
 
-    def recommend(self, epochs: int, within: float = WITHIN_AP) -> tuple[int | None, list[tuple[int, ReplayPoint]]]:
+    def recommend(
+        self, epochs: int, within: float = WITHIN_AP, remedy: str = ""
+    ) -> tuple[int | None, list[tuple[int, ReplayPoint]]]:
         """The smallest K whose measured paired difference at epochs / K replays is >= -within
-        (one-sided: better is fine), and the measured points that decided it."""
+        (one-sided: better is fine), and the measured points that decided it; plain cached
+        arms, or those with `remedy`."""
         checked = []
-        for views in sorted({p.views for p in self.points}):
-            point = self.measured(views, epochs / views)
+        for views in sorted({p.views for p in self.points if p.remedy == remedy}):
+            point = self.measured(views, epochs / views, remedy)
             if point is None:
                 continue
             checked.append((views, point))
@@ -193,8 +200,9 @@ def replay_advice(epochs: int, study: ReplayStudy | None) -> str:
     if best is None:
         seen = ", ".join(f"K={k} {p.diff_mean * 100:+.1f} AP at {p.replays:.0f} replays" for k, p in checked)
         return (
-            f"no K <= {max(k for k, _ in checked)} was within {WITHIN_AP * 100:.0f} AP of the online teacher at "
-            f"{epochs}/K replays per view ({seen}; {study.where}): the cache falls behind there"
+            f"no measured K ({', '.join(str(k) for k, _ in checked)}) was within {WITHIN_AP * 100:.0f} AP of the "
+            f"online teacher at {epochs}/K replays per view ({seen}; {study.where}): the cache falls behind there"
+            + remedy_advice(epochs, study)
         )
     point = dict(checked)[best]
     return (
@@ -203,3 +211,17 @@ def replay_advice(epochs: int, study: ReplayStudy | None) -> str:
         f"{point.instances} instances x {point.epochs} epochs ({epochs} epochs at K={best}: {epochs / best:.0f}); "
         f"{study.where}"
     )
+
+
+def remedy_advice(epochs: int, study: ReplayStudy) -> str:
+    """What the measured remedies did at this schedule's replay counts ("" if none measured)."""
+    parts = []
+    for remedy in sorted({p.remedy for p in study.points if p.remedy}):
+        best, checked = study.recommend(epochs, remedy=remedy)
+        for views, point in checked:
+            verdict = "within 1 AP" if views == best else "behind"
+            parts.append(
+                f"{remedy} K={views}: {point.diff_mean * 100:+.1f} AP at {point.replays:.0f} replays ({verdict}, "
+                f"{point.seeds} seed(s))"
+            )
+    return "; remedies measured: " + ", ".join(parts) if parts else ""

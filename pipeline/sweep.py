@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from distilpose.errors import UserError
 from distilpose.options import option
 from pipeline import storage
 from pipeline.distill import DistillConfig
@@ -50,6 +51,7 @@ class SweepConfig:
     storage: str = option("runs", help="sweep root (local or s3://)")
     name: str = option("sweep", help="sweep name; the same name resumes")
     trials: int | None = option(None, help="run only the first N trials")
+    only: str | None = option(None, metavar="NAME,NAME", help="run only the trials with these names")
     max_concurrent: int = option(1, help="trials run at once")
     overrides: dict = option(  # DistillConfig fields forced on every trial (e.g. val, data)
         default_factory=dict,
@@ -178,6 +180,15 @@ def sweep_trials(cfg: SweepConfig) -> tuple[list[dict], dict]:
     """The space's trials (the first `trials`) and what every trial shares (absolute paths:
     Tune runs each trial in its own folder as working directory)."""
     trials = load_space(cfg.space)
+    if cfg.only:
+        names = [n for n in cfg.only.split(",") if n]
+        known = [t["name"] for t in trials]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UserError(
+                f"--only {cfg.only}: no trial named {', '.join(unknown)} in {cfg.space} (it has {', '.join(known)})"
+            )
+        trials = [t for t in trials if t["name"] in names]
     if cfg.trials:
         trials = trials[: cfg.trials]
     shared = {

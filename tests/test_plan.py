@@ -199,6 +199,14 @@ def test_the_replay_study_recommends_the_smallest_measured_k_within_1_ap() -> No
     assert study.recommend(2000) == (None, [])
     assert "measured no K near 2000/K replays" in replay_advice(2000, study)
     behind = ReplayStudy("s", 1000, (_point(8, 128, 250, -0.03), _point(16, 128, 250, -0.02)), "where")
-    assert "no K <= 16 was within 1 AP" in replay_advice(300, behind) and "falls behind" in replay_advice(300, behind)
+    assert "no measured K (8, 16) was within 1 AP" in replay_advice(300, behind)
+    assert "falls behind" in replay_advice(300, behind) and "remedies" not in replay_advice(300, behind)
+    # A measured remedy is named beside the plain arms (and never decides the plain answer).
+    flip = ReplayPoint(8, 128, 250, -0.002, 0.01, -0.01, 0.005, 3, remedy="--label-flip")
+    with_flip = ReplayStudy("s", 1000, (*behind.points, flip), "where")
+    assert with_flip.recommend(300) == behind.recommend(300) and with_flip.recommend(300, remedy="--label-flip")[0] == 8
+    assert "remedies measured: --label-flip K=8: -0.2 AP at 31 replays (within 1 AP, 3 seed(s))" in replay_advice(
+        300, with_flip
+    )
     assert "no replay study found" in replay_advice(300, None)
     assert ReplayStudy.from_json(json.loads(json.dumps(study.to_json()))) == study

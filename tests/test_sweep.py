@@ -241,3 +241,15 @@ def test_every_shipped_sweep_space_loads() -> None:
         assert trials and all("name" in t for t in trials), path
     premise = {t["name"]: t for t in load_space(str(ROOT / "sweeps" / "premise-l-tiny.yaml"))}
     assert premise["online-fresh"]["online_views"] == "fresh" and premise["cache-v16"]["cache_views"] == 16
+
+
+def test_only_picks_trials_by_name() -> None:
+    from distilpose.errors import UserError
+    from pipeline.sweep import SweepConfig, sweep_trials
+
+    space = str(ROOT / "sweeps" / "premise-replay.yaml")
+    cfg = SweepConfig(cache="c", space=space, only="cache-k8,online-fresh")
+    trials, _ = sweep_trials(cfg)
+    assert [t["name"] for t in trials] == ["online-fresh", "cache-k8"]  # the space's order
+    with pytest.raises(UserError, match="no trial named cache-k9 in .*premise-replay.yaml \\(it has online-fresh"):
+        sweep_trials(SweepConfig(cache="c", space=space, only="cache-k9"))
