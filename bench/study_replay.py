@@ -14,7 +14,8 @@ V = 8 replay each view 37 times). Arms, differing in one thing each:
 - online-fresh: the teacher in the loop on a fresh augmentation per instance per epoch;
 - cache-kK: the teacher's outputs on the cache's augmented views 1..K (view 0, the
   un-augmented crop the official pipeline never draws, is excluded);
-- cache-k8-flip: cache-k8 with the label-side flip (`--label-flip`, the remedy candidate);
+- cache-k4-flip, cache-k8-flip: K = 4 and 8 with the label-side flip (`--label-flip`, the
+  remedy candidate: twice the distinct crops per cached view);
 - none-fresh / none-k8: no distillation, on fresh views / on cached views 1..8 (the
   baselines matched to online-fresh and cache-k8).
 
@@ -145,14 +146,17 @@ def subset_epochs(cache: Path, batch_size: int = 32) -> tuple[int, int]:
 # ~31 replays) paired over all seeds first. Two arms a group: two trials side by side.
 ARM_GROUPS = {
     "a": ("online-fresh", "cache-k8"),
-    "b": ("cache-k8-flip", "cache-k16"),
-    "c": ("cache-k4", "none-fresh"),
-    "d": ("cache-k2", "none-k8"),
+    "b": ("cache-k4-flip", "cache-k8-flip"),
+    "c": ("cache-k4", "cache-k16"),
+    "d": ("cache-k2", "none-fresh", "none-k8"),
 }
 
 
-def sweep_name(subset: int, seed: int, group: str) -> str:
-    return f"replay-n{subset}-seed{seed}-{group}"
+def sweep_name(subset: int, seed: int, group: str, arms: list[str]) -> str:
+    """One sweep per (subset, seed, group); a group some of whose arms finished elsewhere runs
+    the rest under a name of its own (a restored sweep keeps the trial list it started with)."""
+    name = f"replay-n{subset}-seed{seed}-{group}"
+    return name if list(arms) == list(ARM_GROUPS[group]) else name + "-" + "+".join(arms)
 
 
 def finished_trials(out: Path, subset: int, seed: int) -> dict[str, Path]:
@@ -173,9 +177,10 @@ def run_sweeps(args, caches: dict[int, Path]) -> None:
     for subset, cache in caches.items():
         _, epochs = subset_epochs(cache)
         for group in args.groups:
-            arms = ARM_GROUPS[group]
             for seed in args.seeds:
-                if set(arms) <= set(finished_trials(Path(args.out), subset, seed)):
+                done = finished_trials(Path(args.out), subset, seed)
+                arms = [arm for arm in ARM_GROUPS[group] if arm not in done]
+                if not arms:
                     continue
                 _run(
                     [
@@ -184,7 +189,7 @@ def run_sweeps(args, caches: dict[int, Path]) -> None:
                         "--space", SPACE,
                         "--only", ",".join(arms),
                         "--storage", args.out,
-                        "--name", sweep_name(subset, seed, group),
+                        "--name", sweep_name(subset, seed, group, arms),
                         "--val", str(args.demo / "data"),
                         "--set", f"seed={seed}",
                         "--set", f"epochs={epochs}",
