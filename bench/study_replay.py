@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from study_premise import _ints, _run, teacher_val_ap  # noqa: E402
+from study_premise import _ints, _run, teacher_val_ap, write_csv  # noqa: E402
 
 from pipeline.premise import WITHIN_AP, ReplayPoint, ReplayStudy, remedy_advice  # noqa: E402
 
@@ -371,14 +371,6 @@ def markdown(table: list[dict]) -> str:
             f"| {ap(r, 'gt')} | {diff(r, 'gt')} | {ap(r, 'det')} | {diff(r, 'det')} | {r['train_s_mean']:.0f} |"
         )
     return "\n".join(lines)
-
-
-def write_csv(table: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        for row in table:
-            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def plot(table: list[dict], title: str, path: Path) -> None:
