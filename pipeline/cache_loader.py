@@ -44,10 +44,10 @@ from distilpose.errors import UserError
 from distilpose.label_flip import flip_heatmaps, flip_joints, label_flips
 from distilpose.losses import TOKEN_WEIGHT
 from pipeline.cache.encodings import decode_crop_jpeg
+from pipeline.cache.schema import HEATMAP_FIELD, TOKEN_FIELDS
 
 # Fields always read: the student's input view and its regression target.
 BASE_FIELDS = ("instance_id", "image_id", "view", "view_params", "joints", "joint_weights")
-TOKEN_FIELDS = ("kpt_tokens", "vis_tokens")  # do not follow a label-side flip (masked instead)
 
 
 @dataclass
@@ -192,8 +192,8 @@ class CachedViewStream:
             flips = label_flips(self.seed, epoch, rows["instance_id"])
             crops[flips] = crops[flips, :, ::-1]
             joints[flips], weights[flips] = flip_joints(joints[flips], weights[flips], w)
-            if "heatmaps" in fields:
-                fields["heatmaps"][flips] = flip_heatmaps(fields["heatmaps"][flips], w)
+            if HEATMAP_FIELD in fields:
+                fields[HEATMAP_FIELD][flips] = flip_heatmaps(fields[HEATMAP_FIELD][flips], w)
         batch = {
             "image": normalize_batch(crops),
             "target": torch.from_numpy(joints) / torch.tensor([w, h], dtype=torch.float32),
@@ -202,6 +202,7 @@ class CachedViewStream:
         }
         for key, value in fields.items():
             batch[key] = torch.from_numpy(np.ascontiguousarray(value))
+        # Tokens do not follow a flip: their losses are masked for the mirrored samples.
         if flips is not None and any(f in fields for f in TOKEN_FIELDS):
             batch[TOKEN_WEIGHT] = torch.from_numpy((~flips).astype(np.float32))
         # Pinned here, in the prefetch thread, so the step's non_blocking copy is asynchronous.
