@@ -9,17 +9,24 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+IN_CHECKOUT = ROOT / "runs" / "bench" / "gpu_smoke.json"
 
 
-def test_bench_gpu_smoke_runs_every_part_and_writes_figures() -> None:
-    env = {**os.environ, "BENCH_SMOKE": "1"}
+def _stamp(path: Path) -> float | None:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def test_bench_gpu_smoke_runs_every_part_and_writes_figures(tmp_path) -> None:
+    env = {**os.environ, "BENCH_SMOKE": "1", "BENCH_RESULTS_DIR": str(tmp_path)}
+    before = _stamp(IN_CHECKOUT)
     result = subprocess.run(
         [sys.executable, "bench/bench_gpu.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=170
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for part in ("(a) teacher caching", "(b) training step", "(c) student training", "(e) the loader alone"):
         assert part in result.stdout
-    report = json.loads((ROOT / "runs" / "bench" / "gpu_smoke.json").read_text())
+    report = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    assert _stamp(IN_CHECKOUT) == before  # nothing written into the checkout
     assert report["device"] == "cpu"
     cases = {row["case"] for row in report["caching"]}
     assert {"bare fp32/TF32", "bare bf16", "actor as coded"} <= cases
