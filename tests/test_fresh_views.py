@@ -118,7 +118,7 @@ def test_online_views_needs_an_online_teacher(tiny_cache, tmp_path) -> None:
         check_cache_for_run(_cfg(tiny_cache, tmp_path, "x", no_distill=True, online_views="fresh", exclude_view0=True))
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_fresh_view_run_trains_and_a_resume_in_another_mode_is_refused(
     local_ray, tiny_cache, tiny_teacher, tmp_path, capsys
 ) -> None:
@@ -136,25 +136,21 @@ def test_fresh_view_run_trains_and_a_resume_in_another_mode_is_refused(
     assert json.loads((Path(result.run_dir) / "run.json").read_text())["online_views"] == "fresh"
     with pytest.raises(UserError, match="online_views: run has 'fresh', this command 'cache'"):
         prepare_run(_cfg(tiny_cache, tmp_path, "fresh", online_views="cache", **online))
-    # The matched baseline: L_reg only on the same fresh views; two epochs, one checkpoint.
-    result = run_distill(
-        _cfg(
-            tiny_cache,
-            tmp_path,
-            "none-fresh",
-            workers=1,
-            epochs=2,
-            checkpoint_every=2,
-            no_distill=True,
-            online_views="fresh",
-        )
-    )
+    # The matched baseline: L_reg only on the same fresh views; 3 epochs, checkpoints at 2 and 3.
+    baseline = dict(workers=1, checkpoint_every=2, no_distill=True, online_views="fresh")
+    result = run_distill(_cfg(tiny_cache, tmp_path, "none-fresh", epochs=3, **baseline))
     assert "no distillation (L_reg only) on fresh views" in capsys.readouterr().out
     rows = read_csv(Path(result.run_dir) / "logs" / "epochs.csv")
-    assert [int(float(r["epoch"])) for r in rows] == [1, 2]
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]
     assert "train/reg" in rows[0] and not any(f"train/{t}" in rows[0] for t in TERMS if t != "reg")
-    assert sorted(p.name for p in Path(result.run_dir).glob("epoch_*")) == ["epoch_0002"]
+    assert sorted(p.name for p in Path(result.run_dir).glob("epoch_*")) == ["epoch_0002", "epoch_0003"]
     assert json.loads((Path(result.run_dir) / "run.json").read_text())["online_views"] == "fresh"
+    # A short resume through Ray Train: one more epoch on the same name continues after epoch 3.
+    resumed = run_distill(_cfg(tiny_cache, tmp_path, "none-fresh", epochs=4, **baseline))
+    assert "resuming from its last checkpoint" in capsys.readouterr().out and resumed.resumed
+    assert resumed.metrics["step"] == 4 * result.metrics["step"] // 3
+    rows = read_csv(Path(result.run_dir) / "logs" / "epochs.csv")
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3, 4]
 
 
 def test_online_teacher_defaults_to_the_caches_teacher_checkpoint(tiny_cache, tmp_path, capsys) -> None:
