@@ -231,14 +231,21 @@ def crops(images, instances, input_size: tuple[int, int]) -> np.ndarray:
 def ratios(rows: list[dict]) -> list[dict]:
     """Student / teacher persons/s per (device, threads, runtime, batch)."""
     key = ("device", "threads", "runtime", "batch")
-    teacher = {tuple(r[k] for k in key): r["persons_per_s"] for r in rows if r["model"] == TEACHER}
+    teacher = {tuple(r[k] for k in key): r for r in rows if r["model"] == TEACHER}
     out = []
     for r in rows:
         base = teacher.get(tuple(r[k] for k in key))
         if r["model"] in STUDENTS and base:
-            ratio = r["persons_per_s"] / base
             out.append(
-                {**{k: r[k] for k in key}, "student": r["model"], "ratio": ratio, "paper": PAPER_RATIO[r["model"]]}
+                {
+                    **{k: r[k] for k in key},
+                    "student": r["model"],
+                    "ratio": r["persons_per_s"] / base["persons_per_s"],
+                    # The same ratio from this process's CPU seconds: on a shared machine it
+                    # leaves out the time spent waiting for a core.
+                    "ratio_cpu": C.median(base["cpu_s"]) / C.median(r["cpu_s"]),
+                    "paper": PAPER_RATIO[r["model"]],
+                }
             )
     return out
 
@@ -246,19 +253,22 @@ def ratios(rows: list[dict]) -> list[dict]:
 def markdown(rows: list[dict], ratio_rows: list[dict], ctx: dict) -> str:
     lines = [
         f"Measured {ctx['time']} by `python bench/bench_speed.py {' '.join(ctx['argv'])}`; "
-        f"{ctx['cpu_model']}, {ctx['host_cpus']} logical CPUs, load average {ctx['loadavg_1m']:.1f} at the start; "
+        f"{ctx['cpu_model']}, {ctx['host_cpus']} logical CPUs, load average {ctx['loadavg_1m']:.1f} at the end; "
         f"torch {ctx['torch']}, onnxruntime {ctx['onnxruntime']}. Persons/s end to end (crop + normalize, "
-        "forward, decoding), median of the timed rounds.",
+        "forward, decoding), median of the timed rounds; in brackets the ratio of the medians of this "
+        "process's CPU seconds (steadier on a shared machine).",
         "",
         "| device | threads | runtime | batch | DistilPose-S / teacher | DistilPose-L / teacher |",
         "|---|---|---|---|---|---|",
     ]
-    grouped: dict[tuple, dict[str, float]] = {}
+    grouped: dict[tuple, dict[str, dict]] = {}
     for r in ratio_rows:
-        grouped.setdefault((r["device"], r["threads"], r["runtime"], r["batch"]), {})[r["student"]] = r["ratio"]
+        grouped.setdefault((r["device"], r["threads"], r["runtime"], r["batch"]), {})[r["student"]] = r
     for (device, threads, runtime, batch), by_student in grouped.items():
-        s, lg = by_student.get("distilpose-s"), by_student.get("distilpose-l")
-        cells = [f"{v:.2f}x" if v is not None else "-" for v in (s, lg)]
+        cells = [
+            f"{r['ratio']:.2f}x ({r['ratio_cpu']:.2f}x)" if r else "-"
+            for r in (by_student.get("distilpose-s"), by_student.get("distilpose-l"))
+        ]
         lines.append(f"| {device} | {threads or '-'} | {runtime} | {batch} | {cells[0]} | {cells[1]} |")
     lines.append("| paper (FPS ratio as printed) | | | | 4.90x | 1.63x |")
     lines += [
@@ -269,7 +279,7 @@ def markdown(rows: list[dict], ratio_rows: list[dict], ctx: dict) -> str:
     for r in rows:
         lines.append(
             f"| {r['device']} | {r['threads'] or '-'} | {r['runtime']} | {r['batch']} | {r['model']} | "
-            f"{r['persons_per_s']:.2f} | {r['ms_per_person']:.1f} |"
+            f"{C.fmt(r['persons_per_s'])} | {C.fmt(r['ms_per_person'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -299,7 +309,7 @@ def main() -> None:
         cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     )
     print("\nstudent / teacher persons/s (paper: DistilPose-S 4.90x, DistilPose-L 1.63x)")
-    print(C.table(ratio_rows, ["device", "threads", "runtime", "batch", "student", "ratio", "paper"]))
+    print(C.table(ratio_rows, ["device", "threads", "runtime", "batch", "student", "ratio", "ratio_cpu", "paper"]))
     print(f"\npersons/s end to end on {ctx['cpu_model']} ({ctx['host_cpus']} CPUs, load {ctx['loadavg_1m']:.1f})")
     print(C.table(rows, ["device", "threads", "runtime", "batch", "model", "persons_per_s", "ms_per_person"]))
     print("\nmax |ONNX Runtime - PyTorch| on the benchmark's crops")
