@@ -8,6 +8,12 @@ batch axis, and return ``coords`` (N, K, 2) in [0, 1] of the crop, ``sigma`` (N,
 heatmap px and ``score`` (N, K) raw confidence; ``with_tokens`` adds ``kpt_tokens`` and
 ``vis_tokens`` (only useful for distillation experiments on the exported model).
 
+``export_onnx`` / ``export_torchscript`` also take a teacher (one output, ``heatmaps``), so that
+bench/bench_speed.py can time it in the same runtimes; the export job ships students only.
+Both write the preset into the file (ONNX metadata / a TorchScript extra file), and
+:func:`load_exported` reads it back: an exported file runs through ``inference.predict`` like
+the eager model (jobs/predict.py).
+
 ONNX goes through the TorchScript-based exporter (``dynamo=False``): the dynamo exporter,
 torch's default, needs the ``onnxscript`` package, which this project does not depend on.
 onnx / onnxruntime are dev dependencies, so they are imported only when used.
@@ -15,8 +21,10 @@ onnx / onnxruntime are dev dependencies, so they are imported only when used.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
+import zipfile
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distilpose.models.checkpoints import load_checkpoint
+from distilpose.models import get_config
+from distilpose.models.checkpoints import CheckpointError, load_checkpoint
 from distilpose.options import check_choices, option
 
 FORMATS = ("onnx", "torchscript")
@@ -35,11 +44,18 @@ DEFAULT_OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("coords", "sigma", "score")
 TOKEN_OUTPUT_NAMES = ("kpt_tokens", "vis_tokens")
+TEACHER_OUTPUT_NAMES = ("heatmaps",)
+# Where an exported file records what it holds: an ONNX metadata key, a TorchScript extra file.
+METADATA_KEY = "distilpose"
+TORCHSCRIPT_METADATA_FILE = "distilpose.json"
 BATCH_AXIS = "batch"
 # Batch size of the example input used for tracing; deliberately not one of the verification
 # batch sizes, so the checks prove that the batch axis is really dynamic.
 TRACE_BATCH = 2
 DEFAULT_VERIFY_BATCHES = (3, 5)
+# Max |exported - eager| accepted on every output (coords: fraction of the crop, so 1e-4 is
+# 0.02 px of a 192 px wide crop; sigma: heatmap px; score). Measured: ~1e-7 (ONNX), 0 (TorchScript).
+TOLERANCE = 1e-4
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
 PathLike = str | os.PathLike
@@ -63,6 +79,33 @@ class StudentExportWrapper(nn.Module):
         if self.with_tokens:
             outputs += (out.kpt_tokens, out.vis_tokens)
         return outputs
+
+
+class TeacherExportWrapper(nn.Module):
+    """A teacher whose forward returns its heatmaps only (what decoding needs)."""
+
+    output_names = TEACHER_OUTPUT_NAMES
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        return (self.teacher(image).heatmaps,)
+
+
+def export_wrapper(model: nn.Module, with_tokens: bool = False) -> nn.Module:
+    """The flat-tuple module an exporter traces: a student's or a teacher's."""
+    kind = getattr(getattr(model, "config", None), "kind", None)
+    if kind == "student":
+        return StudentExportWrapper(model, with_tokens).eval()
+    if kind == "teacher" and not with_tokens:
+        return TeacherExportWrapper(model).eval()
+    raise ValueError(f"cannot export a {kind or type(model).__name__}{' with tokens' if with_tokens else ''}")
+
+
+def export_metadata(model: nn.Module) -> dict[str, str]:
+    return {"preset": model.config.name, "kind": model.config.kind}
 
 
 @dataclass
@@ -121,11 +164,10 @@ def _quiet_torchscript():
 def export_onnx(
     model: nn.Module, path: PathLike, opset: int = DEFAULT_OPSET, with_tokens: bool = False
 ) -> tuple[str, ...]:
-    """Write ``model`` (a student) as ONNX with a dynamic batch axis; returns the output names."""
-    _check_student(model)
+    """Write ``model`` as ONNX with a dynamic batch axis; returns the output names."""
     if opset < MIN_OPSET:
         raise ValueError(f"ONNX opset must be >= {MIN_OPSET}, got {opset}")
-    wrapper = StudentExportWrapper(model, with_tokens).eval()
+    wrapper = export_wrapper(model, with_tokens)
     names = wrapper.output_names
     dynamic_axes = {name: {0: BATCH_AXIS} for name in (INPUT_NAME, *names)}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -142,21 +184,23 @@ def export_onnx(
         )
     import onnx
 
-    onnx.checker.check_model(onnx.load(str(path)))
+    exported = onnx.load(str(path))
+    onnx.helper.set_model_props(exported, {METADATA_KEY: json.dumps(export_metadata(model))})
+    onnx.checker.check_model(exported)
+    onnx.save(exported, str(path))
     return names
 
 
 def export_torchscript(model: nn.Module, path: PathLike, with_tokens: bool = False) -> tuple[str, ...]:
-    """Trace ``model`` (a student) to TorchScript and save it; returns the output names.
+    """Trace ``model`` to TorchScript and save it; returns the output names.
 
     Tracing records tensor sizes as ops, so the saved module accepts any batch size.
     """
-    _check_student(model)
-    wrapper = StudentExportWrapper(model, with_tokens).eval()
+    wrapper = export_wrapper(model, with_tokens)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with _quiet_torchscript(), torch.no_grad():
         traced = torch.jit.trace(wrapper, example_input(model, TRACE_BATCH))
-    traced.save(str(path))
+    traced.save(str(path), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(export_metadata(model))})
     return wrapper.output_names
 
 
@@ -241,6 +285,7 @@ def export_model(
     verify_batches: Sequence[int] = DEFAULT_VERIFY_BATCHES,
 ) -> ExportReport:
     """Export an in-memory student, then verify the file against it."""
+    _check_student(model)
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
     model.eval()
@@ -268,7 +313,7 @@ class ExportRequest:
     out: str | None = option(None, help="output file (default: next to the checkpoint, .onnx / .torchscript.pt)")
     opset: int = option(DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
     tokens: bool = option(False, help="also output kpt_tokens and vis_tokens")
-    tolerance: float = option(1e-4, help="max abs diff accepted in the verification")
+    tolerance: float = option(TOLERANCE, help="max abs diff accepted in the verification")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -292,3 +337,130 @@ def export_student(
     if model.config.kind != "student":
         raise ValueError(f"{checkpoint}: holds a {model.config.kind} ({model.config.name}); only students are exported")
     return export_model(model, out or default_output_path(checkpoint, fmt), fmt, opset, with_tokens, verify_batches)
+
+
+# --------------------------------------------------------------------------- running exported files
+
+
+@dataclass
+class ExportedStudentOutput:
+    coords: Tensor  # (N, K, 2) in [0, 1] of the crop
+    sigma: Tensor  # (N, K, 2) heatmap px
+    score: Tensor  # (N, K) raw confidence
+
+
+@dataclass
+class ExportedTeacherOutput:
+    heatmaps: Tensor  # (N, K, Hh, Wh)
+
+
+def exported_format(path: PathLike) -> str | None:
+    """'onnx' or 'torchscript' for a file this module writes, None for anything else.
+
+    ONNX files are known by their suffix (protobuf has no magic number); a TorchScript
+    archive by its ``constants.pkl`` member, which ``torch.save`` checkpoints do not have.
+    """
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return "onnx"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("/constants.pkl") for name in archive.namelist()):
+                return "torchscript"
+    return None
+
+
+def onnx_session(path: PathLike, threads: int | None = None, providers: Sequence[str] | None = None):
+    """An onnxruntime session; ``threads`` sets its intra-op pool (None: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+class ExportedModel(nn.Module):
+    """An exported file behind the eager model's interface, so ``inference.predict`` runs it
+    unchanged: ``forward(image)`` returns ``.coords``/``.sigma``/``.score`` (student) or
+    ``.heatmaps`` (teacher); ``config`` is the preset's."""
+
+    def __init__(
+        self,
+        path: PathLike,
+        fmt: str,
+        config,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.path, self.format, self.config = Path(path), fmt, config
+        self.output_names = OUTPUT_NAMES if config.kind == "student" else TEACHER_OUTPUT_NAMES
+        self.session = onnx_session(path, threads, providers) if fmt == "onnx" else None
+        self.module = None
+        if fmt == "torchscript":
+            with _quiet_torchscript():
+                self.module = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def forward(self, image: Tensor) -> ExportedStudentOutput | ExportedTeacherOutput:
+        if self.session is not None:
+            feed = {INPUT_NAME: np.ascontiguousarray(image.detach().cpu().numpy(), dtype=np.float32)}
+            values = [torch.from_numpy(v) for v in self.session.run(list(self.output_names), feed)]
+        else:
+            values = self.module(image)
+        named = dict(zip(self.output_names, values))
+        if self.config.kind == "student":
+            return ExportedStudentOutput(**named)
+        return ExportedTeacherOutput(**named)
+
+
+def _recorded_metadata(path: PathLike, fmt: str) -> dict:
+    try:
+        if fmt == "onnx":
+            import onnx
+
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            text = props.get(METADATA_KEY, "")
+        else:
+            extra = {TORCHSCRIPT_METADATA_FILE: ""}
+            with _quiet_torchscript():
+                torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            text = extra[TORCHSCRIPT_METADATA_FILE]
+    except Exception as e:  # a truncated or foreign file fails in the protobuf/zip readers
+        raise CheckpointError(f"{path}: not a readable {fmt} model ({type(e).__name__}: {e})") from None
+    text = text.decode() if isinstance(text, bytes) else text
+    return json.loads(text) if text else {}
+
+
+def load_exported(
+    path: PathLike, preset: str | None = None, threads: int | None = None, providers: Sequence[str] | None = None
+) -> ExportedModel:
+    """An exported ONNX / TorchScript file as an :class:`ExportedModel`.
+
+    The preset comes from the file (written by :func:`export_onnx` / :func:`export_torchscript`);
+    ``preset``, when given, must equal it. A file exported without one needs ``preset``.
+    """
+    fmt = exported_format(path)
+    if fmt is None:
+        raise CheckpointError(f"{path}: not an exported model (expected a .onnx file or a TorchScript archive)")
+    recorded = _recorded_metadata(path, fmt).get("preset")
+    if recorded and preset and recorded != preset:
+        raise CheckpointError(f"{path}: holds a {recorded!r} model, expected preset {preset!r}")
+    name = recorded or preset
+    if not name:
+        raise CheckpointError(f"{path}: the file records no preset; name it (--model PRESET)")
+    config = get_config(name)
+    model = ExportedModel(path, fmt, config, threads, providers)
+    if model.session is not None:
+        _check_onnx_input(model.session, config, path)
+    return model.eval()
+
+
+def _check_onnx_input(session, config, path: PathLike) -> None:
+    shape = session.get_inputs()[0].shape  # ["batch", 3, H, W]
+    if list(shape[1:]) != [3, *config.input_size]:
+        raise CheckpointError(
+            f"{path}: takes input {shape[1:]} but preset {config.name!r} is [3, {config.input_size[0]}, "
+            f"{config.input_size[1]}]"
+        )

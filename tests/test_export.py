@@ -10,19 +10,28 @@ import numpy as np
 import pytest
 import torch
 
+from distilpose.data.coco import load_instances
+from distilpose.data.dataset import TopDownDataset
+from distilpose.data.synthetic import make_synthetic_coco
 from distilpose.export import (
     OUTPUT_NAMES,
     TOKEN_OUTPUT_NAMES,
+    TOLERANCE,
     export_model,
+    export_onnx,
     export_student,
+    export_torchscript,
+    load_exported,
+    max_abs_diffs,
     onnx_opset,
+    run_eager,
     run_onnx,
 )
+from distilpose.inference import predict
 from distilpose.models import build_model
-from distilpose.models.checkpoints import save_checkpoint
+from distilpose.models.checkpoints import CheckpointError, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +95,58 @@ def test_export_job_prints_diffs(student_checkpoint: Path, tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     assert "max abs diff overall" in result.stdout
     assert out.is_file()
+
+
+@pytest.fixture(scope="module")
+def real_batch(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """7 identity crops (128x96, the tiny presets' input) of synthetic people, as evaluation
+    builds them: real image statistics instead of noise."""
+    root = tmp_path_factory.mktemp("crops")
+    make_synthetic_coco(root, 0, 4, seed=5, image_size=(160, 128))
+    instances, _ = load_instances(str(root / "annotations" / "person_keypoints_val.json"), "val", input_size=(128, 96))
+    dataset = TopDownDataset(instances[:7], str(root / "images" / "val"), (128, 96), train=False)
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert len(samples) == 7
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in ("image", "affine", "image_id")}
+
+
+@pytest.mark.parametrize("preset", ["distilpose-tiny", "distilpose-l-tiny"])
+def test_onnx_runtime_matches_pytorch_on_real_crops(preset: str, real_batch, tmp_path: Path) -> None:
+    """Every student's ONNX file in onnxruntime: raw outputs within TOLERANCE at batch 1 and 7
+    (neither is the trace batch), and the decoded joints in image px too."""
+    torch.manual_seed(0)
+    model = build_model(preset).eval()
+    path = tmp_path / f"{preset}.onnx"
+    export_onnx(model, path)
+    images = real_batch["image"].numpy()
+    for batch in (1, 7):
+        diffs = max_abs_diffs(run_onnx(path, images[:batch]), run_eager(model, images[:batch]))
+        assert set(diffs) == set(OUTPUT_NAMES)
+        assert max(diffs.values()) < TOLERANCE, (batch, diffs)
+
+    exported = load_exported(path)  # the preset comes from the file
+    assert exported.config.name == preset
+    batches = [{**real_batch, "box_score": torch.ones(7)}]
+    eager_preds = predict(model, batches, flip_test=True)
+    onnx_preds = predict(exported, batches, flip_test=True)
+    # image px: TOLERANCE x crop size (<= 1.25 x 160 px here) = 0.02 px; allow 0.05
+    np.testing.assert_allclose(onnx_preds["coords_img"], eager_preds["coords_img"], atol=0.05)
+    np.testing.assert_allclose(onnx_preds["joint_scores"], eager_preds["joint_scores"], atol=TOLERANCE)
+
+
+def test_exported_files_record_their_preset(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    student, teacher = build_model("distilpose-tiny"), build_model("tokenpose-tiny")
+    export_torchscript(student, tmp_path / "s.torchscript.pt")
+    export_onnx(teacher, tmp_path / "t.onnx")  # teachers export their heatmaps (bench_speed)
+    assert load_exported(tmp_path / "s.torchscript.pt").config.name == "distilpose-tiny"
+    loaded = load_exported(tmp_path / "t.onnx")
+    x = torch.randn(3, 3, 128, 96)
+    with torch.no_grad():
+        expected = teacher.eval()(x).heatmaps
+    assert (loaded(x).heatmaps - expected).abs().max() < TOLERANCE
+    with pytest.raises(CheckpointError, match="holds a 'distilpose-tiny' model, expected preset 'distilpose-s'"):
+        load_exported(tmp_path / "s.torchscript.pt", "distilpose-s")
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    with pytest.raises(CheckpointError, match="not a readable onnx model"):
+        load_exported(tmp_path / "broken.onnx")

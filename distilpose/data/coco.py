@@ -405,17 +405,34 @@ def _detection_instances(
     num_joints: int,
     strict: bool,
 ) -> list[Instance]:
-    """Person detections (list of {image_id, category_id, bbox, score}) -> instances.
+    """Person detections (list of {image_id, category_id, bbox, score}) -> instances."""
+    dets, _ = read_json_file(det_file)
+    if not isinstance(dets, list):
+        raise DataError(f"{det_file}: expected a list of detections")
+    return detections_to_instances(
+        list(enumerate(dets)), det_file, images, report, score_thr, input_size, num_joints, strict
+    )
+
+
+def detections_to_instances(
+    detections: Sequence[tuple[int, Any]],
+    source: str,
+    images: dict[int, ImageInfo],
+    report: SkipReport,
+    score_thr: float = 0.0,
+    input_size: tuple[int, int] = DEFAULT_INPUT_SIZE,
+    num_joints: int = NUM_JOINTS,
+    strict: bool = False,
+) -> list[Instance]:
+    """(index in `source`, detection record) pairs -> instances; `images` indexes the images
+    the detections may name (jobs/predict.py passes one image at a time).
 
     As in mmpose, detector boxes are used unclipped and `instance_id` is the running index
     of the kept detections; boxes that give no usable crop are skipped and counted.
     """
-    dets, _ = read_json_file(det_file)
-    if not isinstance(dets, list):
-        raise DataError(f"{det_file}: expected a list of detections")
     instances = []
-    for index, det in enumerate(dets):
-        where = f"{det_file}: detection #{index}"
+    for index, det in detections:
+        where = f"{source}: detection #{index}"
         if not isinstance(det, dict):
             raise DataError(f"{where}: expected an object, got {type(det).__name__}")
         if det.get("category_id", PERSON_CATEGORY_ID) != PERSON_CATEGORY_ID:
