@@ -13,18 +13,19 @@ a non-persistent buffer, so it is checked against the file instead of loaded as 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
 import re
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from distilpose import fileio
 from distilpose.errors import UserError
 
 from .config import ModelConfig
@@ -114,12 +115,14 @@ def _numpy_safe_globals() -> list[Any]:
 
 
 def _read(path: PathLike) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file does not exist (or is not a file)")
+    """The checkpoint's content (a local path or s3://), read through `distilpose.fileio`."""
+    try:
+        data = fileio.read_bytes(str(path))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise CheckpointError(f"{path}: checkpoint file does not exist (or is not a file)") from None
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if unsafe:
@@ -190,14 +193,7 @@ def save_checkpoint(path: PathLike, model: nn.Module, extra: dict | None = None)
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # readers never see a half-written checkpoint
-    finally:
-        tmp.unlink(missing_ok=True)
+    fileio.atomic_torch_save(payload, str(path))  # readers never see a half-written checkpoint
 
 
 def _config_from(raw: dict, path: PathLike) -> ModelConfig:
