@@ -89,6 +89,10 @@ class TransientIOError(OSError):
         )
         self.what, self.reason, self.attempts = what, reason, attempts
 
+    def __reduce__(self):
+        # Rebuilt from its fields when it crosses processes (a Ray task's error reaches the driver).
+        return (type(self), (self.what, self.reason, self.attempts))
+
 
 # ----------------------------------------------------------------------------- URIs
 

@@ -53,7 +53,9 @@ def failure_cause(exc: BaseException, types: tuple[type[BaseException], ...]) ->
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, types):
+        # Ray's task error is an instance of its cause's type too, but its text is Ray's
+        # traceback: the cause itself is the one to report.
+        if isinstance(current, types) and not isinstance(getattr(current, "cause", None), types):
             return current
         # Explicit causes only (`raise ... from`), never __context__: an error raised while
         # handling another is not that error.
