@@ -219,7 +219,7 @@ def load_checkpoint(path: PathLike, preset: str | None = None) -> tuple[nn.Modul
 
 
 def _model_from_ours(raw: Any, path: PathLike, preset: str | None) -> tuple[nn.Module, dict | None]:
-    if not isinstance(raw, dict) or "format_version" not in raw:
+    if not is_ours(raw):
         hint = (
             "; it looks like an official mmpose checkpoint: use load_official(model, path)"
             if isinstance(raw, dict) and "state_dict" in raw
@@ -244,21 +244,39 @@ def _model_from_ours(raw: Any, path: PathLike, preset: str | None) -> tuple[nn.M
     return model, raw.get("extra")
 
 
+def is_ours(raw: Any) -> bool:
+    """True for the content of a `save_checkpoint` file (an official mmpose file has no
+    format_version)."""
+    return isinstance(raw, dict) and "format_version" in raw
+
+
+def load_model(checkpoint: PathLike, preset: str | None = None) -> nn.Module:
+    """The model in `checkpoint`, in eval mode: our format (which records its preset; `preset`,
+    if given, must match) or an official mmpose `.pth` (weights only: `preset` says which
+    model), told apart by the file's content. The one loader of evaluate, visualize and the
+    cache job's teacher."""
+    raw = _read(checkpoint)
+    if is_ours(raw):
+        model, _ = _model_from_ours(raw, checkpoint, preset)
+        return model.eval()
+    if preset is None:
+        raise CheckpointError(
+            f"{checkpoint}: an official mmpose checkpoint (no format_version) records no model: name its preset"
+        )
+    model = build_model(get_config(preset))
+    _load_official_state(model, _official_state_dict(raw, checkpoint), checkpoint, strict=True)
+    return model.eval()
+
+
 def load_teacher(preset: str, checkpoint: PathLike | None = None) -> nn.Module:
     """A teacher preset in eval mode: random init without `checkpoint`, else its weights from
-    our format or an official mmpose file (detected from the content)."""
+    our format or an official mmpose file (`load_model`)."""
     config = get_config(preset)
     if config.kind != "teacher":
         raise UserError(f"preset {preset!r} is a {config.kind}, not a teacher")
     if checkpoint is None:
         return build_model(config).eval()
-    raw = _read(checkpoint)
-    if isinstance(raw, dict) and "format_version" in raw:
-        model, _ = _model_from_ours(raw, checkpoint, preset)
-    else:
-        model = build_model(config)
-        _load_official_state(model, _official_state_dict(raw, checkpoint), checkpoint, strict=True)
-    return model.eval()
+    return load_model(checkpoint, preset)
 
 
 def _match(expected: dict[str, Tensor], given: dict[str, Tensor]) -> LoadReport:
