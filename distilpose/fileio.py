@@ -293,25 +293,42 @@ def retry(fn: Callable[..., T], *args: Any, what: str = "", budget: RetryBudget 
     the environment), printing one line per retry; raise `TransientIOError` when it is spent.
     Permanent errors are raised at once, unchanged. `what` names the operation in the lines."""
     budget = budget or RetryBudget.from_env()
-    what = what or getattr(fn, "__name__", "storage operation")
     for attempt in range(1, budget.attempts + 1):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            reason = transient_reason(exc)
-            if reason is None or isinstance(exc, TransientIOError):
-                raise
-            if attempt == budget.attempts:
-                raise TransientIOError(what, reason, budget.attempts) from exc
-            delay = budget.delay_s(attempt)
-            # The exception text may contain a URL, never credentials; the reason is enough.
-            print(
-                f"[io] {reason}: retrying {what} ({attempt}/{budget.attempts - 1}) in {delay:.1f} s",
-                file=sys.stderr,
-                flush=True,
-            )
-            time.sleep(delay)
+            time.sleep(_delay_or_raise(exc, attempt, budget, what or getattr(fn, "__name__", "storage operation")))
     raise AssertionError("unreachable: the loop returns or raises")
+
+
+async def retry_async(fn: Callable[..., Any], *args: Any, what: str = "", budget: RetryBudget | None = None) -> Any:
+    """`retry` for a coroutine function (the requests zarr makes through async s3fs): the
+    same budget, lines and errors, waiting with asyncio.sleep."""
+    budget = budget or RetryBudget.from_env()
+    for attempt in range(1, budget.attempts + 1):
+        try:
+            return await fn(*args)
+        except Exception as exc:
+            await asyncio.sleep(_delay_or_raise(exc, attempt, budget, what or getattr(fn, "__name__", "request")))
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _delay_or_raise(exc: Exception, attempt: int, budget: RetryBudget, what: str) -> float:
+    """After failed attempt `attempt`: the wait before the next one, with its line printed;
+    or raise (`exc` itself when permanent, `TransientIOError` when the budget is spent)."""
+    reason = transient_reason(exc)
+    if reason is None or isinstance(exc, TransientIOError):
+        raise exc
+    if attempt == budget.attempts:
+        raise TransientIOError(what, reason, budget.attempts) from exc
+    delay = budget.delay_s(attempt)
+    # The exception text may contain a URL, never credentials; the reason is enough.
+    print(
+        f"[io] {reason}: retrying {what} ({attempt}/{budget.attempts - 1}) in {delay:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return delay
 
 
 # ----------------------------------------------------------------------------- operations

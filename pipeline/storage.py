@@ -11,6 +11,7 @@ zarr stores and Ray Train's storage filesystem, all through the same retry loop.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -34,6 +35,7 @@ from distilpose.fileio import (  # noqa: F401  (re-exported: the pipeline's I/O 
     open_fs,
     read_bytes,
     retry,
+    retry_async,
     s3_filesystem,
     s3_storage_options,
     sha256,
@@ -151,9 +153,33 @@ def zarr_store(uri: str, read_only: bool = True) -> Any:
     import zarr.storage
 
     if is_s3(uri):
-        # The same bounded S3 client as every other read (s3_filesystem), not from_url's own.
-        return zarr.storage.FsspecStore(s3_filesystem(asynchronous=True), path=open_fs(uri)[1], read_only=read_only)
+        # The same bounded S3 client as every other read (s3_filesystem), not from_url's own,
+        # and every request retried on its own: an array read is several requests, and
+        # retrying the whole read would spend the budget on faults of different objects.
+        store_class = _retrying_fsspec_store()
+        return store_class(s3_filesystem(asynchronous=True), path=open_fs(uri)[1], read_only=read_only)
     return zarr.storage.LocalStore(local_path(uri), read_only=read_only)
+
+
+@functools.cache
+def _retrying_fsspec_store() -> type:
+    """zarr's FsspecStore with each read request under `fileio.retry_async` (built on first
+    use: zarr is imported lazily)."""
+    from zarr.storage import FsspecStore
+
+    class RetryingFsspecStore(FsspecStore):
+        async def get(self, key, prototype, byte_range=None):
+            return await retry_async(super().get, key, prototype, byte_range, what=f"s3://{self.path}/{key}")
+
+        async def get_partial_values(self, prototype, key_ranges):
+            key_ranges = list(key_ranges)
+            what = f"s3://{self.path} ({len(key_ranges)} ranges)"
+            return await retry_async(super().get_partial_values, prototype, key_ranges, what=what)
+
+        async def exists(self, key):
+            return await retry_async(super().exists, key, what=f"exists s3://{self.path}/{key}")
+
+    return RetryingFsspecStore
 
 
 S3_RETRY_ATTEMPTS = 10  # per S3 request of Ray's checkpoint uploads (the SDK default is 3)
