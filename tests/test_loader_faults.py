@@ -4,7 +4,8 @@ bodies; seeded). A burst within the retry budget gives the same batches as the c
 an outage fails the epoch (the training worker, which Ray Train restarts from its last
 checkpoint) instead of dropping samples, and the same epoch read again once S3 is healthy
 equals the clean one. In process, no Ray: the loader is what a worker runs; the cache is
-written by the real store (teacher-like rows, tests/cache_rows.py)."""
+written by the real store (teacher-like rows, tests/cache_rows.py). Heavy: minutes on a busy
+machine; tests/test_fileio.py keeps the storage layer's fault tests in the default suite."""
 
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def _assert_same_batches(got: list[dict], expected: list[dict]) -> None:
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.heavy  # 3 epochs through the proxy, 2 with faults on every object: 335 s on a loaded 2-core machine
 def test_an_epoch_from_s3_survives_bursts_and_fails_on_an_outage(
     local_cache, s3_cache, s3_server, monkeypatch, capsys
 ) -> None:
