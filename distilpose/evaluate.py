@@ -44,8 +44,7 @@ from distilpose.data.dataset import TopDownDataset
 from distilpose.data.layout import split_files, uri_exists
 from distilpose.data.transforms import affine_matrix, identity_view, transform_joints
 from distilpose.inference import predict
-from distilpose.models import build_model
-from distilpose.models.checkpoints import CheckpointError, load_checkpoint, load_official
+from distilpose.models import checkpoints
 from distilpose.options import check_choices, option
 from distilpose.profiles import DEFAULT_PROFILE, PROFILES, get_profile
 
@@ -224,16 +223,9 @@ def mean_pose_baseline(
 
 
 def load_model(preset: str, checkpoint: str | Path) -> nn.Module:
-    """A model of `preset` with weights from our checkpoint format or an official mmpose .pth."""
-    try:
-        model, _ = load_checkpoint(checkpoint, preset)
-    except CheckpointError as e:
-        # load_checkpoint names foreign files "not a distilpose checkpoint (no format_version)".
-        if "no format_version" not in str(e):
-            raise
-        model = build_model(preset)
-        load_official(model, checkpoint, strict=True)
-    return model.eval()
+    """A model of `preset` with weights from our checkpoint format or an official mmpose .pth
+    (told apart by content: `checkpoints.load_model`)."""
+    return checkpoints.load_model(checkpoint, preset)
 
 
 @dataclass

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from distilpose import fileio
 from distilpose.coco_metrics import format_table
 from distilpose.data.coco import data_fingerprint, load_instances
 from distilpose.data.dataset import TopDownDataset
@@ -241,18 +242,11 @@ def _model_config_dict(cfg: TeacherTrainConfig) -> dict[str, Any]:
 def _save(cfg: TeacherTrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> Path:
     out = Path(cfg.out)
     # Optimizer first: a checkpoint never points to an optimizer state older than itself.
-    _atomic_torch_save({"epoch": state.epoch, "optimizer": optimizer.state_dict()}, out / TRAIN_STATE_FILE)
+    fileio.atomic_torch_save({"epoch": state.epoch, "optimizer": optimizer.state_dict()}, str(out / TRAIN_STATE_FILE))
     path = out / CHECKPOINT_FILE
     extra = {"train_config": cfg.to_dict(), **asdict(state)}
     save_checkpoint(path, model, extra=json.loads(json.dumps(extra)))  # plain JSON types only
     return path
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def _resume(

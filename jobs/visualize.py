@@ -39,12 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_teacher_model(path: str, preset: str | None):
-    from distilpose.models.checkpoints import load_checkpoint, load_teacher
+    from distilpose.models.checkpoints import load_model
 
-    if preset:
-        return load_teacher(preset, path)
-    model, _ = load_checkpoint(path)
-    return model
+    return load_model(path, preset)
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from distilpose.errors import UserError
 from pipeline import storage
 
 if TYPE_CHECKING:  # job parsers import FROM_SCRATCH without the cache stores
@@ -74,7 +75,9 @@ def resolve_backbone_init(student: str, init_backbone: str | None, cache_teacher
 def apply_backbone_init(student, choice: BackboneInit) -> str:
     """Load the chosen teacher backbone into `student` (a built model); returns the log line.
 
-    Raises ValueError when the cache's teacher checkpoint changed since the cache was built.
+    Raises UserError (a ValueError) when the cache's teacher checkpoint changed since the cache
+    was built; the driver calls it first (checks.backbone_line), so that is one line, not a
+    traceback from every worker.
     """
     if choice.checkpoint is None:
         return f"backbone: {choice.source}"
@@ -84,7 +87,7 @@ def apply_backbone_init(student, choice: BackboneInit) -> str:
     with open(path, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     if choice.expected_sha256 and sha256 != choice.expected_sha256:
-        raise ValueError(
+        raise UserError(
             f"teacher checkpoint {choice.checkpoint} changed since the cache was built "
             f"(sha256 {sha256[:12]} != {choice.expected_sha256[:12]}); pass --init-backbone to choose one"
         )

@@ -33,6 +33,7 @@ class CacheSummary:
             f"  wall {self.wall_s:.1f} s  throughput {self.views_per_s:.1f} views/s (views computed this run)",
             "  skipped: " + (", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"),
             *([f"  annotations: {self.extra['annotation_skips']}"] if "annotation_skips" in self.extra else []),
+            *([f"  images: {self.extra['image_skips']}"] if "image_skips" in self.extra else []),
         ]
         total = sum(self.bytes_per_field.values())
         rows = [{"field": k, "bytes/view": v} for k, v in sorted(self.bytes_per_field.items(), key=lambda kv: -kv[1])]

@@ -16,8 +16,10 @@ import traceback
 from collections.abc import Callable
 
 from distilpose.errors import UserError
+from distilpose.fileio import TransientIOError
 
 USAGE_ERROR = 2  # argparse's exit code for a bad command line
+STORAGE_UNAVAILABLE = 75  # os.EX_TEMPFAIL: a transient failure; the same command, rerun, resumes
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -27,7 +29,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from pipeline.cache.schema import CacheMismatchError
 
     # FileNotFoundError: every path a job opens is one the user gave (or one derived from it).
-    return (UserError, DataError, CheckpointError, CacheMismatchError, FileNotFoundError)
+    # TransientIOError is not the user's mistake, but it has the same one-line treatment.
+    return (UserError, DataError, CheckpointError, CacheMismatchError, FileNotFoundError, TransientIOError)
 
 
 class JobParser(argparse.ArgumentParser):
@@ -45,15 +48,22 @@ class JobParser(argparse.ArgumentParser):
 
 
 def run_job(main: Callable[[], int], argv: list[str] | None = None) -> int:
-    """Run a job's main(); a user mistake becomes one stderr line and exit code 2."""
+    """Run a job's main(); a user mistake becomes one stderr line and exit code 2, storage
+    that stayed unavailable through its retries one line and exit code 75 (EX_TEMPFAIL:
+    rerun the same command), wherever in Ray it happened."""
+    from pipeline.storage import failure_cause
+
     argv = sys.argv[1:] if argv is None else argv
     try:
         return main()
-    except user_error_types() as e:
+    except Exception as e:
+        cause = failure_cause(e, user_error_types())
+        if cause is None:
+            raise
         if "--verbose" in argv:
             traceback.print_exc()
-        print(f"error: {one_line(str(e)) or type(e).__name__}", file=sys.stderr)
-        return USAGE_ERROR
+        print(f"error: {one_line(str(cause)) or type(cause).__name__}", file=sys.stderr)
+        return STORAGE_UNAVAILABLE if isinstance(cause, TransientIOError) else USAGE_ERROR
 
 
 def one_line(message: str) -> str:

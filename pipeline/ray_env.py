@@ -12,6 +12,8 @@ import os
 import sys
 import threading
 
+from distilpose import fileio
+
 # Ray 2.60 turns token auth on for new local clusters; the jobs only ever talk to their
 # own cluster, and a token file left in ~/.ray by an earlier run must not change
 # behaviour. A user who wants auth exports RAY_AUTH_MODE=token themselves.
@@ -28,6 +30,11 @@ FORWARDED_ENV = (
     "AWS_REGION",
     "AWS_PROFILE",
     "RAY_AUTH_MODE",
+    # The storage retry budget (distilpose.fileio), so workers retry as the driver does.
+    fileio.ATTEMPTS_ENV,
+    fileio.BACKOFF_ENV,
+    fileio.MAX_BACKOFF_ENV,
+    fileio.S3_CLIENT_ATTEMPTS_ENV,
 )
 
 

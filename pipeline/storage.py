@@ -1,201 +1,69 @@
-"""The one place that turns a URI into a filesystem.
+"""URIs to filesystems for the pipeline: `distilpose.fileio` plus what is S3-, zarr- and
+Ray-specific.
 
 A URI is either a local path (``/data/cache``, ``runs/x``, ``file:///data/cache``) or
-``s3://bucket/prefix``. S3 goes through s3fs; the endpoint comes from ``AWS_ENDPOINT_URL``
-(MinIO, moto, on-prem S3) and credentials from the standard AWS chain (env, profile,
-instance role). Credentials are never read, passed or logged here: botocore resolves them.
-
-Everything else in the code base calls these helpers instead of parsing URIs itself, so
-that adding a scheme or changing S3 options happens in one file.
+``s3://bucket/prefix``. The basic operations (open, read, exists, list, join, the one atomic
+write, the transient-or-permanent decision and the retry loop) live in `distilpose.fileio`,
+below both the library and the pipeline, and are re-exported here for the pipeline's callers;
+this module adds batched reads and writes, listings with sizes, local copies of remote files,
+zarr stores and Ray Train's storage filesystem, all through the same retry loop.
 """
 
 from __future__ import annotations
 
-import asyncio
-import errno
+import functools
 import hashlib
-import logging
 import os
-import posixpath
 import tempfile
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import fsspec
-from fsspec import AbstractFileSystem
-
-log = logging.getLogger(__name__)
-
-S3_PREFIX = "s3://"
-FILE_PREFIX = "file://"
-
-T = TypeVar("T")
-
-# S3 error codes that mean "try again", not "you asked for something wrong".
-TRANSIENT_S3_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "InternalError",
-        "ServiceUnavailable",
-        "503",
-        "500",
-        "502",
-        "504",
-    }
+from distilpose.fileio import (  # noqa: F401  (re-exported: the pipeline's I/O goes through here)
+    FILE_PREFIX,
+    S3_PREFIX,
+    RetryBudget,
+    TransientIOError,
+    absolute,
+    atomic_write_bytes,
+    basename,
+    exists,
+    is_local,
+    is_s3,
+    is_transient_error,
+    join,
+    listdir,
+    local_path,
+    open_fs,
+    read_bytes,
+    retry,
+    retry_async,
+    s3_filesystem,
+    s3_storage_options,
+    sha256,
+    transient_reason,
 )
-TRANSIENT_HTTP_STATUS = frozenset({500, 502, 503, 504})
-# Errors that retrying can never fix (and that s3fs raises for 404/403).
-PERMANENT_ERRORS = (
-    FileNotFoundError,
-    FileExistsError,
-    PermissionError,
-    IsADirectoryError,
-    NotADirectoryError,
-    ValueError,
-    TypeError,
-)
-CONNECTION_ERRORS = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ConnectionRefusedError)
 
 
-def is_s3(uri: str) -> bool:
-    return uri.startswith(S3_PREFIX)
-
-
-def absolute(uri: str) -> str:
-    """An s3:// URI unchanged; a local path made absolute (Ray workers have other cwds)."""
-    return uri if is_s3(uri) else local_path(uri)
-
-
-def is_local(uri: str) -> bool:
-    return not is_s3(uri)
-
-
-def local_path(uri: str) -> str:
-    """Absolute local path of a local URI; raises for remote URIs."""
-    if is_s3(uri):
-        raise ValueError(f"{uri!r} is not a local path")
-    if uri.startswith(FILE_PREFIX):
-        uri = uri[len(FILE_PREFIX) :]
-    return os.path.abspath(os.path.expanduser(uri))
-
-
-def s3_storage_options(asynchronous: bool = False) -> dict[str, Any]:
-    """s3fs constructor options. Read from the environment on every call so that a test
-    or job that sets ``AWS_ENDPOINT_URL`` after import still gets it."""
-    options: dict[str, Any] = {
-        # Another process may commit a shard at any time; a cached listing would hide it.
-        "use_listings_cache": False,
-        "asynchronous": asynchronous,
-    }
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        options["endpoint_url"] = endpoint
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        options["client_kwargs"] = {"region_name": region}
-    return options
-
-
-def open_fs(uri: str) -> tuple[AbstractFileSystem, str]:
-    """(filesystem, path inside it). For S3 the path is ``bucket/key`` without scheme."""
-    if is_s3(uri):
-        path = uri[len(S3_PREFIX) :].rstrip("/")
-        if not path:
-            raise ValueError(f"{uri!r}: an s3 URI needs a bucket (s3://bucket/prefix)")
-        return fsspec.filesystem("s3", **s3_storage_options()), path
-    return fsspec.filesystem("file"), local_path(uri)
-
-
-def join(uri: str, *parts: str) -> str:
-    """Join path parts onto a URI with '/' (local paths are POSIX on our machines)."""
-    joined = uri.rstrip("/")
-    for part in parts:
-        part = part.strip("/")
-        if part:
-            joined = f"{joined}/{part}"
-    return joined
-
-
-def basename(uri: str) -> str:
-    return posixpath.basename(uri.rstrip("/"))
-
-
-def is_transient_error(exc: BaseException) -> bool:
-    """True for errors a retry can fix: throttling, 5xx, dropped connections, timeouts.
-
-    s3fs translates botocore's ClientError into OSError subclasses and keeps the original
-    as ``__cause__``, so the whole cause chain is inspected.
-    """
-    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
-
+def failure_cause(exc: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of `types` among `exc` and what it was raised from, looking
+    through Ray's wrappers (a task error keeps the original as ``cause``, a failed training
+    run its workers' errors), or None. The driver uses it to report a worker's storage outage
+    or a user mistake raised in a task as one line."""
     seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
         seen.add(id(current))
-        if isinstance(current, ClientError):
-            error = current.response.get("Error", {})
-            status = current.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return error.get("Code") in TRANSIENT_S3_CODES or status in TRANSIENT_HTTP_STATUS
-        if isinstance(current, ConnectionError | HTTPClientError | TimeoutError | asyncio.TimeoutError):
-            return True
-        if isinstance(current, PERMANENT_ERRORS):
-            return False
-        if isinstance(current, CONNECTION_ERRORS):
-            return True
-        if isinstance(current, OSError) and current.errno in (errno.ETIMEDOUT, errno.ECONNRESET):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def retry(
-    fn: Callable[..., T],
-    *args: Any,
-    attempts: int = 4,
-    base_delay_s: float = 0.2,
-    max_delay_s: float = 5.0,
-    **kwargs: Any,
-) -> T:
-    """Call ``fn(*args, **kwargs)``, retrying transient S3/network errors with exponential
-    backoff. s3fs already retries some errors per request; this covers whole operations
-    (a multi-object upload, a listing) and errors s3fs gives up on."""
-    for attempt in range(1, attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            if not is_transient_error(exc):
-                raise
-            delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1))
-            # The exception text may contain a URL, never credentials; the type is enough.
-            log.warning(
-                "transient storage error (%s), retry %d/%d in %.1fs",
-                type(exc).__name__,
-                attempt,
-                attempts - 1,
-                delay,
-            )
-            time.sleep(delay)
-    return fn(*args, **kwargs)
-
-
-def exists(uri: str) -> bool:
-    fs, path = open_fs(uri)
-    return retry(fs.exists, path)
-
-
-def read_bytes(uri: str) -> bytes:
-    fs, path = open_fs(uri)
-    return retry(fs.cat_file, path)
-
-
-def sha256(uri: str) -> str:
-    """Hex sha256 of an object's bytes (checkpoints and annotation files as fingerprints)."""
-    return hashlib.sha256(read_bytes(uri)).hexdigest()
+        # Ray's task error is an instance of its cause's type too, but its text is Ray's
+        # traceback: the cause itself is the one to report.
+        if isinstance(current, types) and not isinstance(getattr(current, "cause", None), types):
+            return current
+        # Explicit causes only (`raise ... from`), never __context__: an error raised while
+        # handling another is not that error.
+        pending += [getattr(current, "cause", None), current.__cause__]
+        pending += list((getattr(current, "worker_failures", None) or {}).values())
+    return None
 
 
 def read_many_bytes(uris: list[str]) -> dict[str, bytes]:
@@ -204,40 +72,8 @@ def read_many_bytes(uris: list[str]) -> dict[str, bytes]:
         return {}
     fs, _ = open_fs(uris[0])
     by_path = {open_fs(uri)[1]: uri for uri in uris}
-    blobs = retry(fs.cat, list(by_path))
+    blobs = retry(fs.cat, list(by_path), what=f"read {len(by_path)} objects below {uris[0].rsplit('/', 1)[0]}")
     return {by_path[path]: data for path, data in blobs.items()}
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` so that readers see either the old object or the whole new one.
-
-    Local: a temp file in the same directory (same filesystem), fsync, ``os.replace``.
-    S3: one PUT (s3fs switches to a multipart upload above 100 MB, which is equally
-    invisible until it completes).
-    """
-    if is_s3(uri):
-        fs, path = open_fs(uri)
-        retry(fs.pipe_file, path, data)
-        return
-    path = local_path(uri)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(path)}-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_many_bytes(uri: str, files: dict[str, bytes]) -> None:
@@ -246,7 +82,11 @@ def write_many_bytes(uri: str, files: dict[str, bytes]) -> None:
     if is_s3(uri):
         fs, path = open_fs(uri)
         # One concurrent batch of PUTs instead of a round trip per object.
-        retry(fs.pipe, {f"{path}/{name}": data for name, data in files.items()})
+        retry(
+            fs.pipe,
+            {f"{path}/{name}": data for name, data in files.items()},
+            what=f"write {len(files)} objects below {uri}",
+        )
         return
     root = local_path(uri)
     for name, data in files.items():
@@ -258,23 +98,11 @@ def write_many_bytes(uri: str, files: dict[str, bytes]) -> None:
             os.fsync(f.fileno())
 
 
-def listdir(uri: str) -> list[str]:
-    """Sorted names (not paths) of the entries directly below ``uri``; [] if it is absent."""
-    fs, path = open_fs(uri)
-    try:
-        entries = retry(fs.ls, path, detail=False)
-    except FileNotFoundError:
-        return []
-    names = {posixpath.basename(str(entry).rstrip("/")) for entry in entries}
-    names.discard("")
-    return sorted(names)
-
-
 def find_files(uri: str) -> dict[str, int]:
     """All files below ``uri`` as {relative path: size in bytes}; {} if absent."""
     fs, path = open_fs(uri)
     try:
-        found = retry(fs.find, path, detail=True)
+        found = retry(fs.find, path, detail=True, what=f"list {uri}")
     except FileNotFoundError:
         return {}
     prefix = path.rstrip("/") + "/"
@@ -287,14 +115,14 @@ def find_files(uri: str) -> dict[str, int]:
 
 def size(uri: str) -> int:
     fs, path = open_fs(uri)
-    return int(retry(fs.size, path))
+    return int(retry(fs.size, path, what=f"size of {uri}"))
 
 
 def remove(uri: str, recursive: bool = False) -> None:
     """Delete a file (or a whole prefix/directory with ``recursive``); absent is fine."""
     fs, path = open_fs(uri)
     try:
-        retry(fs.rm, path, recursive=recursive)
+        retry(fs.rm, path, recursive=recursive, what=f"remove {uri}")
     except FileNotFoundError:
         pass
 
@@ -306,7 +134,7 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     if is_local(uri):
         return local_path(uri)
     fs, path = open_fs(uri)
-    info = retry(fs.info, path)
+    info = retry(fs.info, path, what=f"stat {uri}")
     version = str(info.get("ETag") or info.get("size")).strip('"')
     key = hashlib.sha256(f"{uri}|{version}".encode()).hexdigest()[:16]
     directory = cache_dir or os.path.join(tempfile.gettempdir(), "distilpose-downloads")
@@ -325,10 +153,33 @@ def zarr_store(uri: str, read_only: bool = True) -> Any:
     import zarr.storage
 
     if is_s3(uri):
-        return zarr.storage.FsspecStore.from_url(
-            uri, storage_options=s3_storage_options(asynchronous=True), read_only=read_only
-        )
+        # The same bounded S3 client as every other read (s3_filesystem), not from_url's own,
+        # and every request retried on its own: an array read is several requests, and
+        # retrying the whole read would spend the budget on faults of different objects.
+        store_class = _retrying_fsspec_store()
+        return store_class(s3_filesystem(asynchronous=True), path=open_fs(uri)[1], read_only=read_only)
     return zarr.storage.LocalStore(local_path(uri), read_only=read_only)
+
+
+@functools.cache
+def _retrying_fsspec_store() -> type:
+    """zarr's FsspecStore with each read request under `fileio.retry_async` (built on first
+    use: zarr is imported lazily)."""
+    from zarr.storage import FsspecStore
+
+    class RetryingFsspecStore(FsspecStore):
+        async def get(self, key, prototype, byte_range=None):
+            return await retry_async(super().get, key, prototype, byte_range, what=f"s3://{self.path}/{key}")
+
+        async def get_partial_values(self, prototype, key_ranges):
+            key_ranges = list(key_ranges)
+            what = f"s3://{self.path} ({len(key_ranges)} ranges)"
+            return await retry_async(super().get_partial_values, prototype, key_ranges, what=what)
+
+        async def exists(self, key):
+            return await retry_async(super().exists, key, what=f"exists s3://{self.path}/{key}")
+
+    return RetryingFsspecStore
 
 
 S3_RETRY_ATTEMPTS = 10  # per S3 request of Ray's checkpoint uploads (the SDK default is 3)

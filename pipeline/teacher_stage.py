@@ -67,7 +67,9 @@ class CacheJobConfig:
     ann_file: str | None = option(None, help="override the split's annotation json")
     images: str | None = option(None, help="override the split's image folder")
     limit: int | None = option(None, help="cache only the first N instances (smoke runs)")
-    strict: bool = option(False, help="stop at the first malformed annotation instead of skipping it")
+    strict: bool = option(
+        False, help="stop at the first malformed annotation or missing/undecodable image instead of skipping it"
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -119,10 +121,15 @@ def instance_from_json(d: dict) -> Instance:
 # ----------------------------------------------------------------------------- crop task
 
 
-def crop_shard(batch: dict, *, image_root: str, input_size, seed: int, store_crops: str) -> dict:
+def crop_shard(batch: dict, *, image_root: str, input_size, seed: int, store_crops: str, strict: bool = False) -> dict:
     """One shard row in -> one row per (instance, view to compute) out, with the crop the
-    teacher sees; rows are view-major (all instances of a view together, in id order)."""
-    from distilpose.data.coco import read_image
+    teacher sees; rows are view-major (all instances of a view together, in id order).
+
+    A missing or undecodable image (permanent) becomes skipped rows, counted by reason, or
+    stops the job with `strict`. Anything else, storage still failing after its retries
+    included, fails the task: its units are not committed and a rerun computes them.
+    """
+    from distilpose.data.coco import ImageError, read_image
     from distilpose.data.transforms import affine_matrix, apply_view
     from distilpose.data.views import view_for
 
@@ -136,8 +143,10 @@ def crop_shard(batch: dict, *, image_root: str, input_size, seed: int, store_cro
             try:
                 image = read_image(image_root, inst.image_file)
                 reason = ""
-            except Exception as exc:  # counted and reported, never silent
-                image, reason = None, f"image: {type(exc).__name__}"
+            except ImageError as exc:  # permanent: counted and reported, never silent
+                if strict:
+                    raise UserError(f"--strict: instance {inst.instance_id}: {exc}") from exc
+                image, reason = None, f"image: {exc.reason.split(' (')[0]}"
             for v in views:
                 view = view_for(inst, v, seed)
                 jpeg = b""
@@ -278,14 +287,21 @@ class CacheSink(_sink_base()):
             for view in np.unique(rows["view"][sel]):
                 unit = sel & (rows["view"] == view)
                 skipped = Counter(str(r) for r in rows["skip_reason"][unit & ~valid])
+                skipped_ids: dict[str, list[int]] = {}
+                for reason, iid in zip(rows["skip_reason"][unit & ~valid], rows["instance_id"][unit & ~valid]):
+                    ids = skipped_ids.setdefault(str(reason), [])
+                    if len(ids) < MAX_SKIPPED_IDS:
+                        ids.append(int(iid))
                 record = {k: v[unit & valid] for k, v in rows.items() if k not in _BOOKKEEPING}
-                info = writer.write_view(int(shard), int(view), record, extra={"skipped": dict(skipped)})
+                extra = {"skipped": dict(skipped), "skipped_ids": skipped_ids}
+                info = writer.write_view(int(shard), int(view), record, extra=extra)
                 print(f"[cache] shard {int(shard):05d} view {int(view)} committed: {info.rows} rows", flush=True)
                 written.append({"shard": int(shard), "view": int(view), "rows": int(info.rows)})
         return written
 
 
 _BOOKKEEPING = ("shard", "shard_rows", "valid", "skip_reason")
+MAX_SKIPPED_IDS = 5  # instance ids kept per skip reason and unit, so a bad image can be found
 
 
 # ----------------------------------------------------------------------------- driver
@@ -388,8 +404,12 @@ def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = No
     final = writer.finalize(manifest, expected_shards=len(shards), committed=committed)
     wall = time.perf_counter() - t0
     skipped = Counter(skip_report.counts)
+    skipped_ids: dict[str, set[int]] = {}
     for unit in committed.values():
         skipped.update(unit.extra.get("skipped", {}))
+        for reason, ids in unit.extra.get("skipped_ids", {}).items():
+            skipped_ids.setdefault(reason, set()).update(ids)
+    image_skips = "; ".join(f"{reason} [instance ids {_first_ids(ids)}]" for reason, ids in sorted(skipped_ids.items()))
     totals = Counter()
     for shard in final.shards:
         totals.update(shard.bytes_per_field)
@@ -409,8 +429,14 @@ def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = No
         wall_s=wall,
         views_per_s=views_computed / wall,
         complete=final.complete,
-        extra={"annotation_skips": skip_report.summary()},  # names the first ids of malformed ones
+        # Both name the first ids of what they skipped, so it can be found and fixed.
+        extra={"annotation_skips": skip_report.summary(), **({"image_skips": image_skips} if image_skips else {})},
     )
+
+
+def _first_ids(ids: set[int]) -> str:
+    more = ", ..." if len(ids) > MAX_SKIPPED_IDS else ""
+    return ", ".join(map(str, sorted(ids)[:MAX_SKIPPED_IDS])) + more
 
 
 def _ranges(values: list[int]) -> str:
@@ -431,6 +457,10 @@ def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: Ca
     ctx = ray.data.DataContext.get_current()
     # One shard = one block from start to end; never let Ray split it.
     ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 1024 * 1024 * 1024)
+    # A crop task's own error (storage still unavailable after its retries, --strict on a bad
+    # image) reaches the driver as itself, not as a UserCodeException without its cause, so the
+    # job can say it in one line (pipeline.cli.run_job).
+    ctx.raise_original_map_exception = True
     total_cpus = ray.cluster_resources().get("CPU", 1)
     cpus_per_actor, side_cpus = cfg.cpus_per_worker, 1.0
     if cfg.gpus_per_worker == 0 and cfg.workers * cpus_per_actor >= total_cpus:
@@ -462,6 +492,7 @@ def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: Ca
             input_size=tuple(teacher_cfg.input_size),
             seed=cfg.seed,
             store_crops=cfg.store_crops,
+            strict=cfg.strict,
         ),
         num_cpus=side_cpus,
         compute=ray.data.TaskPoolStrategy(size=cfg.workers) if side_cpus == 0 else None,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import http.client
 import json
 import os
 import shutil
@@ -23,13 +22,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from local_services import proc_stats
+from local_services import FlakyS3Proxy, proc_stats  # noqa: F401  (FlakyS3Proxy: re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -211,114 +208,3 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.1, what: str = "
             return value
         time.sleep(interval_s)
     raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-# ----------------------------------------------------------------------------- flaky S3
-
-
-class FlakyS3Proxy:
-    """HTTP proxy in front of an S3 endpoint that answers `503 SlowDown` to the first
-    `failures_per_key` PUTs of every object whose key contains one of `match`.
-
-    Bodies and headers are passed through byte for byte (signatures stay valid: moto does
-    not check the Host header against them). `injected` counts the refusals per key.
-    """
-
-    def __init__(self, upstream: str, match: tuple[str, ...], failures_per_key: int = 1):
-        self.upstream = upstream.split("://", 1)[1]
-        self.match, self.failures_per_key = match, failures_per_key
-        self.injected: dict[str, int] = {}
-        self.forwarded = 0
-        self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="flaky-s3")
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> FlakyS3Proxy:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def should_fail(self, method: str, path: str) -> bool:
-        key = path.split("?", 1)[0]
-        if method != "PUT" or not any(m in key for m in self.match):
-            return False
-        with self._lock:
-            count = self.injected.get(key, 0)
-            if count >= self.failures_per_key:
-                return False
-            self.injected[key] = count + 1
-            return True
-
-    def _handler_class(self):
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:  # quiet
-                pass
-
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    raw = b""
-                    while True:
-                        line = self.rfile.readline()
-                        raw += line
-                        size = int(line.split(b";")[0].strip(), 16)
-                        if size == 0:
-                            while True:  # trailers, then an empty line
-                                trailer = self.rfile.readline()
-                                raw += trailer
-                                if trailer in (b"\r\n", b"\n", b""):
-                                    return raw
-                        raw += self.rfile.read(size + 2)
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-            def _handle(self) -> None:
-                body = self._body()
-                if proxy.should_fail(self.command, self.path):
-                    error = (
-                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                        b"<Message>Please reduce your request rate.</Message><RequestId>flaky</RequestId></Error>"
-                    )
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(error)))
-                    self.end_headers()
-                    self.wfile.write(error)
-                    return
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
-                try:
-                    conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-                    for name, value in self.headers.items():
-                        if name.lower() not in ("connection", "keep-alive", "proxy-connection", "expect"):
-                            conn.putheader(name, value)
-                    conn.endheaders(body or None)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
-                with proxy._lock:
-                    proxy.forwarded += 1
-                self.send_response(resp.status, resp.reason)
-                for name, value in resp.getheaders():
-                    if name.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
-                        self.send_header(name, value)
-                # HEAD answers carry the object's length but no body.
-                length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
-                self.send_header("Content-Length", length)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
-
-        return Handler

@@ -13,6 +13,7 @@ from distilpose.models.checkpoints import (
     CheckpointError,
     init_student_backbone_from_teacher,
     load_checkpoint,
+    load_model,
     load_official,
     load_teacher,
     save_checkpoint,
@@ -336,3 +337,20 @@ def test_load_teacher_detects_the_file_format(tmp_path: Path) -> None:
     student = write_official(tmp_path / "student.pth", official_layout(build_model("distilpose-tiny")))
     with pytest.raises(CheckpointError, match=r"(?s)student.pth.*student head"):
         load_teacher("tokenpose-tiny", student)
+
+
+def test_load_model_tells_the_formats_apart_by_content(tmp_path: Path) -> None:
+    student = seeded("distilpose-tiny", 2).eval()
+    ours = tmp_path / "student.pt"
+    save_checkpoint(ours, student)
+    # An official file under a name that says nothing: the content decides, not the name or an error text.
+    official = write_official(tmp_path / "student.pt.bin", official_layout(student))
+    assert_same_weights(student, load_model(ours))  # ours records its preset
+    assert_same_weights(student, load_model(official, "distilpose-tiny"))
+    assert not load_model(ours, "distilpose-tiny").training
+    with pytest.raises(CheckpointError, match="official mmpose checkpoint .* name its preset"):
+        load_model(official)
+    with pytest.raises(CheckpointError, match="expected preset 'distilpose-l-tiny'"):
+        load_model(ours, "distilpose-l-tiny")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "absent.pt")

@@ -285,13 +285,16 @@ def test_l_student_starts_from_the_cache_teacher(tiny_cache, tiny_teacher, tmp_p
     """DistilPose-L default: the teacher checkpoint the cache manifest records. The driver
     records the choice; the worker's build_student loads it (a fit is not needed to see it)."""
     cfg, _ = prepare_run(_cfg(tiny_cache, tmp_path, "l", student="distilpose-l-tiny"))
-    assert "WARNING" not in capsys.readouterr().out
+    driver_out = capsys.readouterr().out
+    assert "WARNING" not in driver_out
     record = json.loads((tmp_path / "l" / "run.json").read_text())
     assert record["backbone"] == {"source": "the cache's teacher", "checkpoint": tiny_teacher}
     student, line = build_student(cfg, open_reader(tiny_cache).manifest.teacher, fresh=True)
     sha256 = hashlib.sha256(Path(tiny_teacher).read_bytes()).hexdigest()
     tensors = student.backbone.state_dict()
     assert line.startswith(f"backbone: {len(tensors)} tensors from teacher {tiny_teacher} (sha256 {sha256[:12]}")
+    # The driver prints the workers' decision once, by default (worker output is hidden).
+    assert driver_out.count("backbone:") == 1 and f"[distill] {line}\n" in driver_out
     teacher = torch.load(tiny_teacher, map_location="cpu", weights_only=False)["state_dict"]
     for name, tensor in tensors.items():
         torch.testing.assert_close(tensor, teacher[f"backbone.{name}"], msg=name)
@@ -303,6 +306,11 @@ def test_l_student_starts_from_the_cache_teacher(tiny_cache, tiny_teacher, tmp_p
     assert json.loads((tmp_path / "l0" / "run.json").read_text())["backbone"]["checkpoint"] == ""
     _, line = build_student(scratch, open_reader(tiny_cache).manifest.teacher, fresh=True)
     assert line == "backbone: from scratch (--init-backbone none)"
+    assert "[distill] backbone: from scratch (--init-backbone none)\n" in capsys.readouterr().out
+    # Resuming loads the checkpoint's weights: no backbone decision to report.
+    (tmp_path / "l0" / "last_checkpoint.json").write_text("{}")
+    prepare_run(_cfg(tiny_cache, tmp_path, "l0", student="distilpose-l-tiny", init_backbone="none"))
+    assert "backbone:" not in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- Ray runs

@@ -87,7 +87,7 @@ def test_transient_error_classification() -> None:
     assert not storage.is_transient_error(_client_error("AccessDenied", 403))
 
 
-def test_retry_retries_transient_only() -> None:
+def test_retry_retries_transient_only(capsys) -> None:
     calls = []
 
     def flaky() -> str:
@@ -96,7 +96,8 @@ def test_retry_retries_transient_only() -> None:
             raise _client_error("SlowDown", 503)
         return "done"
 
-    assert storage.retry(flaky, base_delay_s=0.001) == "done"
+    fast = storage.RetryBudget(attempts=4, backoff_s=0.001)
+    assert storage.retry(flaky, budget=fast) == "done"
     assert len(calls) == 3
 
     def missing() -> None:
@@ -105,14 +106,19 @@ def test_retry_retries_transient_only() -> None:
 
     calls.clear()
     with pytest.raises(FileNotFoundError):
-        storage.retry(missing, base_delay_s=0.001)
+        storage.retry(missing, budget=fast)
     assert len(calls) == 1
 
     def always_throttled() -> None:
         raise _client_error("SlowDown", 503)
 
-    with pytest.raises(ClientError):
-        storage.retry(always_throttled, attempts=2, base_delay_s=0.001)
+    # A spent budget is its own error (never a permanent one a caller could count as a skip),
+    # naming the operation and the reason; one line per retry says what is going on.
+    with pytest.raises(storage.TransientIOError, match=r"S3 throttling \(SlowDown\) on image x.jpg") as info:
+        storage.retry(always_throttled, what="image x.jpg", budget=storage.RetryBudget(attempts=3, backoff_s=0.001))
+    assert isinstance(info.value.__cause__, ClientError) and info.value.attempts == 3
+    err = capsys.readouterr().err
+    assert "[io] S3 throttling (SlowDown): retrying image x.jpg (1/2)" in err and "(2/2)" in err and "(3/2)" not in err
 
 
 def test_atomic_write_cleans_up_on_failure(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

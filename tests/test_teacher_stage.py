@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -195,11 +196,18 @@ def test_bad_inputs_are_counted_not_fatal(synth, local_ray, tmp_path):
         "bad_box": 1,
         "unknown_image_id": 1,
     }
-    assert any(k.startswith("image") and v >= 2 for k, v in summary.skipped.items()), summary.skipped
-    assert "image" in summary.table()
+    assert summary.skipped["image: cannot decode"] >= 2, summary.skipped
+    # The summary names the instances lost with the bad image, so it can be found.
+    on_broken = {a["id"] for a in doc["annotations"] if a["image_id"] == doc["images"][0]["id"]}
+    named = re.search(r"images: image: cannot decode \[instance ids ([\d, ]+)\]", summary.table())
+    assert named and {int(i) for i in named.group(1).split(", ")} <= on_broken, summary.table()
     assert f"bad_box=1 [ids {people[2]['id']}]" in summary.table()
     with pytest.raises(DataError, match=f"annotation id {people[1]['id']}: expected 51 keypoint values"):
         run_cache_job(_config(data, str(tmp_path / "strict"), strict=True))
+    # --strict also stops at a bad image (raised in a Ray task, reported as itself).
+    ann.write_text(json.dumps(json.loads((synth / "annotations" / "person_keypoints_train.json").read_text())))
+    with pytest.raises(UserError, match=f"--strict: instance .*{broken}.*cannot decode"):
+        run_cache_job(_config(data, str(tmp_path / "strict-image"), strict=True))
 
 
 @pytest.mark.heavy  # a cache job and two CLI subprocesses (verify itself: test_cache_manifest.py): ~10 s

@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from distilpose import fileio
 from distilpose.keypoints import NUM_JOINTS
 
 PERSON_CATEGORY_ID = 1
@@ -132,8 +132,8 @@ def join_uri(root_uri: str, name: str) -> str:
 
 
 def read_bytes(uri: str) -> bytes:
-    with fsspec.open(uri, "rb") as f:
-        return f.read()
+    """The file's bytes; transient storage errors are retried (`distilpose.fileio`)."""
+    return fileio.read_bytes(uri)
 
 
 def read_json_file(uri: str) -> tuple[Any, bytes]:
@@ -167,10 +167,14 @@ def read_image(root_uri: str, image_file: str) -> np.ndarray:
     Grayscale, palette, CMYK, RGBA and 16-bit PNGs are converted to RGB. EXIF orientation
     is deliberately not applied: COCO keypoints refer to the stored pixel grid.
     For s3:// the endpoint comes from AWS_ENDPOINT_URL (honoured by s3fs/botocore).
+    A missing or undecodable image raises `ImageError` (permanent: callers may count it as a
+    skip); storage that keeps failing transiently raises `fileio.TransientIOError` (never a skip).
     """
     uri = join_uri(root_uri, image_file)
     try:
-        raw = read_bytes(uri)
+        raw = fileio.read_bytes(uri, what=f"image {uri}")
+    except fileio.TransientIOError:
+        raise  # storage unavailable, not a bad image: the caller's unit of work fails and is redone
     except FileNotFoundError as e:
         raise ImageError(image_file, uri, "file not found") from e
     except OSError as e:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import fsspec
-
+from distilpose import fileio
 from distilpose.data.coco import join_uri
 
 
@@ -32,8 +31,7 @@ def split_layouts(root: str, split: str) -> list[tuple[str, str]]:
 
 
 def uri_exists(uri: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs.exists(path)
+    return fileio.exists(uri)
 
 
 def split_files(root: str, split: str, ann_file: str | None = None, images: str | None = None) -> SplitFiles:

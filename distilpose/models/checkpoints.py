@@ -13,18 +13,19 @@ a non-persistent buffer, so it is checked against the file instead of loaded as 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
 import re
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from distilpose import fileio
 from distilpose.errors import UserError
 
 from .config import ModelConfig
@@ -114,12 +115,14 @@ def _numpy_safe_globals() -> list[Any]:
 
 
 def _read(path: PathLike) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file does not exist (or is not a file)")
+    """The checkpoint's content (a local path or s3://), read through `distilpose.fileio`."""
+    try:
+        data = fileio.read_bytes(str(path))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise CheckpointError(f"{path}: checkpoint file does not exist (or is not a file)") from None
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if unsafe:
@@ -190,14 +193,7 @@ def save_checkpoint(path: PathLike, model: nn.Module, extra: dict | None = None)
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # readers never see a half-written checkpoint
-    finally:
-        tmp.unlink(missing_ok=True)
+    fileio.atomic_torch_save(payload, str(path))  # readers never see a half-written checkpoint
 
 
 def _config_from(raw: dict, path: PathLike) -> ModelConfig:
@@ -223,7 +219,7 @@ def load_checkpoint(path: PathLike, preset: str | None = None) -> tuple[nn.Modul
 
 
 def _model_from_ours(raw: Any, path: PathLike, preset: str | None) -> tuple[nn.Module, dict | None]:
-    if not isinstance(raw, dict) or "format_version" not in raw:
+    if not is_ours(raw):
         hint = (
             "; it looks like an official mmpose checkpoint: use load_official(model, path)"
             if isinstance(raw, dict) and "state_dict" in raw
@@ -248,21 +244,39 @@ def _model_from_ours(raw: Any, path: PathLike, preset: str | None) -> tuple[nn.M
     return model, raw.get("extra")
 
 
+def is_ours(raw: Any) -> bool:
+    """True for the content of a `save_checkpoint` file (an official mmpose file has no
+    format_version)."""
+    return isinstance(raw, dict) and "format_version" in raw
+
+
+def load_model(checkpoint: PathLike, preset: str | None = None) -> nn.Module:
+    """The model in `checkpoint`, in eval mode: our format (which records its preset; `preset`,
+    if given, must match) or an official mmpose `.pth` (weights only: `preset` says which
+    model), told apart by the file's content. The one loader of evaluate, visualize and the
+    cache job's teacher."""
+    raw = _read(checkpoint)
+    if is_ours(raw):
+        model, _ = _model_from_ours(raw, checkpoint, preset)
+        return model.eval()
+    if preset is None:
+        raise CheckpointError(
+            f"{checkpoint}: an official mmpose checkpoint (no format_version) records no model: name its preset"
+        )
+    model = build_model(get_config(preset))
+    _load_official_state(model, _official_state_dict(raw, checkpoint), checkpoint, strict=True)
+    return model.eval()
+
+
 def load_teacher(preset: str, checkpoint: PathLike | None = None) -> nn.Module:
     """A teacher preset in eval mode: random init without `checkpoint`, else its weights from
-    our format or an official mmpose file (detected from the content)."""
+    our format or an official mmpose file (`load_model`)."""
     config = get_config(preset)
     if config.kind != "teacher":
         raise UserError(f"preset {preset!r} is a {config.kind}, not a teacher")
     if checkpoint is None:
         return build_model(config).eval()
-    raw = _read(checkpoint)
-    if isinstance(raw, dict) and "format_version" in raw:
-        model, _ = _model_from_ours(raw, checkpoint, preset)
-    else:
-        model = build_model(config)
-        _load_official_state(model, _official_state_dict(raw, checkpoint), checkpoint, strict=True)
-    return model.eval()
+    return load_model(checkpoint, preset)
 
 
 def _match(expected: dict[str, Tensor], given: dict[str, Tensor]) -> LoadReport:

@@ -239,7 +239,7 @@ class WdsCacheReader(CacheReader):
 
     def _read_raw(self, unit: ViewUnit, arrays: dict[str, ArrayDef], rows: np.ndarray | None) -> dict[str, np.ndarray]:
         uri = self.unit_uri(unit)
-        views = storage.retry(self._read_views, uri)
+        views = storage.retry(self._read_views, uri, what=f"cache unit {uri}")
         if len(views) != unit.rows:
             raise ValueError(f"{uri}: {len(views)} rows, the commit record says {unit.rows} (truncated?)")
         selected = range(unit.rows) if rows is None else rows.tolist()

@@ -207,7 +207,7 @@ class ZarrCacheReader(CacheReader):
             return array[...] if rows is None else array.oindex[rows]
 
         with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_ARRAYS, max(len(arrays), 1))) as pool:
-            return dict(zip(arrays, pool.map(partial(storage.retry, read), arrays)))
+            return dict(zip(arrays, pool.map(partial(storage.retry, read, what=f"cache {where}"), arrays)))
 
     @staticmethod
     def _read_crops(store, rows: np.ndarray | None) -> np.ndarray:

@@ -200,10 +200,24 @@ def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
         print(f"[distill] {get_profile(cfg.profile).describe()}{override}", flush=True)
         if backbone.warning:
             print(f"[distill] {backbone.warning}", flush=True)
+        # The workers make the same choice, but their output reaches the user only with
+        # --verbose (and then once per rank): the driver says it, once.
+        print(f"[distill] {backbone_line(cfg, backbone)}", flush=True)
     print(f"[distill] {views_line(cfg, manifest)}", flush=True)
     print(warmup_line(cfg, steps * cfg.epochs), flush=True)
     warn_if_cluster_too_small(cfg)
     return cfg, resumed
+
+
+def backbone_line(cfg: DistillConfig, backbone) -> str:
+    """What a fresh start's backbone starts from, as the workers will load it ("backbone: N
+    tensors from teacher ..."): the same load on a student built here, so a checkpoint that
+    does not fit or changed since the cache was built fails now, not in every worker."""
+    from distilpose.models import build_model
+    from pipeline.backbone_init import apply_backbone_init
+
+    student = build_model(cfg.student) if backbone.checkpoint else None
+    return apply_backbone_init(student, backbone)
 
 
 def with_online_teacher_checkpoint(cfg: DistillConfig, cache_teacher) -> DistillConfig:

@@ -56,9 +56,8 @@ def train_loop_per_worker(config: dict) -> None:
     loss_fn = DistillLoss(**cfg.alphas(), sh_weighting=cfg.loss_sh_weighting())
     needed = tuple(loss_fn.needed_teacher_fields)
     checkpoint = ray.train.get_checkpoint()
-    student, backbone_line = build_student(cfg, reader.manifest.teacher, fresh=checkpoint is None)
-    if rank == 0 and backbone_line:
-        print(f"[distill] {backbone_line}", flush=True)
+    # The driver has printed the backbone line (checks.backbone_line): worker output is hidden by default.
+    student, _ = build_student(cfg, reader.manifest.teacher, fresh=checkpoint is None)
     if cfg.view_source() == "fresh":
         ann_file, image_root = data_files(cfg, reader)
         stream = fresh_stream_for_rank(
