@@ -131,7 +131,8 @@ def write_results(name: str, payload: Mapping[str, Any]) -> Path:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
     os.replace(tmp, path)
-    print(f"\nresults written to {path.relative_to(ROOT)}", flush=True)
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    print(f"\nresults written to {shown}", flush=True)
     return path
 
 

@@ -208,7 +208,9 @@ def test_rebuilt_views_are_the_cached_ones(tiny_cache, tiny_teacher) -> None:
         ours = getattr(out, name).numpy()
         stored = decode_field(name, encode_field(name, ours, reader.spec), reader.spec)
         cached = batch[name].numpy()
-        step = np.abs(cached).max() / 127  # coarser of the u8 / int8 steps
+        # Coarser of the u8 / int8 steps; the per-token scales of two encodings of nearly equal
+        # outputs differ in the last fp32 bits, hence the relative epsilon.
+        step = np.abs(cached).max() / 127 * (1 + 1e-5)
         assert np.abs(stored - cached).max() <= step, name
         assert np.abs(np.roll(stored, 1, axis=0) - cached).max() > 10 * step, name  # other views differ
 
