@@ -404,7 +404,7 @@ def plot(table: list[dict], title: str, path: Path) -> None:
             s=90,
             color="k",
             zorder=3,
-            label="cache K=8 + label-side flip (at its K=8 replay count)",
+            label="cache K + label-side flip (at the stored views' replay count)",
         )
     ax.axhline(0.0, color="k", linewidth=0.8)
     ax.axhspan(-WITHIN_AP * 100, 0.0, color="C2", alpha=0.1, label=f"within {WITHIN_AP * 100:.0f} AP")
