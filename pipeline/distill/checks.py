@@ -270,8 +270,10 @@ def views_line(cfg: DistillConfig, manifest) -> str:
     if cfg.view_source() == "fresh":
         views = "fresh views (a new augmentation per instance per epoch)"
     else:
+        from pipeline.cache_loader import resolve_cache_views  # the loader's own K
+
         first = 1 if cfg.exclude_view0 else 0
-        k = cfg.cache_views or manifest.views - first
+        k = resolve_cache_views(manifest.views, cfg.cache_views, first)
         views = f"cached views {first}..{first + k - 1} of {manifest.views}"
         views += " (augmented only)" if first else (" (view 0 is the un-augmented crop)" if k > 1 else "")
         if cfg.label_flip:
