@@ -61,6 +61,11 @@ class SweepConfig:
     )
 
 
+# Fields renamed since a sweep was started: a restored Tune experiment keeps its trials' old
+# keys, which would otherwise be dropped silently (trial_config keeps only known fields).
+RENAMED_FIELDS = {"backbone_init": "conv_init"}
+
+
 def load_space(path: str) -> list[dict]:
     """Expand a sweep YAML into a list of trial override dicts (each with a unique name)."""
     doc = yaml.safe_load(storage.read_bytes(path)) or {}
@@ -82,8 +87,9 @@ def load_space(path: str) -> list[dict]:
                 t["name"] = trial["name"] + "-" + "-".join(f"{k}{v}" for k, v in zip(keys, values))
             bad = set(t) - fields
             if bad:
-                raise ValueError(f"{path}: trial {t['name']}: unknown fields {sorted(bad)}")
-            try:  # a value outside an option's choices (e.g. a misspelt backbone_init)
+                renamed = "".join(f"; {k} is now {RENAMED_FIELDS[k]}" for k in sorted(bad) if k in RENAMED_FIELDS)
+                raise ValueError(f"{path}: trial {t['name']}: unknown fields {sorted(bad)}{renamed}")
+            try:  # a value outside an option's choices (e.g. a misspelt conv_init)
                 DistillConfig(**{"cache": "", **t})
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{path}: trial {t['name']}: {e}") from None
@@ -105,7 +111,7 @@ def trial_dirname(trial) -> str:
 
 def trial_config(config: dict) -> DistillConfig:
     """The DistillConfig of one trial: the space's fields, then the sweep-wide overrides."""
-    trial = dict(config["trial"])
+    trial = {RENAMED_FIELDS.get(k, k): v for k, v in config["trial"].items()}
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     kwargs = {k: v for k, v in trial.items() if k in fields}
     kwargs.update(cache=config["cache"], storage=config["runs_storage"], name=trial["name"])

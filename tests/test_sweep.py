@@ -90,7 +90,8 @@ def test_load_space_expands_grid_and_rejects_unknown_fields(tmp_path) -> None:
         ({"trials": [{"lr": 1}]}, "every trial needs a name"),
         ({"trials": [{"name": "a"}, {"name": "a"}]}, "names must be unique"),
         ({"trails": []}, "unknown top-level keys \\['trails'\\]"),
-        ({"base": {"backbone_init": "kaimnig"}}, "trial default: DistillConfig.backbone_init: 'kaimnig' is not one of"),
+        ({"base": {"conv_init": "kaimnig"}}, "trial default: DistillConfig.conv_init: 'kaimnig' is not one of"),
+        ({"base": {"backbone_init": "kaiming"}}, "backbone_init is now conv_init"),
     ]
     for i, (doc, message) in enumerate(bad):
         with pytest.raises(ValueError, match=message):
@@ -108,6 +109,9 @@ def test_sweeps_take_the_profile_from_the_space_or_set_and_show_it(tmp_path) -> 
     assert [trial_config({**config, "trial": t}).profile for t in trials] == ["official", "intended"]
     forced = {**config, "overrides": {"profile": "intended"}}
     assert trial_config({**forced, "trial": trials[0]}).profile == "intended"
+    # A Tune experiment started before the rename restores its trials with the old key.
+    legacy = {**config, "trial": {"name": "old", "backbone_init": "kaiming"}}
+    assert trial_config(legacy).conv_init == "kaiming"
     with pytest.raises(ValueError, match="DistillConfig.profile: 'paper' is not one of"):
         load_space(_write(tmp_path / "bad.yaml", {"base": {"profile": "paper"}}))
     # The results table has a profile column, as the trial ran it (--set wins over the space).

@@ -179,14 +179,14 @@ def check_run_record(cfg: DistillConfig, manifest, resumed: bool, backbone) -> N
 def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
     """Driver-side checks before a fit: absolute paths, cache, resume or fresh start.
     Returns the resolved config and whether the run resumes."""
-    from pipeline.backbone_init import resolve_backbone_init
+    from pipeline.backbone_start import resolve_backbone_start
 
     cfg = resolve_paths(cfg)
     manifest, steps = check_cache_for_run(cfg)
     cfg = with_online_teacher_checkpoint(cfg, manifest.teacher)
     resumed = has_checkpoint(cfg)
     # Resolved here for the run record and the warning; the workers resolve the same choice.
-    backbone = resolve_backbone_init(cfg.student, cfg.init_backbone, manifest.teacher)
+    backbone = resolve_backbone_start(cfg.student, cfg.init_backbone, manifest.teacher)
     check_run_record(cfg, manifest, resumed, backbone)
     if resumed:
         print(
@@ -214,10 +214,10 @@ def backbone_line(cfg: DistillConfig, backbone) -> str:
     tensors from teacher ..."): the same load on a student built here, so a checkpoint that
     does not fit or changed since the cache was built fails now, not in every worker."""
     from distilpose.models import build_model
-    from pipeline.backbone_init import apply_backbone_init
+    from pipeline.backbone_start import apply_backbone_start
 
     student = build_model(cfg.student) if backbone.checkpoint else None
-    return apply_backbone_init(student, backbone)
+    return apply_backbone_start(student, backbone)
 
 
 def with_online_teacher_checkpoint(cfg: DistillConfig, cache_teacher) -> DistillConfig:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from distilpose.models.conv_init import CONV_INITS
 from distilpose.options import check_choices, option
 from distilpose.profiles import DEFAULT_PROFILE, PROFILES, get_profile
 from pipeline import storage
-from pipeline.backbone_init import FROM_SCRATCH
+from pipeline.backbone_start import FROM_SCRATCH
 
 ONLINE_VIEWS = ("fresh", "cache")
 LOCAL_PATH_FIELDS = ("storage", "cache", "data", "val", "teacher_checkpoint", "init_backbone", "pid_dir")
@@ -78,11 +79,13 @@ class DistillConfig:
         f"teacher; '{FROM_SCRATCH}': from scratch)",
     )
     # "official" keeps the N(0, 0.001) convs of the official code; "kaiming" (He init) learns
-    # much faster in short runs (see distilpose.teacher_training.reinit_backbone).
-    backbone_init: str = option(
+    # much faster in short runs (see distilpose.models.conv_init). Not where the backbone
+    # starts (init_backbone): a teacher checkpoint loaded after it overwrites what it covers.
+    conv_init: str = option(
         "official",
-        choices=("official", "kaiming"),
-        help="student conv init: official N(0, 0.001) or He init (much faster in short runs)",
+        choices=CONV_INITS,
+        help="student conv init: official N(0, 0.001) or He (kaiming) init, much faster in short runs; "
+        "layers loaded from --init-backbone's checkpoint overwrite it",
     )
     data: str | None = option(None, help="data set root holding the cached split's images (default: as recorded)")
     val: str | None = option(None, help="data set root whose val split is evaluated (pycocotools)")

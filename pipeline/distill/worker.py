@@ -200,18 +200,18 @@ def train_loop_per_worker(config: dict) -> None:
 
 def build_student(cfg: DistillConfig, cache_teacher, fresh: bool):
     """The student as training starts: the conv init, then on a fresh start the backbone start
-    the recipe or --init-backbone chooses (pipeline.backbone_init; a resumed run loads every
+    the recipe or --init-backbone chooses (pipeline.backbone_start; a resumed run loads every
     weight from its checkpoint). Returns (model, the backbone log line or "")."""
     from distilpose.models import build_model
-    from distilpose.teacher_training import reinit_backbone
-    from pipeline.backbone_init import apply_backbone_init, resolve_backbone_init
+    from distilpose.models.conv_init import apply_conv_init
+    from pipeline.backbone_start import apply_backbone_start, resolve_backbone_start
 
     student = build_model(cfg.student)
-    reinit_backbone(student, cfg.backbone_init)  # before a teacher init, which overwrites it
+    apply_conv_init(student, cfg.conv_init)  # before a teacher init, which overwrites it
     if not fresh:
         return student, ""
-    choice = resolve_backbone_init(cfg.student, cfg.init_backbone, cache_teacher)
-    return student, apply_backbone_init(student, choice)
+    choice = resolve_backbone_start(cfg.student, cfg.init_backbone, cache_teacher)
+    return student, apply_backbone_start(student, choice)
 
 
 def write_pid(pid_dir: str, rank: int) -> None:
