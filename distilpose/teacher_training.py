@@ -41,7 +41,7 @@ from distilpose import fileio
 from distilpose.coco_metrics import format_table
 from distilpose.data.coco import data_fingerprint, load_instances
 from distilpose.data.dataset import TopDownDataset
-from distilpose.data.layout import split_files
+from distilpose.data.layout import DataOptions, ValDataOptions, split_files
 from distilpose.data.transforms import AugmentConfig
 from distilpose.evaluate import METRIC_COLUMNS, detections_file, evaluate_model, mean_pose_baseline
 from distilpose.models import build_model, get_config
@@ -85,8 +85,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class TeacherTrainConfig:
-    data: str = option(help="data set root")
+class TeacherTrainConfig(DataOptions, ValDataOptions):
+    """A teacher training run. Data: the train split from DataOptions (--data, or
+    --ann-file/--images); the val split it is evaluated on from --val (or --val-ann-file/
+    --val-images), by default the val split under --data."""
+
     teacher: str = option("tokenpose-tiny", help="teacher preset")
     model_overrides: dict[str, Any] = option(
         default_factory=dict,
@@ -142,6 +145,9 @@ class TeacherTrainConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        self.check_data_source()
+        if self.evaluate and not (self.has_val_source() or self.data):
+            raise ValueError("no val split to evaluate on: give --val (or --val-ann-file, --val-images) or --no-eval")
         if isinstance(self.aug, str):
             self.aug = AUG_PRESETS[self.aug]
         if isinstance(self.aug, dict):
@@ -285,7 +291,7 @@ class Trainer:
         # channels_last: ~25 % faster conv backward in oneDNN on CPU (and the layout AMP wants on GPU).
         self.model.to(self.device, memory_format=torch.channels_last)
         self.config = self.model.config
-        self.train_files = split_files(cfg.data, "train")
+        self.train_files = cfg.split_files("train")
         instances, report = load_instances(self.train_files.ann_file, "train", input_size=self.config.input_size)
         self.log(report.summary())
         if not instances:
@@ -427,9 +433,10 @@ class Trainer:
         """Val metrics with GT boxes (and detections if the data set has them), beside the
         mean-pose baseline with the same boxes."""
         cfg = self.cfg
-        val = split_files(cfg.data, "val")
+        val = cfg.val_files() if cfg.has_val_source() else split_files(cfg.data, "val")
         box_sets = {"gt": "gt"}
-        dets = detections_file(cfg.data)
+        root = cfg.val or (None if cfg.has_val_source() else cfg.data)
+        dets = detections_file(root) if root else None
         if dets:
             box_sets["det"] = dets
         metrics: dict[str, dict[str, Any]] = {}

@@ -17,7 +17,7 @@ from distilpose import options
 from distilpose.options import add_dataclass_args
 from pipeline.cli import JobParser, run_job
 from pipeline.distill.config import DistillConfig
-from pipeline.job_env import check_job_paths
+from pipeline.job_env import check_job_paths, data_inputs
 
 
 def add_distill_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 def check_paths(cfg: DistillConfig) -> None:
     """Under `ray job submit --working-dir`: outputs and inputs must be outside the upload."""
     boxes = None if cfg.val_boxes == "gt" else cfg.val_boxes
-    inputs = {"--cache": cfg.cache, "--data": cfg.data, "--val": cfg.val, "--val-boxes": boxes}
+    inputs = {"--cache": cfg.cache, "--val-boxes": boxes, **data_inputs(cfg)}
     inputs |= {"--teacher-checkpoint": cfg.teacher_checkpoint, "--init-backbone": cfg.init_backbone}
     check_job_paths(outputs={"--storage": cfg.storage}, inputs=inputs)
 

@@ -15,7 +15,14 @@ import time
 import numpy as np
 
 from pipeline import storage
-from pipeline.distill.config import DistillConfig, export_uri, loader_prefetch, run_dir
+from pipeline.distill.config import (
+    DistillConfig,
+    cached_split_files,
+    export_uri,
+    loader_prefetch,
+    run_dir,
+    val_split_files,
+)
 from pipeline.distill.logs import MetricsLogger, epoch_line, resume_line
 from pipeline.distill.state import (
     CHECKPOINT_FILE,
@@ -151,7 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
             }
         )
         final = epoch + 1 == cfg.epochs
-        if rank == 0 and cfg.val and (final or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+        if rank == 0 and cfg.has_val_source() and (final or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             metrics.update(evaluate(core, cfg, device))
             if "AP" in metrics and metrics["AP"] >= best.get("AP", -1.0):
                 best = {"AP": metrics["AP"], "epoch": epoch + 1}
@@ -247,14 +254,9 @@ def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
 
 
 def data_files(cfg: DistillConfig, reader) -> tuple[str, str]:
-    """Annotation file and image root of the cached split: as recorded, or under --data."""
-    data = reader.manifest.data
-    if not cfg.data:
-        return data.ann_file, data.image_root
-    from pipeline.dataset_layout import resolve_layout
-
-    layout = resolve_layout(cfg.data, data.split)
-    return layout.ann_file, layout.image_root
+    """Annotation file and image root of the cached split: as recorded, or the data source's."""
+    files = cached_split_files(cfg, reader.manifest.data)
+    return files.ann_file, files.image_root
 
 
 def image_layout(cfg: DistillConfig, reader) -> dict:
@@ -296,9 +298,8 @@ def online_teacher(cfg: DistillConfig, device):
 
 def evaluate(model, cfg: DistillConfig, device) -> dict:
     from distilpose.evaluate import evaluate_model
-    from pipeline.dataset_layout import resolve_layout
 
-    layout = resolve_layout(cfg.val, "val")
+    layout = val_split_files(cfg)
     was_training = model.training
     model.eval()
     stats = evaluate_model(
