@@ -22,7 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--verify", metavar="URI", help="verify a cache's checksums instead of building one")
     p.add_argument(
-        "--spot-check", type=int, default=0, metavar="N", help="with --verify: re-run the teacher on N views"
+        "--spot-check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --verify: re-run the teacher on N views (default: 0)",
     )
     return p
 
