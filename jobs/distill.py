@@ -47,13 +47,14 @@ def main(argv=None) -> int:
         p.error(str(e))
     from distilpose.coco_metrics import format_table
     from pipeline.distill import check_cache_for_run, resolve_paths, run_distill
+    from pipeline.distill.hooks import WorkerHooks
     from pipeline.ray_env import init_ray
 
     check_paths(cfg)
     check_cache_for_run(resolve_paths(cfg))  # a wrong cache or student costs seconds, not Ray's start-up
 
     init_ray(args.address, num_cpus=None, verbose=args.verbose)
-    result = run_distill(cfg)
+    result = run_distill(cfg, hooks=WorkerHooks.from_env())  # test hooks: None unless a test sets them
     keys = ["AP", "AP50", "AP75", "APM", "APL", "AR", "train/loss", "samples_per_s", "epoch"]
     print(format_table([{"run": cfg.name, **{k: result.metrics.get(k) for k in keys}}]))
     for kind, uri in result.exported.items():

@@ -49,11 +49,12 @@ def main(argv=None) -> int:
     check_sweep(cfg)  # a wrong cache or student costs seconds, not Ray's start-up
 
     from distilpose.coco_metrics import format_table
+    from pipeline.distill.hooks import WorkerHooks
     from pipeline.ray_env import init_ray
     from pipeline.sweep import RESULT_COLUMNS, run_sweep
 
     init_ray(args.address, verbose=args.verbose)
-    rows = run_sweep(cfg)
+    rows = run_sweep(cfg, hooks=WorkerHooks.from_env())  # test hooks: None unless a test sets them
     print(format_table(rows, columns=list(RESULT_COLUMNS) + ["error"]))
     return 0 if all(not r["error"] for r in rows) else 1
 

@@ -36,6 +36,7 @@ from distilpose.errors import UserError
 from distilpose.options import option
 from pipeline import storage
 from pipeline.distill import DistillConfig
+from pipeline.distill.hooks import WorkerHooks
 
 RESULT_COLUMNS = ("trial", "student", "profile", "AP", "AP50", "AP75", "APM", "APL", "AR", "train/loss", "epoch")
 # The trial's own driver only waits on its TorchTrainer; the workers hold the CPUs. Its
@@ -131,7 +132,8 @@ def _trial_fn(config: dict) -> None:
 
     # A retried or restored trial finds its Train run's snapshot and resumes from it.
     cfg, _ = prepare_run(trial_config(config))
-    result = build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    hooks = WorkerHooks.from_dict(config.get("hooks"))
+    result = build_trainer(cfg, callbacks=[TuneReportCallback()], hooks=hooks).fit()
     if result.error:
         raise result.error
     exported = export_checkpoints(cfg, result)
@@ -216,10 +218,13 @@ def check_sweep(cfg: SweepConfig) -> list[DistillConfig]:
     return configs
 
 
-def run_sweep(cfg: SweepConfig) -> list[dict]:
+def run_sweep(cfg: SweepConfig, hooks: WorkerHooks | None = None) -> list[dict]:
+    """Run (or resume) the sweep; `hooks`: test hooks for every trial's workers (pipeline.distill.hooks)."""
     from ray import tune
 
     trials, shared = sweep_trials(cfg)
+    if hooks:
+        shared["hooks"] = hooks.to_dict()
     sweep_root = storage.join(cfg.storage, cfg.name)
     param_space = {"trial": tune.grid_search(trials), **shared}
     warn_if_cluster_too_small(check_sweep(cfg), cfg.max_concurrent)

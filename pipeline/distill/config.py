@@ -17,7 +17,7 @@ from pipeline.backbone_start import FROM_SCRATCH
 ONLINE_VIEWS = ("fresh", "cache")
 LOCAL_PATH_FIELDS = (
     *("storage", "cache", "data", "ann_file", "images", "val", "val_ann_file", "val_images"),
-    *("teacher_checkpoint", "init_backbone", "pid_dir"),
+    *("teacher_checkpoint", "init_backbone"),
 )
 
 
@@ -127,10 +127,6 @@ class DistillConfig(DataOptions, ValDataOptions):
         flag="--expect",
         help="refuse a cache whose manifest differs, e.g. teacher.checkpoint_sha256=<sha> (repeatable)",
     )
-    # Test hooks: a worker writes its pid (rank<r>.pid) and where it started training
-    # (start-rank<r>-<pid>.json) here so fault tests can kill it and check the restart.
-    pid_dir: str | None = option(None, hidden=True, help="test hook: where workers write their pids")
-    step_sleep_s: float = option(0.0, hidden=True, help="test hook: sleep after every step")
 
     def __post_init__(self) -> None:
         check_choices(self)
