@@ -150,3 +150,38 @@ def test_the_check_catches_a_moved_name() -> None:
         "schema.FIELDS",
         "f",
     }
+
+
+PREMISE_LABELS = {
+    "online-fresh": "(a) online teacher",
+    "online-cache-views": "(a') online teacher",
+    "none": "(c) no distillation",
+}
+
+
+def _premise_label(configuration: str) -> str:
+    if configuration in PREMISE_LABELS:
+        return PREMISE_LABELS[configuration]
+    return f"(b) cache, V = {configuration.split('-v')[1]} "
+
+
+def test_results_md_tables_are_their_csv_files() -> None:
+    """docs/results.md quotes the premise studies and the scale benchmark from the CSVs those
+    write: a rerun that changes a figure fails here until the page is regenerated."""
+    import csv
+
+    lines = (ROOT / "docs" / "results.md").read_text().splitlines()
+    for study in ("premise-l-tiny", "premise-tiny"):
+        start = next(i for i, line in enumerate(lines) if f"({study}.csv)" in line)
+        table = [line for line in lines[start:] if line.startswith("| (")]
+        for row in csv.DictReader((ROOT / "docs" / f"{study}.csv").open()):
+            line = next(t for t in table if t.startswith(f"| {_premise_label(row['configuration'])}"))
+            ap = f"{float(row['AP_mean']):.3f} ± {float(row['AP_std']):.3f}"
+            assert ap in line and f"| {float(row['train_s_mean']):.0f} |" in line, (study, row, line)
+    scale = [line for line in lines if line.startswith(("| local |", "| s3 |"))]
+    rows = list(csv.DictReader((ROOT / "docs" / "scale.csv").open()))
+    assert len(scale) == len(rows)
+    for line, row in zip(scale, rows):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:3] == [row["store"], f"{int(row['instances']):,}", row["shards"]]
+        assert cells[8] == f"{int(row['objects']):,} ({int(row['plan_objects']):,})"
