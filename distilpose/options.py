@@ -140,6 +140,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, required: boo
         default = _default(f)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         text = help_with_default(reworded.get(f.name, meta["help"]), default)
+        if kind is bool and meta["negatable"] and "default" not in text:  # --x / --no-x: which one holds
+            text += f" (default: {'on' if default else 'off'})"
         kwargs["help"] = argparse.SUPPRESS if meta["hidden"] else text
         origin = typing.get_origin(kind)
         if kind is bool and meta["negatable"]:

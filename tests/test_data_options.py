@@ -65,7 +65,8 @@ def test_every_option_help_shows_its_default(name, monkeypatch) -> None:
         if not action.option_strings or action.help == argparse.SUPPRESS or action.required:
             continue
         default = getattr(action, "config_default", action.default)
-        if not _shows_nothing(default) and "default" not in (action.help or ""):
+        negatable = isinstance(action, argparse.BooleanOptionalAction)  # --x / --no-x: say which holds
+        if (negatable or not _shows_nothing(default)) and "default" not in (action.help or ""):
             missing.append(f"{action.option_strings[0]} (default {default!r})")
     assert not missing, f"jobs/{name}.py --help does not show: {missing}"
 
