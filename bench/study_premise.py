@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.premise import WITHIN_AP, PremiseStudy  # noqa: E402  (the planner reads what this writes)
+from pipeline.premise import STUDIES, WITHIN_AP, PremiseStudy  # noqa: E402  (the planner reads what this writes)
 
 TEACHER_AP_MIN = 0.25  # below this the teacher has not learnt the data: the study means little
 ONLINE_FRESH = "online-fresh"
@@ -179,7 +179,7 @@ def smallest_good_v(summary: PremiseStudy | None) -> str:
 
 
 def study_summary(table: list[dict], space: str) -> PremiseStudy | None:
-    """What the planner needs (`docs/<name>.json`, read by pipeline.premise)."""
+    """What the planner needs (`pipeline/studies/<name>.json`, read by pipeline.premise)."""
     from pipeline.sweep import load_space
 
     online = next((r for r in table if r["configuration"] == ONLINE_FRESH), None)
@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-instances", type=int, default=64)
     p.add_argument("--cache-workers", type=int, default=2)
     p.add_argument("--max-concurrent", type=int, default=2, help="trials at once (one CPU each)")
-    p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs", help="the table and plot")
+    p.add_argument("--studies", type=Path, default=STUDIES, help="the planner's summary (package data)")
     p.add_argument("--report-only", action="store_true", help="only re-read the finished trials")
     args = p.parse_args(argv)
 
@@ -294,10 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     plot(table, f"{args.name}: teacher AP {teacher_ap:.3f}", args.docs / f"{args.name}.png")
     summary = study_summary(table, args.space)
     if summary is not None:
-        (args.docs / f"{args.name}.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+        args.studies.mkdir(parents=True, exist_ok=True)
+        (args.studies / f"{args.name}.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     print(markdown(table))
     print(f"[study] {smallest_good_v(summary)}")
-    print(f"[study] wrote {args.docs / args.name}.csv, .png and .json (the planner's advice)")
+    print(f"[study] wrote {args.docs / args.name}.csv, .png and {args.studies / args.name}.json (the planner's advice)")
     return 0
 
 

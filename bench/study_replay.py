@@ -30,7 +30,8 @@ Phases, each resumable:
    before the next group (ARM_GROUPS: online-fresh and K = 8 first), subsets in the order given;
 3. detector boxes: each finished trial's final student evaluated with the data set's person
    detections too (GT-box AP comes from the trial itself);
-4. report: docs/premise-replay.{csv,png,json}: AP per arm (mean, spread), each cache arm's
+4. report: docs/premise-replay.{csv,png,md} and pipeline/studies/premise-replay.json (the
+   planner's data): AP per arm (mean, spread), each cache arm's
    paired difference to online-fresh per seed, against replays per view, and the K the
    planner recommends for a schedule (pipeline.premise.ReplayStudy.recommend).
 """
@@ -50,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from study_premise import _ints, _run, teacher_val_ap, write_csv  # noqa: E402
 
-from pipeline.premise import WITHIN_AP, ReplayPoint, ReplayStudy, remedy_advice  # noqa: E402
+from pipeline.premise import STUDIES, WITHIN_AP, ReplayPoint, ReplayStudy, remedy_advice  # noqa: E402
 
 NAME = "premise-replay"
 SPACE = "sweeps/premise-replay.yaml"
@@ -470,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-instances", type=int, default=32)
     p.add_argument("--cache-workers", type=int, default=2)
     p.add_argument("--max-concurrent", type=int, default=2, help="trials at once (one CPU each)")
-    p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs", help="the page, table and plot")
+    p.add_argument("--studies", type=Path, default=STUDIES, help="the planner's summary (package data)")
     p.add_argument("--report-only", action="store_true", help="only re-read the finished trials")
     args = p.parse_args(argv)
     unknown = [g for g in args.groups if g not in ARM_GROUPS]
@@ -504,12 +506,13 @@ def main(argv: list[str] | None = None) -> int:
     plot(table, f"{NAME}: {study.where}", args.docs / f"{NAME}.png")
     recommendations = recommendation_lines(study)
     summary = {**study.to_json(), "teacher_check": check, "recommendations": recommendations}
-    (args.docs / f"{NAME}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    args.studies.mkdir(parents=True, exist_ok=True)
+    (args.studies / f"{NAME}.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_docs_block(args.docs / f"{NAME}.md", results_block(table, check, study, recommendations))
     print(markdown(table))
     for line in recommendations:
         print(f"[study] recommended views for {line}")
-    print(f"[study] wrote {args.docs / NAME}.csv, .png, .json (the planner's advice) and the results in .md")
+    print(f"[study] wrote {args.docs / NAME}.csv, .png, the results in .md; {args.studies / NAME}.json (the planner's)")
     return 0
 
 

@@ -41,7 +41,7 @@ from distilpose.coco_metrics import (
 )
 from distilpose.data.coco import DEFAULT_INPUT_SIZE, Instance, join_uri, load_coco, load_instances
 from distilpose.data.dataset import TopDownDataset
-from distilpose.data.layout import split_files, uri_exists
+from distilpose.data.layout import DataOptions, uri_exists
 from distilpose.data.transforms import affine_matrix, identity_view, transform_joints
 from distilpose.inference import predict
 from distilpose.models import checkpoints
@@ -229,10 +229,9 @@ def load_model(preset: str, checkpoint: str | Path) -> nn.Module:
 
 
 @dataclass
-class EvalRequest:
-    """What jobs/evaluate.py asks for."""
+class EvalRequest(DataOptions):
+    """What jobs/evaluate.py asks for (the split: DataOptions' --data, or --ann-file/--images)."""
 
-    data: str = option(help="data set root (synthetic or COCO 2017 layout)")
     model: str = option(help="preset the checkpoint was made for")
     checkpoint: str = option(help="our checkpoint or an official .pth")
     boxes: str = option("gt", help="'gt' or a person-detection results json")
@@ -253,6 +252,7 @@ class EvalRequest:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        self.check_data_source()
 
 
 @dataclass
@@ -273,7 +273,7 @@ def run_evaluation(request: EvalRequest) -> EvalReport:
     """Load the checkpoint, evaluate it on the split, write `request.out` if given."""
     profile = get_profile(request.profile)
     torch.set_num_threads(request.threads)
-    files = split_files(request.data, request.split)
+    files = request.split_files(request.split)
     model = load_model(request.model, request.checkpoint).to(request.device)
     metrics = evaluate_model(
         model,

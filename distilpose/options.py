@@ -47,10 +47,13 @@ def option(
     default_factory: Any = MISSING,
     hidden: bool = False,
     negatable: bool = False,
+    group: str | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line option (`hidden`: left out of --help;
-    `negatable`: a bool option given as --x or --no-x)."""
+    `negatable`: a bool option given as --x or --no-x; `group`: the --help section it is
+    listed in, e.g. the data-source options every data-reading job shares)."""
     metadata = {
+        "group": group,
         "help": help,
         "negatable": negatable,
         "choices": tuple(choices) if choices is not None else None,
@@ -111,15 +114,35 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default
 
 
+def help_with_default(text: str, default: Any) -> str:
+    """`text` plus "(default: X)" where --help would not show the default otherwise: not for
+    a required option, a switch, a None default (the help says what absence means) or a help
+    that already names its default."""
+    if default is MISSING or default is None or isinstance(default, bool) or "default" in text:
+        return text
+    if isinstance(default, tuple | list) and not default:
+        return text
+    if isinstance(default, dict):
+        return text if not default else f"{text} (default: {json.dumps(default)})"
+    return f"{text} (default: {default})"
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, required: bool = True) -> None:
     """One argument per option of `cls`; an option without a default is required (unless
     `required=False`: the job then checks what it needs). Options the user does not give are
-    absent from the parsed namespace, so the dataclass default applies."""
+    absent from the parsed namespace, so the dataclass default applies. Options with a
+    `group` are listed under that heading in --help; every option's help shows its default.
+    A class can reword an inherited option's help for its job in `OPTION_HELP` (name -> text)."""
+    reworded = getattr(cls, "OPTION_HELP", {})
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f, kind in _options(cls):
         meta = f.metadata
         default = _default(f)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
-        kwargs["help"] = argparse.SUPPRESS if meta["hidden"] else meta["help"]
+        text = help_with_default(reworded.get(f.name, meta["help"]), default)
+        if kind is bool and meta["negatable"] and "default" not in text:  # --x / --no-x: which one holds
+            text += f" (default: {'on' if default else 'off'})"
+        kwargs["help"] = argparse.SUPPRESS if meta["hidden"] else text
         origin = typing.get_origin(kind)
         if kind is bool and meta["negatable"]:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -134,7 +157,13 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, required: boo
             kwargs.update(type=type(choices[0]) if choices else kind, choices=choices, metavar=meta["metavar"])
         if default is MISSING and required:
             kwargs["required"] = True
-        parser.add_argument(_flag(f), **kwargs)
+        target = parser
+        if meta.get("group"):
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_argument_group(meta["group"])
+            target = groups[meta["group"]]
+        action = target.add_argument(_flag(f), **kwargs)
+        action.config_default = default  # argparse's own default is SUPPRESS: for --help checks
 
 
 def option_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:

@@ -15,7 +15,7 @@ Both profiles share what the official code does right, so there is nothing to sw
 teacher heatmaps are decoded with mmpose's DARK (distilpose.heatmaps.decode_heatmaps),
 OKS-NMS uses mmpose's crop-box areas (distilpose.coco_metrics.crop_box_areas), student convs
 start from N(0, 0.001), and DistilPose-L students start from the teacher's HRNet stages 1-3
-(pipeline.backbone_init).
+(pipeline.backbone_start).
 """
 
 from __future__ import annotations

@@ -41,11 +41,12 @@ from distilpose import fileio
 from distilpose.coco_metrics import format_table
 from distilpose.data.coco import data_fingerprint, load_instances
 from distilpose.data.dataset import TopDownDataset
-from distilpose.data.layout import split_files
+from distilpose.data.layout import DataOptions, ValDataOptions, split_files
 from distilpose.data.transforms import AugmentConfig
 from distilpose.evaluate import METRIC_COLUMNS, detections_file, evaluate_model, mean_pose_baseline
 from distilpose.models import build_model, get_config
 from distilpose.models.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from distilpose.models.conv_init import CONV_INITS, apply_conv_init
 from distilpose.options import check_choices, option
 from distilpose.schedule import warmup_step_factor
 
@@ -66,7 +67,6 @@ AUG_PRESETS = {
     # on the crops it will label in the cache and for the online students.
     "student": AugmentConfig(),
 }
-BACKBONE_INITS = ("official", "kaiming")
 # Named training recipes (fields of TeacherTrainConfig). "spec" is the official recipe
 # (docs/method.md#teacher-training; the config defaults). "fast" is for minutes-long CPU runs such as the demo;
 # measured on the synthetic set it reaches a usable teacher in ~1200 iterations where "spec"
@@ -75,9 +75,9 @@ BACKBONE_INITS = ("official", "kaiming")
 # with the students' augmentation: a teacher that is accurate on the augmented crops it labels
 # (a "fast" teacher is not: docs/premise-replay.md), which the demo and the studies use.
 RECIPES: dict[str, dict[str, Any]] = {
-    "spec": dict(lr=1e-3, aug="spec", backbone_init="official", sigma=2.0),
-    "fast": dict(lr=3e-3, aug="none", backbone_init="kaiming", sigma=2.0),
-    "fast-aug": dict(lr=3e-3, aug="student", backbone_init="kaiming", sigma=2.0),
+    "spec": dict(lr=1e-3, aug="spec", conv_init="official", sigma=2.0),
+    "fast": dict(lr=3e-3, aug="none", conv_init="kaiming", sigma=2.0),
+    "fast-aug": dict(lr=3e-3, aug="student", conv_init="kaiming", sigma=2.0),
 }
 
 
@@ -85,8 +85,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class TeacherTrainConfig:
-    data: str = option(help="data set root")
+class TeacherTrainConfig(DataOptions, ValDataOptions):
+    """A teacher training run. Data: the train split from DataOptions (--data, or
+    --ann-file/--images); the val split it is evaluated on from --val (or --val-ann-file/
+    --val-images), by default the val split under --data."""
+
     teacher: str = option("tokenpose-tiny", help="teacher preset")
     model_overrides: dict[str, Any] = option(
         default_factory=dict,
@@ -109,10 +112,10 @@ class TeacherTrainConfig:
         TEACHER_AUG, choices=tuple(AUG_PRESETS), help="augmentation preset (default: from the recipe)"
     )
     # "official": mmpose's N(0, 0.001) convs (what build_model does); "kaiming": He-normal
-    # (fan_out) convs, see reinit_backbone.
-    backbone_init: str = option(
+    # (fan_out) convs, see distilpose.models.conv_init.
+    conv_init: str = option(
         "official",
-        choices=BACKBONE_INITS,
+        choices=CONV_INITS,
         help="backbone conv init: official = mmpose N(0, 0.001), kaiming = He (default: from the recipe)",
     )
     # An optional cap on training time for interactive runs. The result then depends on the
@@ -142,6 +145,9 @@ class TeacherTrainConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        self.check_data_source()
+        if self.evaluate and not (self.has_val_source() or self.data):
+            raise ValueError("no val split to evaluate on: give --val (or --val-ann-file, --val-images) or --no-eval")
         if isinstance(self.aug, str):
             self.aug = AUG_PRESETS[self.aug]
         if isinstance(self.aug, dict):
@@ -186,23 +192,6 @@ def lr_factor(
     """
     ramps = [iteration / warmup_iters if warmup_iters else 1.0, progress / warmup_frac if warmup_frac else 1.0]
     return warmup_step_factor(max(ramps), sum(progress >= m for m in decay_at))
-
-
-def reinit_backbone(model: nn.Module, scheme: str) -> None:
-    """Re-draw the backbone's conv weights for `scheme` ("official" leaves them as built).
-
-    Why "kaiming" exists: every backbone conv is followed by BatchNorm, so a conv's output
-    does not depend on its weights' scale and its effective learning rate under Adam is
-    lr / |w|. With the official N(0, 0.001) init an lr-1e-3 Adam step is as large as the
-    weights themselves, and the first ~1000 iterations are spent growing them: harmless over
-    300 epochs, but most of a minutes-long CPU run. He-normal weights (torchvision's ResNet
-    init) start at a scale where a step is a ~1 % change.
-    """
-    if scheme == "official":
-        return
-    for module in model.backbone.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
 
 # --------------------------------------------------------------------------- state
@@ -298,11 +287,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
         self.model = build_model(cfg.teacher, **cfg.model_overrides)
-        reinit_backbone(self.model, cfg.backbone_init)  # a resumed run then loads its weights
+        apply_conv_init(self.model, cfg.conv_init)  # a resumed run then loads its weights
         # channels_last: ~25 % faster conv backward in oneDNN on CPU (and the layout AMP wants on GPU).
         self.model.to(self.device, memory_format=torch.channels_last)
         self.config = self.model.config
-        self.train_files = split_files(cfg.data, "train")
+        self.train_files = cfg.split_files("train")
         instances, report = load_instances(self.train_files.ann_file, "train", input_size=self.config.input_size)
         self.log(report.summary())
         if not instances:
@@ -419,7 +408,7 @@ class Trainer:
         self.log(
             f"{self.config.name}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M params, "
             f"{len(self.dataset)} instances, {self.iters_per_epoch} iters/epoch x {cfg.epochs} epochs, "
-            f"batch {cfg.batch_size}, lr {cfg.lr:g}, aug {self.aug_name()}, backbone init {cfg.backbone_init}"
+            f"batch {cfg.batch_size}, lr {cfg.lr:g}, aug {self.aug_name()}, conv init {cfg.conv_init}"
             + (f", time budget {cfg.time_budget_s:.0f} s ({cfg.budget_clock})" if cfg.time_budget_s else "")
         )
         state.stopped_by_budget = self._out_of_time(state)  # a resumed run may have budget left now
@@ -444,9 +433,10 @@ class Trainer:
         """Val metrics with GT boxes (and detections if the data set has them), beside the
         mean-pose baseline with the same boxes."""
         cfg = self.cfg
-        val = split_files(cfg.data, "val")
+        val = cfg.val_files() if cfg.has_val_source() else split_files(cfg.data, "val")
         box_sets = {"gt": "gt"}
-        dets = detections_file(cfg.data)
+        root = cfg.val or (None if cfg.has_val_source() else cfg.data)
+        dets = detections_file(root) if root else None
         if dets:
             box_sets["det"] = dets
         metrics: dict[str, dict[str, Any]] = {}

@@ -12,7 +12,7 @@ import _bootstrap  # noqa: F401
 
 from distilpose.options import add_dataclass_args, config_from_args
 from pipeline.cli import JobParser, run_job
-from pipeline.job_env import check_job_paths
+from pipeline.job_env import check_job_paths, data_inputs
 from pipeline.teacher_stage import CacheJobConfig
 
 
@@ -22,7 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--verify", metavar="URI", help="verify a cache's checksums instead of building one")
     p.add_argument(
-        "--spot-check", type=int, default=0, metavar="N", help="with --verify: re-run the teacher on N views"
+        "--spot-check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --verify: re-run the teacher on N views (default: 0)",
     )
     return p
 
@@ -31,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     if not args.verify:
-        missing = [f"--{k}" for k in ("data", "teacher", "out") if k not in vars(args)]
+        missing = [f"--{k}" for k in ("teacher", "out") if k not in vars(args)]
+        if not ({"ann_file", "images"} <= set(vars(args)) or "data" in vars(args)):
+            missing.insert(0, "--data (or both --ann-file and --images)")
         if missing:
             p.error(f"missing {', '.join(missing)} (or use --verify URI)")
         try:
@@ -47,8 +53,7 @@ def check_paths(args: argparse.Namespace) -> None:
         check_job_paths(outputs={}, inputs={"--verify": args.verify, "--checkpoint": getattr(args, "checkpoint", None)})
         return
     cfg = args.config
-    inputs = {"--data": cfg.data, "--checkpoint": cfg.checkpoint, "--ann-file": cfg.ann_file, "--images": cfg.images}
-    check_job_paths(outputs={"--out": cfg.out}, inputs=inputs)
+    check_job_paths(outputs={"--out": cfg.out}, inputs={"--checkpoint": cfg.checkpoint, **data_inputs(cfg)})
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ from distilpose import options
 from distilpose.options import add_dataclass_args
 from pipeline.cli import JobParser, run_job
 from pipeline.distill.config import DistillConfig
-from pipeline.job_env import check_job_paths
+from pipeline.job_env import check_job_paths, data_inputs
 
 
 def add_distill_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 def check_paths(cfg: DistillConfig) -> None:
     """Under `ray job submit --working-dir`: outputs and inputs must be outside the upload."""
     boxes = None if cfg.val_boxes == "gt" else cfg.val_boxes
-    inputs = {"--cache": cfg.cache, "--data": cfg.data, "--val": cfg.val, "--val-boxes": boxes}
+    inputs = {"--cache": cfg.cache, "--val-boxes": boxes, **data_inputs(cfg)}
     inputs |= {"--teacher-checkpoint": cfg.teacher_checkpoint, "--init-backbone": cfg.init_backbone}
     check_job_paths(outputs={"--storage": cfg.storage}, inputs=inputs)
 
@@ -47,13 +47,14 @@ def main(argv=None) -> int:
         p.error(str(e))
     from distilpose.coco_metrics import format_table
     from pipeline.distill import check_cache_for_run, resolve_paths, run_distill
+    from pipeline.distill.hooks import WorkerHooks
     from pipeline.ray_env import init_ray
 
     check_paths(cfg)
     check_cache_for_run(resolve_paths(cfg))  # a wrong cache or student costs seconds, not Ray's start-up
 
     init_ray(args.address, num_cpus=None, verbose=args.verbose)
-    result = run_distill(cfg)
+    result = run_distill(cfg, hooks=WorkerHooks.from_env())  # test hooks: None unless a test sets them
     keys = ["AP", "AP50", "AP75", "APM", "APL", "AR", "train/loss", "samples_per_s", "epoch"]
     print(format_table([{"run": cfg.name, **{k: result.metrics.get(k) for k in keys}}]))
     for kind, uri in result.exported.items():

@@ -1,6 +1,7 @@
 """Evaluate a teacher or student checkpoint on a COCO-format split (COCO keypoint AP).
 
     python jobs/evaluate.py --data /tmp/synth --model tokenpose-tiny --checkpoint runs/teacher/teacher.pt
+    python jobs/evaluate.py --ann-file posetrack/annotations/val.json --images posetrack --model ... --checkpoint ...
     python jobs/evaluate.py --data coco --model distilpose-s --checkpoint distilpose_s.pth \
         --boxes coco/person_detection_results/COCO_val2017_detections_AP_H_56_person.json --out s.json
 
@@ -19,7 +20,7 @@ import _bootstrap  # noqa: F401
 from distilpose.evaluate import EvalRequest, run_evaluation
 from distilpose.options import add_dataclass_args, config_from_args
 from pipeline.cli import JobParser, run_job
-from pipeline.job_env import check_job_paths
+from pipeline.job_env import check_job_paths, data_inputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     boxes = None if request.boxes == "gt" else request.boxes
     check_job_paths(
         outputs={"--out": request.out, "--results-json": request.results_json},
-        inputs={"--data": request.data, "--checkpoint": request.checkpoint, "--boxes": boxes},
+        inputs={"--checkpoint": request.checkpoint, "--boxes": boxes, **data_inputs(request)},
     )
     report = run_evaluation(request)
     print(report.table())

@@ -20,8 +20,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (local)")
     p.add_argument("--train", type=int, required=True, help="number of training images")
     p.add_argument("--val", type=int, required=True, help="number of validation images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=256, help="square image side in px (>= 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--size", type=int, default=256, help="square image side in px, >= 64 (default: 256)")
     args = p.parse_args(argv)
     if args.train < 0 or args.val < 0:
         p.error("--train and --val must be >= 0")

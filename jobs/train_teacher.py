@@ -4,7 +4,8 @@
         --time-budget-s 210 --out runs/teacher-tiny
 
 Data layouts: DIR/annotations/person_keypoints_{train,val}.json + DIR/images/{train,val}/
-(synthetic) or DIR/annotations/person_keypoints_{train,val}2017.json + DIR/{train,val}2017/.
+(synthetic) or DIR/annotations/person_keypoints_{train,val}2017.json + DIR/{train,val}2017/;
+any other layout with --ann-file/--images (train) and --val-ann-file/--val-images (val).
 Writes OUT/teacher.pt (our checkpoint format), OUT/train_log.csv and OUT/eval.json; the same
 command with the same --out resumes from OUT/teacher.pt.
 """
@@ -17,7 +18,7 @@ import _bootstrap  # noqa: F401
 from distilpose.options import add_dataclass_args, option_values
 from distilpose.teacher_training import RECIPES, TeacherTrainConfig
 from pipeline.cli import JobParser, run_job
-from pipeline.job_env import check_job_paths
+from pipeline.job_env import check_job_paths, data_inputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(RECIPES),
         default="spec",
         help="spec: the official recipe; fast: for minutes-long CPU runs (He init, lr 3e-3, no augmentation); "
-        "fast-aug: fast with the students' augmentation (what the demo uses)",
+        "fast-aug: fast with the students' augmentation (what the demo uses) (default: spec)",
     )
     return p
 
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
         cfg = TeacherTrainConfig.from_recipe(args.recipe, **option_values(TeacherTrainConfig, args))
     except ValueError as e:
         p.error(str(e))
-    check_job_paths(outputs={"--out": cfg.out}, inputs={"--data": cfg.data})
+    check_job_paths(outputs={"--out": cfg.out}, inputs=data_inputs(cfg))
     from distilpose.teacher_training import train_teacher
 
     result = train_teacher(cfg)

@@ -1,6 +1,7 @@
 """Pictures of a student's predictions and of a run's training curves.
 
     python jobs/visualize.py --data DATA --checkpoint S.pt [--teacher-checkpoint T.pt] --out DIR [--num N]
+    python jobs/visualize.py --ann-file ANN.json --images ROOT --checkpoint S.pt --out DIR
     python jobs/visualize.py --curves RUN_DIR [--out DIR]
 
 With --data: overlay_<image_id>.png (skeletons, joint colour/size = confidence) for the first
@@ -11,31 +12,41 @@ An official teacher .pth needs --teacher PRESET; our checkpoints record their pr
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 import _bootstrap  # noqa: F401
 
+from distilpose.data.layout import DataOptions
+from distilpose.options import add_dataclass_args, config_from_args, option
 from pipeline.cli import JobParser, run_job
-from pipeline.job_env import check_job_paths
+from pipeline.job_env import check_job_paths, data_inputs
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclass
+class VisualizeRequest(DataOptions):
+    """What to draw: predictions on a split (the data source) and/or a run's curves."""
+
+    split: str = option("val", help="data split")
+    checkpoint: str | None = option(None, help="student checkpoint (this project's format)")
+    teacher_checkpoint: str | None = option(None, help="teacher checkpoint: ours or an official .pth")
+    teacher: str | None = option(None, help="teacher preset (needed for an official .pth)")
+    num: int = option(8, help="number of instances to draw")
+    curves: str | None = option(None, metavar="RUN_DIR", help="plot RUN_DIR/logs/{steps,epochs}.csv")
+    out: str = option("viz", help="output folder")
+
+
+def parse_args(argv=None) -> VisualizeRequest:
     p = JobParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="data set root (local or s3://): COCO 2017 or synthetic layout")
-    p.add_argument("--split", default="val", help="data split (default: val)")
-    p.add_argument("--checkpoint", help="student checkpoint (this project's format)")
-    p.add_argument("--teacher-checkpoint", help="teacher checkpoint: ours or an official .pth")
-    p.add_argument("--teacher", help="teacher preset (needed for an official .pth)")
-    p.add_argument("--num", type=int, default=8, help="number of instances to draw")
-    p.add_argument("--curves", metavar="RUN_DIR", help="plot RUN_DIR/logs/{steps,epochs}.csv")
-    p.add_argument("--out", default="viz", help="output folder (default: viz)")
+    add_dataclass_args(p, VisualizeRequest)
     args = p.parse_args(argv)
-    if not args.data and not args.curves:
-        p.error("give --data with --checkpoint, or --curves RUN_DIR")
-    if args.data and not args.checkpoint:
+    request = config_from_args(VisualizeRequest, args)
+    if not request.has_data_source() and not request.curves:
+        p.error("give --data (or --ann-file and --images) with --checkpoint, or --curves RUN_DIR")
+    if request.has_data_source() and not request.checkpoint:
         p.error("--data needs --checkpoint (the student)")
-    if args.num < 1:
+    if request.num < 1:
         p.error("--num must be >= 1")
-    return args
+    return request
 
 
 def load_teacher_model(path: str, preset: str | None):
@@ -46,12 +57,12 @@ def load_teacher_model(path: str, preset: str | None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    inputs = {"--data": args.data, "--checkpoint": args.checkpoint, "--curves": args.curves}
+    inputs = {"--checkpoint": args.checkpoint, "--curves": args.curves, **data_inputs(args)}
     check_job_paths(outputs={"--out": args.out}, inputs={**inputs, "--teacher-checkpoint": args.teacher_checkpoint})
     from pathlib import Path
 
     written = []
-    if args.data:
+    if args.has_data_source():
         from distilpose.data.coco import load_instances
         from distilpose.models.checkpoints import load_checkpoint
         from distilpose.visualize import visualize_predictions
@@ -59,7 +70,7 @@ def main(argv=None) -> int:
 
         student, _ = load_checkpoint(args.checkpoint)
         teacher = load_teacher_model(args.teacher_checkpoint, args.teacher) if args.teacher_checkpoint else None
-        layout = resolve_layout(args.data, args.split)
+        layout = resolve_layout(args.data, args.split, args.ann_file, args.images)
         instances, _ = load_instances(layout.ann_file, "val", input_size=tuple(student.config.input_size))
         written += visualize_predictions(student, instances, layout.image_root, args.out, teacher, args.num)
     if args.curves:

@@ -38,13 +38,12 @@ import numpy as np
 import torch
 
 from distilpose.data.coco import read_image
-from distilpose.data.transforms import crop_of_view, normalize_batch
-from distilpose.device import pin_batch
+from distilpose.data.transforms import crop_of_view
 from distilpose.errors import UserError
 from distilpose.label_flip import flip_heatmaps, flip_joints, label_flips
-from distilpose.losses import TOKEN_WEIGHT
 from pipeline.cache.encodings import decode_crop_jpeg
 from pipeline.cache.schema import HEATMAP_FIELD, TOKEN_FIELDS
+from pipeline.student_batch import student_batch
 
 # Fields always read: the student's input view and its regression target.
 BASE_FIELDS = ("instance_id", "image_id", "view", "view_params", "joints", "joint_weights")
@@ -184,7 +183,7 @@ class CachedViewStream:
 
     def _make_batch(self, rows: dict[str, np.ndarray], epoch: int) -> dict[str, torch.Tensor]:
         crops = np.stack([self._crop(rows, i) for i in range(len(rows["instance_id"]))])
-        h, w = self.input_size
+        w = self.input_size[1]
         joints, weights = rows["joints"].astype(np.float32), rows["joint_weights"].astype(np.float32)
         fields = {key: np.asarray(rows[key], dtype=np.float32) for key in self.teacher_fields}
         flips = None
@@ -194,19 +193,18 @@ class CachedViewStream:
             joints[flips], weights[flips] = flip_joints(joints[flips], weights[flips], w)
             if HEATMAP_FIELD in fields:
                 fields[HEATMAP_FIELD][flips] = flip_heatmaps(fields[HEATMAP_FIELD][flips], w)
-        batch = {
-            "image": normalize_batch(crops),
-            "target": torch.from_numpy(joints) / torch.tensor([w, h], dtype=torch.float32),
-            "target_weight": torch.from_numpy(weights),
-            "instance_id": torch.from_numpy(rows["instance_id"].astype(np.int64)),
-        }
-        for key, value in fields.items():
-            batch[key] = torch.from_numpy(np.ascontiguousarray(value))
         # Tokens do not follow a flip: their losses are masked for the mirrored samples.
-        if flips is not None and any(f in fields for f in TOKEN_FIELDS):
-            batch[TOKEN_WEIGHT] = torch.from_numpy((~flips).astype(np.float32))
-        # Pinned here, in the prefetch thread, so the step's non_blocking copy is asynchronous.
-        return pin_batch(batch) if self.pin_memory else batch
+        masked = flips is not None and any(f in fields for f in TOKEN_FIELDS)
+        return student_batch(
+            crops,
+            joints,
+            weights,
+            rows["instance_id"],
+            self.input_size,
+            teacher_fields=fields,
+            token_weight=(~flips).astype(np.float32) if masked else None,
+            pin_memory=self.pin_memory,
+        )
 
     def _crop(self, rows: dict[str, np.ndarray], i: int) -> np.ndarray:
         if self.use_crops:

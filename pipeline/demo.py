@@ -172,7 +172,7 @@ def distill_stage(cfg: DemoConfig, cache: str, data: Path, teacher_ckpt: str, na
         workers=cfg.workers,
         lr=cfg.lr,
         warmup_iters=50,
-        backbone_init="kaiming",  # layers the teacher checkpoint does not cover
+        conv_init="kaiming",  # layers the teacher checkpoint does not cover
         init_backbone=None if cfg.init_backbone_from_teacher else "none",  # None: the cache's teacher
         no_distill=no_distill,
         profile=cfg.profile,

@@ -15,8 +15,8 @@ cached run train on the same people:
   (`cache_loader.steps_per_epoch`, the same on every rank: DDP lockstep);
 - views: drawn with the training augmentation from a generator seeded by (seed, epoch,
   instance id), so a crop does not depend on the rank, the world size or the order, and a
-  resumed run redraws the same crops. A tag keeps these draws apart from the cached views'
-  (seed, instance, view) seeds (`distilpose.data.views`).
+  resumed run redraws the same crops (`distilpose.data.views.fresh_view`: the cached views and
+  the fresh ones are drawn by one seeded-view function there, with seeds kept apart).
 
 Batches hold what a `CachedViewStream` batch holds minus the teacher fields (the online
 teacher computes them from `image`).
@@ -28,20 +28,11 @@ import numpy as np
 import torch
 
 from distilpose.data.coco import Instance, load_instances
-from distilpose.data.transforms import AugmentConfig, ViewParams, apply_view, draw_view, normalize_batch
-from distilpose.device import pin_batch
+from distilpose.data.transforms import AugmentConfig, apply_view
+from distilpose.data.views import fresh_view
 from distilpose.errors import UserError
 from pipeline.cache_loader import RecentImages, assign_shards, instances_per_shard, prefetched, steps_per_epoch
-
-FRESH_VIEW_TAG = 0x66726573  # "fres": a seed word the cached views' seeds never start with
-
-
-def fresh_view(
-    instance: Instance, seed: int, epoch: int, input_size: tuple[int, int], aug: AugmentConfig | None = None
-) -> ViewParams:
-    """The crop of `instance` in `epoch`: a function of (seed, epoch, instance id) only."""
-    rng = np.random.default_rng([FRESH_VIEW_TAG, seed, epoch, int(instance.instance_id)])
-    return draw_view(instance, rng, aug or AugmentConfig(), input_size)
+from pipeline.student_batch import student_batch
 
 
 def rank_instance_ids(reader, rank: int, world_size: int) -> np.ndarray:
@@ -111,15 +102,10 @@ class FreshViewStream:
             crops.append(crop)
             joints.append(joints_crop)
         joints = np.stack(joints)
-        h, w = self.input_size
-        batch = {
-            "image": normalize_batch(np.stack(crops)),
-            "target": torch.from_numpy(joints[:, :, :2]) / torch.tensor([w, h], dtype=torch.float32),
-            "target_weight": torch.from_numpy(np.ascontiguousarray(joints[:, :, 2])),
-            "instance_id": torch.tensor([inst.instance_id for inst in instances], dtype=torch.int64),
-        }
-        # Pinned here, in the prefetch thread, so the step's non_blocking copy is asynchronous.
-        return pin_batch(batch) if self.pin_memory else batch
+        ids = np.array([inst.instance_id for inst in instances], dtype=np.int64)
+        return student_batch(
+            np.stack(crops), joints[:, :, :2], joints[:, :, 2], ids, self.input_size, pin_memory=self.pin_memory
+        )
 
     def _image(self, inst: Instance) -> np.ndarray:
         # Several persons share an image (and a small data set has few): recent ones stay decoded.

@@ -54,3 +54,16 @@ def _relative(path: str | None) -> bool:
     if path.startswith(storage.FILE_PREFIX):
         path = path[len(storage.FILE_PREFIX) :]
     return not os.path.isabs(os.path.expanduser(path))
+
+
+def data_inputs(cfg) -> dict[str, str | None]:
+    """The data-source paths of a job's config (DataOptions, ValDataOptions), by flag."""
+    flags = {
+        "data": "--data",
+        "ann_file": "--ann-file",
+        "images": "--images",
+        "val": "--val",
+        "val_ann_file": "--val-ann-file",
+        "val_images": "--val-images",
+    }
+    return {flag: getattr(cfg, name) for name, flag in flags.items() if hasattr(cfg, name)}

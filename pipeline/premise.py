@@ -12,8 +12,10 @@ Two studies, two regimes:
   at K = 8 views: 37 times), and measures each K's AP minus the online run's, paired by seed,
   against replays per view; it speaks for long schedules.
 
-Each writes its summary to `docs/<study>.json`; the planner reads those files, so a rerun of
-a study updates the advice with no figure copied by hand.
+Each writes its summary to `pipeline/studies/<study>.json` (package data: the planner ships
+with what it reads, in the Docker image too) and its human-facing page, table and plot under
+docs/; the planner reads the JSON, so a rerun of a study updates the advice with no figure
+copied by hand.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 WITHIN_AP = 0.01  # "as good as the online teacher": within 1 AP point
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+STUDIES = Path(__file__).resolve().parent / "studies"  # what the studies write for the planner
 
 # Which study speaks for which student: the backbone family decides how much a student
 # needs augmentation (a student initialised from the teacher's backbone vs one from scratch).
@@ -91,7 +93,7 @@ class ReplayPoint:
 
 @dataclass(frozen=True)
 class ReplayStudy:
-    """What `bench/study_replay.py` measured (docs/premise-replay.json)."""
+    """What `bench/study_replay.py` measured (pipeline/studies/premise-replay.json)."""
 
     student: str
     steps: int
@@ -139,24 +141,24 @@ class ReplayStudy:
         )
 
 
-def load_replay_study(docs: Path = DOCS) -> ReplayStudy | None:
-    path = docs / f"{REPLAY_STUDY}.json"
+def load_replay_study(studies: Path = STUDIES) -> ReplayStudy | None:
+    path = studies / f"{REPLAY_STUDY}.json"
     return ReplayStudy.from_json(json.loads(path.read_text())) if path.exists() else None
 
 
-def load_study(name: str, docs: Path = DOCS) -> PremiseStudy | None:
+def load_study(name: str, studies: Path = STUDIES) -> PremiseStudy | None:
     """The study's summary as `bench/study_premise.py` wrote it; None if it was never run."""
-    path = docs / f"{name}.json"
+    path = studies / f"{name}.json"
     return PremiseStudy.from_json(json.loads(path.read_text())) if path.exists() else None
 
 
-def study_for(student: str, docs: Path = DOCS) -> PremiseStudy | None:
+def study_for(student: str, studies: Path = STUDIES) -> PremiseStudy | None:
     """The study of ``student``'s preset family (the longest matching prefix); if that one was
     never run, any study there is."""
     families = [f for f in STUDY_FOR_STUDENT if student.startswith(f)]
     own = STUDY_FOR_STUDENT[max(families, key=len)] if families else None
     for name in sorted(set(STUDY_FOR_STUDENT.values()), key=lambda n: n != own):
-        study = load_study(name, docs)
+        study = load_study(name, studies)
         if study is not None:
             return study
     return None
@@ -168,7 +170,7 @@ def views_advice(views: int, epochs: int, study: PremiseStudy | None) -> str:
     A V that does better on a short schedule is no evidence that fewer views suffice on a long
     one, where each view is replayed epochs / V times: that is the replay study's row."""
     if study is None:
-        return "no premise study found (docs/premise-*.json): run bench/study_premise.py"
+        return "no premise study found (pipeline/studies/premise-*.json): run bench/study_premise.py"
     if epochs > 2 * study.epochs:
         return (
             f"not measured for {epochs} epochs (the short-schedule study ran {study.epochs}; {epochs} epochs replay "
@@ -190,7 +192,7 @@ def replay_advice(epochs: int, study: ReplayStudy | None) -> str:
     """The long-schedule row: the smallest K whose measured paired difference to the online
     teacher at epochs / K replays per view is within 1 AP (or better), from the replay study."""
     if study is None:
-        return f"no replay study found (docs/{REPLAY_STUDY}.json): run bench/study_replay.py"
+        return f"no replay study found (pipeline/studies/{REPLAY_STUDY}.json): run bench/study_replay.py"
     best, checked = study.recommend(epochs)
     if not checked:
         return (

@@ -36,6 +36,7 @@ from distilpose.errors import UserError
 from distilpose.options import option
 from pipeline import storage
 from pipeline.distill import DistillConfig
+from pipeline.distill.hooks import WorkerHooks
 
 RESULT_COLUMNS = ("trial", "student", "profile", "AP", "AP50", "AP75", "APM", "APL", "AR", "train/loss", "epoch")
 # The trial's own driver only waits on its TorchTrainer; the workers hold the CPUs. Its
@@ -61,6 +62,11 @@ class SweepConfig:
     )
 
 
+# Fields renamed since a sweep was started: a restored Tune experiment keeps its trials' old
+# keys, which would otherwise be dropped silently (trial_config keeps only known fields).
+RENAMED_FIELDS = {"backbone_init": "conv_init"}
+
+
 def load_space(path: str) -> list[dict]:
     """Expand a sweep YAML into a list of trial override dicts (each with a unique name)."""
     doc = yaml.safe_load(storage.read_bytes(path)) or {}
@@ -82,8 +88,9 @@ def load_space(path: str) -> list[dict]:
                 t["name"] = trial["name"] + "-" + "-".join(f"{k}{v}" for k, v in zip(keys, values))
             bad = set(t) - fields
             if bad:
-                raise ValueError(f"{path}: trial {t['name']}: unknown fields {sorted(bad)}")
-            try:  # a value outside an option's choices (e.g. a misspelt backbone_init)
+                renamed = "".join(f"; {k} is now {RENAMED_FIELDS[k]}" for k in sorted(bad) if k in RENAMED_FIELDS)
+                raise ValueError(f"{path}: trial {t['name']}: unknown fields {sorted(bad)}{renamed}")
+            try:  # a value outside an option's choices (e.g. a misspelt conv_init)
                 DistillConfig(**{"cache": "", **t})
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{path}: trial {t['name']}: {e}") from None
@@ -105,7 +112,7 @@ def trial_dirname(trial) -> str:
 
 def trial_config(config: dict) -> DistillConfig:
     """The DistillConfig of one trial: the space's fields, then the sweep-wide overrides."""
-    trial = dict(config["trial"])
+    trial = {RENAMED_FIELDS.get(k, k): v for k, v in config["trial"].items()}
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     kwargs = {k: v for k, v in trial.items() if k in fields}
     kwargs.update(cache=config["cache"], storage=config["runs_storage"], name=trial["name"])
@@ -125,7 +132,8 @@ def _trial_fn(config: dict) -> None:
 
     # A retried or restored trial finds its Train run's snapshot and resumes from it.
     cfg, _ = prepare_run(trial_config(config))
-    result = build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    hooks = WorkerHooks.from_dict(config.get("hooks"))
+    result = build_trainer(cfg, callbacks=[TuneReportCallback()], hooks=hooks).fit()
     if result.error:
         raise result.error
     exported = export_checkpoints(cfg, result)
@@ -210,10 +218,13 @@ def check_sweep(cfg: SweepConfig) -> list[DistillConfig]:
     return configs
 
 
-def run_sweep(cfg: SweepConfig) -> list[dict]:
+def run_sweep(cfg: SweepConfig, hooks: WorkerHooks | None = None) -> list[dict]:
+    """Run (or resume) the sweep; `hooks`: test hooks for every trial's workers (pipeline.distill.hooks)."""
     from ray import tune
 
     trials, shared = sweep_trials(cfg)
+    if hooks:
+        shared["hooks"] = hooks.to_dict()
     sweep_root = storage.join(cfg.storage, cfg.name)
     param_space = {"trial": tune.grid_search(trials), **shared}
     warn_if_cluster_too_small(check_sweep(cfg), cfg.max_concurrent)

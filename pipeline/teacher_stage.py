@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distilpose.data.coco import Instance, load_instances
-from distilpose.data.layout import SplitFiles
+from distilpose.data.layout import DataOptions, SplitFiles
 from distilpose.errors import UserError
 from distilpose.options import check_choices, option
 from pipeline import storage
@@ -44,8 +44,9 @@ from pipeline.progress import ShardProgress
 
 
 @dataclass
-class CacheJobConfig:
-    data: str = option(help="data set root (local or s3://): COCO 2017 or synthetic layout")
+class CacheJobConfig(DataOptions):
+    """The cache job's options; the data source (--data or --ann-file/--images) is DataOptions'."""
+
     teacher: str = option(help="teacher preset, e.g. tokenpose-w48 or tokenpose-tiny")
     out: str = option(help="cache root URI (local path or s3://bucket/prefix)")
     checkpoint: str | None = option(None, help="teacher checkpoint: ours or the official .pth (local or s3://)")
@@ -64,8 +65,6 @@ class CacheJobConfig:
         "fp32", choices=tuple(TEACHER_PRECISIONS), help="teacher forward: fp32 (TF32 on a GPU) or bf16/fp16 autocast"
     )
     token_encoding: str = option("int8-token-scale", choices=tuple(TOKEN_ENCODINGS), help="token encoding")
-    ann_file: str | None = option(None, help="override the split's annotation json")
-    images: str | None = option(None, help="override the split's image folder")
     limit: int | None = option(None, help="cache only the first N instances (smoke runs)")
     strict: bool = option(
         False, help="stop at the first malformed annotation or missing/undecodable image instead of skipping it"
@@ -73,6 +72,7 @@ class CacheJobConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        self.check_data_source()
 
 
 @dataclass

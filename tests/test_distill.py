@@ -425,11 +425,11 @@ def test_job_cli_builds_the_config(monkeypatch) -> None:
     job.add_distill_args(parser)
     args = parser.parse_args(
         ["--cache", "c", "--student", STUDENT, "--placement-strategy", "SPREAD", "--lr-steps", "3", "5"]
-        + ["--expect", "views=2", "--expect", "teacher.preset=tokenpose-tiny", "--no-distill", "--pid-dir", "p"]
+        + ["--expect", "views=2", "--expect", "teacher.preset=tokenpose-tiny", "--no-distill"]
         + ["--prefetch", "3"]
     )
     cfg = job.config_from_args(args)
-    assert cfg.placement_strategy == "SPREAD" and cfg.lr_steps == (3, 5) and cfg.no_distill and cfg.pid_dir == "p"
+    assert cfg.placement_strategy == "SPREAD" and cfg.lr_steps == (3, 5) and cfg.no_distill
     assert cfg.prefetch == 3 and job.config_from_args(parser.parse_args(["--cache", "c"])).prefetch is None
     assert cfg.expect_teacher == {"views": 2, "teacher.preset": "tokenpose-tiny"}
     with pytest.raises(ValueError, match="--expect 'views': use KEY=VALUE"):

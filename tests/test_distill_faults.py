@@ -7,8 +7,9 @@
 (c) two Ray nodes (cluster_utils), SPREAD placement, checkpoints on S3 (moto) behind a proxy
     that answers 503 SlowDown to the first PUT of every object -> uploads are retried.
 
-Workers write their pid and a start record (rank, pid, node, start epoch) through the
-DistillConfig test hooks (`pid_dir`); `step_sleep_s` stretches epochs so a kill lands mid-epoch.
+Workers write their pid and a start record (rank, pid, node, start epoch) through the test
+hooks (pipeline.distill.hooks.WorkerHooks `pid_dir`; a job process gets them through
+DISTILPOSE_TEST_HOOKS); `step_sleep_s` stretches epochs so a kill lands mid-epoch.
 Observed timings are printed (`pytest -s`) for the record. Each test takes minutes on a
 2-core machine: the module is heavy (`make test-heavy`); the default suite keeps a resume
 (tests/test_distill.py) and S3 storage (tests/test_storage.py, tests/test_teacher_stage.py).
@@ -41,6 +42,8 @@ from pipeline_fixtures import (
 )
 
 from pipeline.distill import DistillConfig, run_distill
+from pipeline.distill.hooks import ENV as HOOKS_ENV
+from pipeline.distill.hooks import WorkerHooks
 
 STUDENT = "distilpose-tiny"
 SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -75,9 +78,8 @@ def test_worker_sigkill_restarts_group_from_last_checkpoint(local_ray, tiny_cach
         warmup_iters=2,
         log_every=1,
         max_failures=2,
-        pid_dir=str(pid_dir),
-        step_sleep_s=0.4,  # ~1.6 s per epoch: room to land a kill mid-epoch
     )
+    hooks = WorkerHooks(pid_dir=str(pid_dir), step_sleep_s=0.4)  # ~1.6 s per epoch: room to land a kill mid-epoch
     seen: dict = {}
 
     def killer() -> None:
@@ -94,7 +96,7 @@ def test_worker_sigkill_restarts_group_from_last_checkpoint(local_ray, tiny_cach
     thread = threading.Thread(target=killer, daemon=True)
     t0 = time.perf_counter()
     thread.start()
-    result = run_distill(cfg)
+    result = run_distill(cfg, hooks=hooks)
     wall = time.perf_counter() - t0
     thread.join(timeout=5)
     assert "error" not in seen, seen.get("error")
@@ -118,13 +120,13 @@ def test_worker_sigkill_restarts_group_from_last_checkpoint(local_ray, tiny_cach
 
 
 @pytest.mark.timeout(420)
-def test_driver_sigkill_then_rerun_resumes(tiny_cache, tmp_path) -> None:
+def test_driver_sigkill_then_rerun_resumes(tiny_cache, tmp_path, monkeypatch) -> None:
     pid_dir, run = tmp_path / "pids", tmp_path / "runs" / "drv"
     args = [
         *("--cache", tiny_cache, "--student", STUDENT, "--epochs", "3", "--batch-size", "4", "--workers", "2"),
         *("--warmup-iters", "2", "--log-every", "1", "--storage", str(tmp_path / "runs"), "--name", "drv"),
-        *("--pid-dir", str(pid_dir), "--step-sleep-s", "0.25"),
     ]
+    monkeypatch.setenv(HOOKS_ENV, json.dumps({"pid_dir": str(pid_dir), "step_sleep_s": 0.25}))  # job_env passes it
     ray_tmp = private_ray_tmpdir()
     log = open(tmp_path / "first.log", "w")
     t0 = time.perf_counter()
@@ -212,9 +214,8 @@ def test_two_nodes_spread_checkpoints_on_flaky_s3(tiny_cache, tmp_path, s3_serve
                 warmup_iters=2,
                 log_every=2,
                 placement_strategy="SPREAD",
-                pid_dir=str(pid_dir),
             )
-            result = run_distill(cfg)
+            result = run_distill(cfg, hooks=WorkerHooks(pid_dir=str(pid_dir)))
             wall = time.perf_counter() - t0
         finally:
             ray.shutdown()

@@ -13,12 +13,12 @@ import torch
 from pipeline_fixtures import read_csv
 
 from distilpose.data.coco import load_instances
-from distilpose.data.views import view_for
+from distilpose.data.views import fresh_view, view_for
 from distilpose.errors import UserError
 from pipeline.cache import open_reader
 from pipeline.cache_loader import steps_per_epoch
 from pipeline.distill import DistillConfig, check_cache_for_run, prepare_run, run_distill
-from pipeline.fresh_views import fresh_stream_for_rank, fresh_view
+from pipeline.fresh_views import fresh_stream_for_rank
 
 STUDENT = "distilpose-tiny"
 INPUT_SIZE = (128, 96)  # distilpose-tiny / tokenpose-tiny

@@ -63,8 +63,8 @@ def test_job_configs_refuse_typos() -> None:
     from pipeline.distill import DistillConfig
     from pipeline.teacher_stage import CacheJobConfig
 
-    with pytest.raises(ValueError, match="DistillConfig.backbone_init: 'kaiminng'"):
-        DistillConfig(cache="c", backbone_init="kaiminng")
+    with pytest.raises(ValueError, match="DistillConfig.conv_init: 'kaiminng'"):
+        DistillConfig(cache="c", conv_init="kaiminng")
     with pytest.raises(ValueError, match="DistillConfig.sh_weighting"):
         DistillConfig(cache="c", sh_weighting="per_sample")
     with pytest.raises(ValueError, match="TeacherTrainConfig.aug: 'heavy'"):

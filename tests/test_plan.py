@@ -153,7 +153,7 @@ def test_object_count_matches_a_real_cache_job(tiny_cache) -> None:
 def test_the_plan_recommends_views_from_the_premise_study(tmp_path) -> None:
     from pipeline.premise import PremiseStudy, load_study, study_for, views_advice
 
-    study = load_study("premise-l-tiny")  # what bench/study_premise.py wrote into docs/
+    study = load_study("premise-l-tiny")  # what bench/study_premise.py wrote into pipeline/studies/
     assert study is not None and study.student == "distilpose-l-tiny"
     best = study.smallest_views_within()
     assert best is not None and study.cache_ap[best] >= study.online_fresh_ap - 0.01
@@ -210,3 +210,21 @@ def test_the_replay_study_recommends_the_smallest_measured_k_within_1_ap() -> No
     )
     assert "no replay study found" in replay_advice(300, None)
     assert ReplayStudy.from_json(json.loads(json.dumps(study.to_json()))) == study
+
+
+def test_the_planners_study_data_ships_with_the_package() -> None:
+    """The planner reads pipeline/studies/*.json: package data (pyproject), inside a folder the
+    Docker image copies (infra/Dockerfile copies pipeline/, not docs/)."""
+    import tomllib
+    from pathlib import Path
+
+    from pipeline import premise
+
+    root = Path(__file__).resolve().parents[1]
+    assert premise.STUDIES.parent == root / "pipeline"
+    shipped = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "studies/*.json" in shipped["pipeline"]
+    assert "COPY pipeline ./pipeline" in (root / "infra" / "Dockerfile").read_text()
+    names = {p.stem for p in premise.STUDIES.glob("*.json")}
+    assert {premise.REPLAY_STUDY, *premise.STUDY_FOR_STUDENT.values()} <= names
+    assert premise.load_replay_study() is not None and not list((root / "docs").glob("premise-*.json"))

@@ -5,6 +5,7 @@ session's Ray that is re-run and must not train again, and (heavy) a 2-trial swe
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import yaml
 from pipeline_fixtures import ROOT, read_csv, read_starts, run_job
 
 from pipeline.distill import DistillConfig
+from pipeline.distill.hooks import ENV as HOOKS_ENV
+from pipeline.distill.hooks import WorkerHooks
 from pipeline.sweep import SweepConfig, load_space, rank_key, run_sweep
 
 ABLATION = ROOT / "sweeps" / "ablation.yaml"
@@ -90,7 +93,8 @@ def test_load_space_expands_grid_and_rejects_unknown_fields(tmp_path) -> None:
         ({"trials": [{"lr": 1}]}, "every trial needs a name"),
         ({"trials": [{"name": "a"}, {"name": "a"}]}, "names must be unique"),
         ({"trails": []}, "unknown top-level keys \\['trails'\\]"),
-        ({"base": {"backbone_init": "kaimnig"}}, "trial default: DistillConfig.backbone_init: 'kaimnig' is not one of"),
+        ({"base": {"conv_init": "kaimnig"}}, "trial default: DistillConfig.conv_init: 'kaimnig' is not one of"),
+        ({"base": {"backbone_init": "kaiming"}}, "backbone_init is now conv_init"),
     ]
     for i, (doc, message) in enumerate(bad):
         with pytest.raises(ValueError, match=message):
@@ -108,6 +112,9 @@ def test_sweeps_take_the_profile_from_the_space_or_set_and_show_it(tmp_path) -> 
     assert [trial_config({**config, "trial": t}).profile for t in trials] == ["official", "intended"]
     forced = {**config, "overrides": {"profile": "intended"}}
     assert trial_config({**forced, "trial": trials[0]}).profile == "intended"
+    # A Tune experiment started before the rename restores its trials with the old key.
+    legacy = {**config, "trial": {"name": "old", "backbone_init": "kaiming"}}
+    assert trial_config(legacy).conv_init == "kaiming"
     with pytest.raises(ValueError, match="DistillConfig.profile: 'paper' is not one of"):
         load_space(_write(tmp_path / "bad.yaml", {"base": {"profile": "paper"}}))
     # The results table has a profile column, as the trial ran it (--set wins over the space).
@@ -138,10 +145,9 @@ def test_one_trial_sweep_then_rerun_trains_nothing(local_ray, tiny_cache, tmp_pa
     base = {"student": "distilpose-tiny", "epochs": 1, "batch_size": 8, "warmup_iters": 2, "log_every": 1}
     space = _write(tmp_path / "space.yaml", {"base": base, "trials": [{"name": "all"}]})
     pid_dir = tmp_path / "pids"
-    cfg = SweepConfig(
-        cache=tiny_cache, space=space, storage=str(tmp_path / "sweeps"), name="one", overrides={"pid_dir": str(pid_dir)}
-    )
-    rows = run_sweep(cfg)
+    cfg = SweepConfig(cache=tiny_cache, space=space, storage=str(tmp_path / "sweeps"), name="one")
+    hooks = WorkerHooks(pid_dir=str(pid_dir))
+    rows = run_sweep(cfg, hooks=hooks)
     assert [r["trial"] for r in rows] == ["all"] and rows[0]["error"] == ""
     assert rows[0]["epoch"] == 1 and rows[0]["train/loss"] > 0
     results = tmp_path / "sweeps" / "one" / "results.csv"
@@ -151,7 +157,7 @@ def test_one_trial_sweep_then_rerun_trains_nothing(local_ray, tiny_cache, tmp_pa
 
     csv_before = read_csv(results)
     capsys.readouterr()
-    assert [r["trial"] for r in run_sweep(cfg)] == ["all"]
+    assert [r["trial"] for r in run_sweep(cfg, hooks=hooks)] == ["all"]
     assert "resuming sweep 'one'" in capsys.readouterr().out
     assert len(read_starts(pid_dir)) == 1, "a finished trial was trained again"
     assert read_csv(results) == csv_before
@@ -159,7 +165,7 @@ def test_one_trial_sweep_then_rerun_trains_nothing(local_ray, tiny_cache, tmp_pa
 
 @pytest.mark.heavy  # two sweep jobs, each with its own Ray start and two trials: minutes
 @pytest.mark.timeout(480)
-def test_two_trial_sweep_ranks_by_ap_and_rerun_trains_nothing(tiny_cache, tiny_data, tmp_path) -> None:
+def test_two_trial_sweep_ranks_by_ap_and_rerun_trains_nothing(tiny_cache, tiny_data, tmp_path, monkeypatch) -> None:
     space = _write(
         tmp_path / "space.yaml",
         {
@@ -169,9 +175,10 @@ def test_two_trial_sweep_ranks_by_ap_and_rerun_trains_nothing(tiny_cache, tiny_d
         },
     )
     pid_dir = tmp_path / "pids"
+    monkeypatch.setenv(HOOKS_ENV, json.dumps({"pid_dir": str(pid_dir)}))  # the job reads it (run_job passes it)
     args = [
         *("--cache", tiny_cache, "--space", space, "--storage", str(tmp_path / "sweeps"), "--name", "abl"),
-        *("--val", tiny_data, "--set", f"pid_dir={pid_dir}", "--set", "flip_test=false"),
+        *("--val", tiny_data, "--set", "flip_test=false"),
         *("--set", "student=distilpose-tiny"),
     ]
     first = run_job("sweep.py", args, timeout_s=360)
@@ -229,7 +236,9 @@ def test_sweep_overrides_are_checked() -> None:
     assert resolve_overrides({"val": "data", "epochs": 3}) == {"val": str(Path("data").resolve()), "epochs": 3}
     with pytest.raises(ValueError, match="unknown DistillConfig fields.*'epoch'"):
         resolve_overrides({"epoch": 3})
-    assert {f.name for f in dataclasses.fields(DistillConfig)} >= {"pid_dir", "placement_strategy"}
+    assert "placement_strategy" in {f.name for f in dataclasses.fields(DistillConfig)}
+    # Test hooks are not config: pipeline.distill.hooks
+    assert not {"pid_dir", "step_sleep_s"} & {f.name for f in dataclasses.fields(DistillConfig)}
 
 
 def test_every_shipped_sweep_space_loads() -> None:

@@ -18,6 +18,7 @@ from distilpose.data.transforms import AugmentConfig
 from distilpose.evaluate import detections_file
 from distilpose.models import build_model
 from distilpose.models.checkpoints import CheckpointError, load_checkpoint
+from distilpose.models.conv_init import apply_conv_init
 from distilpose.teacher_training import (
     AUG_PRESETS,
     CHECKPOINT_FILE,
@@ -27,7 +28,6 @@ from distilpose.teacher_training import (
     TeacherTrainConfig,
     joints_mse_loss,
     lr_factor,
-    reinit_backbone,
     train_teacher,
 )
 
@@ -71,27 +71,27 @@ def test_lr_schedule_warms_up_then_steps_down():
 
 def test_recipes_set_defaults_that_explicit_values_override():
     spec = TeacherTrainConfig(data="d")
-    assert (spec.lr, spec.aug, spec.backbone_init) == (1e-3, AUG_PRESETS["spec"], "official")
+    assert (spec.lr, spec.aug, spec.conv_init) == (1e-3, AUG_PRESETS["spec"], "official")
     fast = TeacherTrainConfig.from_recipe("fast", data="d", lr=None, epochs=3)
-    assert (fast.lr, fast.aug, fast.backbone_init, fast.epochs) == (3e-3, AUG_PRESETS["none"], "kaiming", 3)
+    assert (fast.lr, fast.aug, fast.conv_init, fast.epochs) == (3e-3, AUG_PRESETS["none"], "kaiming", 3)
     assert TeacherTrainConfig.from_recipe("fast", data="d", lr=5e-4, aug="light").lr == 5e-4
     # The demo's teacher: "fast" with exactly the augmentation the students' views are drawn with.
     fast_aug = TeacherTrainConfig.from_recipe("fast-aug", data="d")
-    assert (fast_aug.lr, fast_aug.aug, fast_aug.backbone_init) == (3e-3, AugmentConfig(), "kaiming")
+    assert (fast_aug.lr, fast_aug.aug, fast_aug.conv_init) == (3e-3, AugmentConfig(), "kaiming")
     with pytest.raises(ValueError, match="unknown recipe"):
         TeacherTrainConfig.from_recipe("slow", data="d")
     with pytest.raises(ValueError, match="budget_clock"):
         TeacherTrainConfig(data="d", budget_clock="gpu")
 
 
-def test_reinit_backbone_only_touches_backbone_convs():
+def test_conv_init_only_touches_backbone_convs():
     torch.manual_seed(0)
     model = build_model("tokenpose-tiny")
     conv = model.backbone.conv2.weight
     head = model.heatmap_head[-1].weight.clone()
-    reinit_backbone(model, "official")
+    apply_conv_init(model, "official")
     assert conv.std() < 0.002  # mmpose N(0, 0.001), as built
-    reinit_backbone(model, "kaiming")
+    apply_conv_init(model, "kaiming")
     fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]
     assert conv.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.2)
     assert torch.equal(model.heatmap_head[-1].weight, head)

@@ -113,7 +113,7 @@ class TeacherInfo:
     checkpoint_sha256: str
     config: dict[str, Any] = field(default_factory=dict)
     # Where the checkpoint was read from (absolute path or s3:// URI; "" without one): the
-    # DistilPose-L recipe starts the student backbone from it (pipeline.backbone_init).
+    # DistilPose-L recipe starts the student backbone from it (pipeline.backbone_start).
     checkpoint: str = ""
     # What the teacher ran in (schema.TEACHER_PRECISIONS); "" in caches made before it was recorded.
     precision: str = ""

@@ -9,7 +9,7 @@ import json
 from distilpose.errors import UserError
 from distilpose.profiles import get_profile
 from pipeline import storage
-from pipeline.distill.config import DistillConfig, resolve_paths, run_dir, worker_resources
+from pipeline.distill.config import DistillConfig, cached_split_files, resolve_paths, run_dir, worker_resources
 from pipeline.distill.state import has_checkpoint
 from pipeline.mismatch import refuse_differences
 
@@ -45,7 +45,7 @@ def check_cache_for_run(cfg: DistillConfig):
         check_compatible(reader.manifest, cfg.expect_teacher, uri=cfg.cache)
     check_student_fits(cfg, reader.manifest)
     check_cache_views(cfg, reader.manifest)
-    if cfg.data:
+    if cfg.data or cfg.ann_file or cfg.images:
         check_data_matches(cfg, reader.manifest)
     steps = steps_per_epoch(reader, cfg.workers, cfg.batch_size)  # raises when a worker would get no batch
     return reader.manifest, steps
@@ -127,16 +127,16 @@ def check_student_fits(cfg: DistillConfig, manifest) -> None:
 
 
 def check_data_matches(cfg: DistillConfig, manifest) -> None:
-    """Views are rebuilt from --data's images: its annotation file must be the cached one."""
+    """Views are rebuilt from the data source's images: its annotation file must be the cached one."""
     from distilpose.data.coco import data_fingerprint
     from pipeline.cache.schema import CacheMismatchError
-    from pipeline.dataset_layout import resolve_layout
 
-    layout = resolve_layout(cfg.data, manifest.data.split)
+    layout = cached_split_files(cfg, manifest.data)
     found = data_fingerprint(layout.ann_file).sha256
     if found != manifest.data.ann_file_sha256:
+        given = f"--data {cfg.data}" if cfg.data else "--ann-file"
         raise CacheMismatchError(
-            f"--data {cfg.data}: {layout.ann_file} (sha256 {found[:12]}...) is not the annotation file the "
+            f"{given}: {layout.ann_file} (sha256 {found[:12]}...) is not the annotation file the "
             f"cache {cfg.cache} was built from (sha256 {manifest.data.ann_file_sha256[:12]}..., "
             f"{manifest.data.ann_file}); the cached views would be cut from the wrong images"
         )
@@ -179,14 +179,14 @@ def check_run_record(cfg: DistillConfig, manifest, resumed: bool, backbone) -> N
 def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
     """Driver-side checks before a fit: absolute paths, cache, resume or fresh start.
     Returns the resolved config and whether the run resumes."""
-    from pipeline.backbone_init import resolve_backbone_init
+    from pipeline.backbone_start import resolve_backbone_start
 
     cfg = resolve_paths(cfg)
     manifest, steps = check_cache_for_run(cfg)
     cfg = with_online_teacher_checkpoint(cfg, manifest.teacher)
     resumed = has_checkpoint(cfg)
     # Resolved here for the run record and the warning; the workers resolve the same choice.
-    backbone = resolve_backbone_init(cfg.student, cfg.init_backbone, manifest.teacher)
+    backbone = resolve_backbone_start(cfg.student, cfg.init_backbone, manifest.teacher)
     check_run_record(cfg, manifest, resumed, backbone)
     if resumed:
         print(
@@ -214,10 +214,10 @@ def backbone_line(cfg: DistillConfig, backbone) -> str:
     tensors from teacher ..."): the same load on a student built here, so a checkpoint that
     does not fit or changed since the cache was built fails now, not in every worker."""
     from distilpose.models import build_model
-    from pipeline.backbone_init import apply_backbone_init
+    from pipeline.backbone_start import apply_backbone_start
 
     student = build_model(cfg.student) if backbone.checkpoint else None
-    return apply_backbone_init(student, backbone)
+    return apply_backbone_start(student, backbone)
 
 
 def with_online_teacher_checkpoint(cfg: DistillConfig, cache_teacher) -> DistillConfig:

@@ -5,18 +5,34 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
+from distilpose.data.layout import DataOptions, SplitFiles, ValDataOptions
+from distilpose.models.conv_init import CONV_INITS
 from distilpose.options import check_choices, option
 from distilpose.profiles import DEFAULT_PROFILE, PROFILES, get_profile
 from pipeline import storage
-from pipeline.backbone_init import FROM_SCRATCH
+from pipeline.backbone_start import FROM_SCRATCH
 
 ONLINE_VIEWS = ("fresh", "cache")
-LOCAL_PATH_FIELDS = ("storage", "cache", "data", "val", "teacher_checkpoint", "init_backbone", "pid_dir")
+LOCAL_PATH_FIELDS = (
+    *("storage", "cache", "data", "ann_file", "images", "val", "val_ann_file", "val_images"),
+    *("teacher_checkpoint", "init_backbone"),
+)
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(DataOptions, ValDataOptions):
+    """A distillation run. The data source (--data or --ann-file/--images) is where the cached
+    split's images are read to rebuild views (default: the files the cache recorded); the
+    val source (--val or --val-ann-file/--val-images) is what the run is evaluated on."""
+
+    OPTION_HELP: ClassVar[dict[str, str]] = {
+        "data": "data set root holding the cached split's images (default: the files the cache recorded)",
+        "ann_file": "the cached split's annotation json (default: the one the cache recorded, or under --data)",
+        "images": "the cached split's image folder (default: the one the cache recorded, or under --data)",
+    }
+
     cache: str = option(help="teacher cache URI (from jobs/cache_teacher.py)")
     cache_views: int | None = option(
         None, help="read only the cache's first K views per instance (default: all); one V=16 cache serves K=1..16"
@@ -78,14 +94,14 @@ class DistillConfig:
         f"teacher; '{FROM_SCRATCH}': from scratch)",
     )
     # "official" keeps the N(0, 0.001) convs of the official code; "kaiming" (He init) learns
-    # much faster in short runs (see distilpose.teacher_training.reinit_backbone).
-    backbone_init: str = option(
+    # much faster in short runs (see distilpose.models.conv_init). Not where the backbone
+    # starts (init_backbone): a teacher checkpoint loaded after it overwrites what it covers.
+    conv_init: str = option(
         "official",
-        choices=("official", "kaiming"),
-        help="student conv init: official N(0, 0.001) or He init (much faster in short runs)",
+        choices=CONV_INITS,
+        help="student conv init: official N(0, 0.001) or He (kaiming) init, much faster in short runs; "
+        "layers loaded from --init-backbone's checkpoint overwrite it",
     )
-    data: str | None = option(None, help="data set root holding the cached split's images (default: as recorded)")
-    val: str | None = option(None, help="data set root whose val split is evaluated (pycocotools)")
     val_boxes: str = option("gt", help="'gt' or a detector results json")
     eval_every: int = option(0, help="also evaluate every N epochs")
     # A checkpoint costs a state save and a copy into storage: per epoch, that is most of an
@@ -111,10 +127,6 @@ class DistillConfig:
         flag="--expect",
         help="refuse a cache whose manifest differs, e.g. teacher.checkpoint_sha256=<sha> (repeatable)",
     )
-    # Test hooks: a worker writes its pid (rank<r>.pid) and where it started training
-    # (start-rank<r>-<pid>.json) here so fault tests can kill it and check the restart.
-    pid_dir: str | None = option(None, hidden=True, help="test hook: where workers write their pids")
-    step_sleep_s: float = option(0.0, hidden=True, help="test hook: sleep after every step")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -172,6 +184,26 @@ def resolve_paths(cfg: DistillConfig) -> DistillConfig:
     if cfg.val_boxes != "gt" and storage.is_local(cfg.val_boxes):
         changes["val_boxes"] = storage.local_path(cfg.val_boxes)
     return dataclasses.replace(cfg, **changes)
+
+
+def cached_split_files(cfg: DistillConfig, data) -> SplitFiles:
+    """Annotation file and image root of the cached split (`data`: the manifest's DataInfo):
+    as the cache recorded them, or the data source's (--data, --ann-file, --images) where given."""
+    from pipeline.dataset_layout import resolve_layout
+
+    if cfg.data:
+        return resolve_layout(cfg.data, data.split, cfg.ann_file, cfg.images)
+    return SplitFiles(
+        storage.absolute(cfg.ann_file) if cfg.ann_file else data.ann_file,
+        storage.absolute(cfg.images) if cfg.images else data.image_root,
+    )
+
+
+def val_split_files(cfg: DistillConfig) -> SplitFiles:
+    """The val split the run is evaluated on (--val, or --val-ann-file/--val-images)."""
+    from pipeline.dataset_layout import resolve_layout
+
+    return resolve_layout(cfg.val, "val", cfg.val_ann_file, cfg.val_images)
 
 
 def loader_prefetch(cfg: DistillConfig) -> int:

@@ -11,16 +11,16 @@ retries transient S3 errors.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 
 from pipeline import storage
 from pipeline.distill.checks import prepare_run
 from pipeline.distill.config import DistillConfig, export_uri, resolve_paths, run_dir, worker_resources
+from pipeline.distill.hooks import WorkerHooks
 from pipeline.distill.logs import EpochProgress
 from pipeline.distill.state import export_checkpoints, finished_run
-from pipeline.distill.worker import train_loop_per_worker
+from pipeline.distill.worker import train_loop_config, train_loop_per_worker
 
 
 @dataclass
@@ -32,7 +32,8 @@ class DistillResult:
     wall_s: float
 
 
-def build_trainer(cfg: DistillConfig, callbacks=None):
+def build_trainer(cfg: DistillConfig, callbacks=None, hooks: WorkerHooks | None = None):
+    """The TorchTrainer of a run; `hooks` are test hooks (pipeline.distill.hooks), None in production."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -48,7 +49,7 @@ def build_trainer(cfg: DistillConfig, callbacks=None):
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=dataclasses.asdict(cfg),
+        train_loop_config=train_loop_config(cfg, hooks),
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.gpu,
@@ -59,7 +60,7 @@ def build_trainer(cfg: DistillConfig, callbacks=None):
     )
 
 
-def run_distill(cfg: DistillConfig) -> DistillResult:
+def run_distill(cfg: DistillConfig, hooks: WorkerHooks | None = None) -> DistillResult:
     cfg, resumed = prepare_run(cfg)
     t0 = time.perf_counter()
     done = finished_run(cfg) if resumed else None
@@ -72,7 +73,7 @@ def run_distill(cfg: DistillConfig) -> DistillResult:
             exported["best"] = best
         return DistillResult(run_dir(cfg), dict(done["metrics"]), exported, True, time.perf_counter() - t0)
     with EpochProgress(run_dir(cfg)):
-        result = build_trainer(cfg).fit()
+        result = build_trainer(cfg, hooks=hooks).fit()
     if result.error:
         raise result.error
     exported = export_checkpoints(cfg, result)

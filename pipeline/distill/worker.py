@@ -1,21 +1,35 @@
 """The training loop of one Ray Train worker (rank): read this rank's share of the cache,
 rebuild the cached views (or draw fresh ones for the online teacher), minimise the
 distillation loss, and let rank 0 commit a checkpoint (`TrainState`), the metrics logs and
-the best student every epoch."""
+the best student every epoch.
+
+Three pieces: `build` (seeding, the batch stream, the student, optimizer and schedule, the
+resume), `train_one_epoch` (the steps) and `end_of_epoch` (metrics, evaluation, the best
+student, the checkpoint). What they share is one `WorkerRun`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import tempfile
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from pipeline import storage
-from pipeline.distill.config import DistillConfig, export_uri, loader_prefetch, run_dir
+from pipeline.distill.config import (
+    DistillConfig,
+    cached_split_files,
+    export_uri,
+    loader_prefetch,
+    run_dir,
+    val_split_files,
+)
+from pipeline.distill.hooks import WorkerHooks
 from pipeline.distill.logs import MetricsLogger, epoch_line, resume_line
 from pipeline.distill.state import (
     CHECKPOINT_FILE,
@@ -29,22 +43,65 @@ from pipeline.distill.state import (
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point; `config` is `train_loop_config(cfg, hooks)`."""
+    run = build(DistillConfig(**config["config"]), WorkerHooks.from_dict(config.get("hooks")))
+    for epoch in range(run.start_epoch, run.cfg.epochs):
+        stats = train_one_epoch(run, epoch)
+        end_of_epoch(run, epoch, stats)
+    if run.logger:
+        run.logger.close()
+
+
+def train_loop_config(cfg: DistillConfig, hooks: WorkerHooks | None = None) -> dict:
+    """What the driver hands every worker: the run's config and the (test-only) hooks."""
+    return {"config": dataclasses.asdict(cfg), "hooks": hooks.to_dict() if hooks else None}
+
+
+@dataclass
+class WorkerRun:
+    """One worker's training state between the three pieces."""
+
+    cfg: DistillConfig
+    hooks: WorkerHooks
+    rank: int
+    world: int
+    device: Any
+    stream: Any  # CachedViewStream or FreshViewStream: .steps, .epoch(e)
+    loss_fn: Any
+    needed: tuple[str, ...]  # teacher fields the loss reads
+    teacher: Any  # the online teacher (images -> teacher fields), or None
+    model: Any  # the DDP-wrapped student
+    core: Any  # the student itself
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    start_epoch: int = 0
+    step: int = 0
+    best: dict = field(default_factory=dict)
+    logger: MetricsLogger | None = None
+
+
+@dataclass
+class EpochStats:
+    sums: dict[str, float]  # summed loss terms over the epoch's steps
+    seen: int  # samples this rank trained on
+    elapsed_s: float
+
+
+def build(cfg: DistillConfig, hooks: WorkerHooks) -> WorkerRun:
+    """Everything before the first step, in an order a resume reproduces bitwise: seeds, the
+    student, the stream, the optimizer and schedule, then the checkpoint's state (RNGs included)."""
     import ray.train
     import torch
     from ray.train.torch import prepare_model
 
-    from distilpose.device import to_device
     from distilpose.losses import DistillLoss
     from distilpose.schedule import scaled_warmup, step_schedule
     from pipeline.cache import open_reader
-    from pipeline.cache_loader import CachedViewStream
-    from pipeline.fresh_views import fresh_stream_for_rank
 
-    cfg = DistillConfig(**config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.pid_dir:
-        write_pid(cfg.pid_dir, rank)
+    hooks.worker_started(rank)
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
@@ -58,180 +115,199 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     # The driver has printed the backbone line (checks.backbone_line): worker output is hidden by default.
     student, _ = build_student(cfg, reader.manifest.teacher, fresh=checkpoint is None)
-    if cfg.view_source() == "fresh":
-        ann_file, image_root = data_files(cfg, reader)
-        stream = fresh_stream_for_rank(
-            reader,
-            ann_file,
-            image_root,
-            input_size=student.config.input_size,
-            rank=rank,
-            world_size=world,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            prefetch=loader_prefetch(cfg),
-            pin_memory=device.type == "cuda",
-        )
-    else:
-        layout = image_layout(cfg, reader)
-        stream = CachedViewStream(
-            reader,
-            image_root=layout["image_root"],
-            image_files=layout["image_files"],
-            input_size=student.config.input_size,
-            teacher_fields=() if cfg.online_teacher else needed,  # columnar: only what the loss reads
-            rank=rank,
-            world_size=world,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            cache_views=cfg.cache_views,
-            exclude_view0=cfg.exclude_view0,
-            label_flip=cfg.label_flip,
-            prefetch=loader_prefetch(cfg),
-            pin_memory=device.type == "cuda",  # pinned in the loader thread: the copy below is async
-        )
+    stream = batch_stream(cfg, reader, student.config.input_size, needed, rank, world, device)
     teacher = online_teacher(cfg, device) if cfg.online_teacher and needed else None
 
     model = prepare_model(student)
-    core = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     milestones = tuple(m * stream.steps for m in cfg.milestones())
     warmup = scaled_warmup(cfg.warmup_iters, stream.steps * cfg.epochs)  # the driver logs which
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, step_schedule(warmup, milestones))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
-
-    start_epoch, step, best = 0, 0, {}
+    run = WorkerRun(
+        cfg=cfg,
+        hooks=hooks,
+        rank=rank,
+        world=world,
+        device=device,
+        stream=stream,
+        loss_fn=loss_fn,
+        needed=needed,
+        teacher=teacher,
+        model=model,
+        core=model.module if hasattr(model, "module") else model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+    )
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = TrainState.load(os.path.join(d, CHECKPOINT_FILE))
-        state.restore(core, optimizer, scheduler, scaler, rank)
-        start_epoch, step, best = state.epochs_done, state.step, state.best
-        if rank == 0:
-            print(resume_line(start_epoch, step, cfg.epochs), flush=True)
-    if cfg.pid_dir:
-        record_start(cfg.pid_dir, rank, start_epoch)
+        resume(run, checkpoint)
+    hooks.training_starts(rank, run.start_epoch)
+    run.logger = MetricsLogger(run_dir(cfg), completed_epochs=run.start_epoch) if rank == 0 else None
+    return run
 
-    logger = MetricsLogger(run_dir(cfg), completed_epochs=start_epoch) if rank == 0 else None
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        sums: dict[str, float] = {}
-        t0, seen = time.perf_counter(), 0
-        for batch in stream.epoch(epoch):
-            batch = to_device(batch, device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
-                out = model(batch["image"])
-                targets = teacher(batch["image"]) if teacher is not None else batch
-                total, terms = loss_fn(out, batch["target"], batch["target_weight"], targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            seen += len(batch["image"])
-            losses = {k: float(v.detach()) for k, v in {"loss": total, **terms}.items()}
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if logger and step % cfg.log_every == 0:
-                logger.step(step, epoch, losses, scheduler.get_last_lr()[0])
-            if cfg.step_sleep_s:
-                time.sleep(cfg.step_sleep_s)
-        elapsed = time.perf_counter() - t0
-        # Every rank saw a different part of the data: report the mean over all of them.
-        means = mean_over_ranks({k: v / max(1, stream.steps) for k, v in sums.items()}, device)
-        metrics = {f"train/{k}": v for k, v in means.items()}
-        metrics.update(
-            {
-                "epoch": epoch + 1,
-                "epochs": cfg.epochs,
-                "step": step,
-                "lr": scheduler.get_last_lr()[0],
-                "epoch_time_s": elapsed,
-                "samples_per_s": seen * world / max(elapsed, 1e-9),
-            }
+
+def resume(run: WorkerRun, checkpoint) -> None:
+    """Restore the model, optimizer, schedule, scaler and this rank's RNG states."""
+    with checkpoint.as_directory() as d:
+        state = TrainState.load(os.path.join(d, CHECKPOINT_FILE))
+    state.restore(run.core, run.optimizer, run.scheduler, run.scaler, run.rank)
+    run.start_epoch, run.step, run.best = state.epochs_done, state.step, state.best
+    if run.rank == 0:
+        print(resume_line(run.start_epoch, run.step, run.cfg.epochs), flush=True)
+
+
+def batch_stream(cfg: DistillConfig, reader, input_size, needed: tuple[str, ...], rank: int, world: int, device):
+    """This rank's batches: fresh augmentations of the cache's instances, or the cached views."""
+    from pipeline.cache_loader import CachedViewStream
+    from pipeline.fresh_views import fresh_stream_for_rank
+
+    pin_memory = device.type == "cuda"  # pinned in the loader thread: the step's copy is async
+    if cfg.view_source() == "fresh":
+        ann_file, image_root = data_files(cfg, reader)
+        return fresh_stream_for_rank(
+            reader,
+            ann_file,
+            image_root,
+            input_size=input_size,
+            rank=rank,
+            world_size=world,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            prefetch=loader_prefetch(cfg),
+            pin_memory=pin_memory,
         )
-        final = epoch + 1 == cfg.epochs
-        if rank == 0 and cfg.val and (final or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            metrics.update(evaluate(core, cfg, device))
-            if "AP" in metrics and metrics["AP"] >= best.get("AP", -1.0):
-                best = {"AP": metrics["AP"], "epoch": epoch + 1}
-                # Written now: with num_to_keep checkpoints the best epoch's may be gone later.
-                save_student(
-                    export_uri(cfg, "best"),
-                    core,
-                    export_extra(cfg, epoch + 1, metrics, needed),
-                )
-        metrics["best_AP"] = best.get("AP", -1.0)
-        if rank == 0:
-            logger.epoch(metrics)
-            print(epoch_line(metrics), flush=True)
-        if not (final or (epoch + 1) % cfg.checkpoint_every == 0):
-            ray.train.report(metrics)
-            continue
-        # Built on every rank: gathering the ranks' RNG states is a collective.
-        state = TrainState(
-            model=core.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(),
-            epochs_done=epoch + 1,
-            step=step,
-            best=best,
-            rng=gather_rng_states(world),
-            metrics=metrics,
-            teacher_fields=list(needed),
-            config=dataclasses.asdict(cfg),
-            student_config=dataclasses.asdict(core.config),
+    layout = image_layout(cfg, reader)
+    return CachedViewStream(
+        reader,
+        image_root=layout["image_root"],
+        image_files=layout["image_files"],
+        input_size=input_size,
+        teacher_fields=() if cfg.online_teacher else needed,  # columnar: only what the loss reads
+        rank=rank,
+        world_size=world,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        cache_views=cfg.cache_views,
+        exclude_view0=cfg.exclude_view0,
+        label_flip=cfg.label_flip,
+        prefetch=loader_prefetch(cfg),
+        pin_memory=pin_memory,
+    )
+
+
+def train_one_epoch(run: WorkerRun, epoch: int) -> EpochStats:
+    """The epoch's steps; step metrics rows go to rank 0's log every `log_every` steps."""
+    import torch
+
+    from distilpose.device import to_device
+
+    cfg, model, optimizer, scheduler, scaler = run.cfg, run.model, run.optimizer, run.scheduler, run.scaler
+    model.train()
+    sums: dict[str, float] = {}
+    t0, seen = time.perf_counter(), 0
+    for batch in run.stream.epoch(epoch):
+        batch = to_device(batch, run.device)
+        with torch.autocast(run.device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
+            out = model(batch["image"])
+            targets = run.teacher(batch["image"]) if run.teacher is not None else batch
+            total, terms = run.loss_fn(out, batch["target"], batch["target_weight"], targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        run.step += 1
+        seen += len(batch["image"])
+        losses = {k: float(v.detach()) for k, v in {"loss": total, **terms}.items()}
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if run.logger and run.step % cfg.log_every == 0:
+            run.logger.step(run.step, epoch, losses, scheduler.get_last_lr()[0])
+        run.hooks.step_done()
+    return EpochStats(sums, seen, time.perf_counter() - t0)
+
+
+def end_of_epoch(run: WorkerRun, epoch: int, stats: EpochStats) -> None:
+    """Metrics (mean over ranks), evaluation and the best student on rank 0, then the report
+    to Ray Train, with a checkpoint every `checkpoint_every` epochs and after the last."""
+    import ray.train
+
+    cfg = run.cfg
+    metrics = epoch_metrics(run, epoch, stats)
+    final = epoch + 1 == cfg.epochs
+    if run.rank == 0 and cfg.has_val_source() and (final or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+        metrics.update(evaluate(run.core, cfg, run.device))
+        if "AP" in metrics and metrics["AP"] >= run.best.get("AP", -1.0):
+            run.best = {"AP": metrics["AP"], "epoch": epoch + 1}
+            # Written now: with num_to_keep checkpoints the best epoch's may be gone later.
+            save_student(export_uri(cfg, "best"), run.core, export_extra(cfg, epoch + 1, metrics, run.needed))
+    metrics["best_AP"] = run.best.get("AP", -1.0)
+    if run.rank == 0:
+        run.logger.epoch(metrics)
+        print(epoch_line(metrics), flush=True)
+    if not (final or (epoch + 1) % cfg.checkpoint_every == 0):
+        ray.train.report(metrics)
+        return
+    # Built on every rank: gathering the ranks' RNG states is a collective.
+    state = TrainState(
+        model=run.core.state_dict(),
+        optimizer=run.optimizer.state_dict(),
+        scheduler=run.scheduler.state_dict(),
+        scaler=run.scaler.state_dict(),
+        epochs_done=epoch + 1,
+        step=run.step,
+        best=run.best,
+        rng=gather_rng_states(run.world),
+        metrics=metrics,
+        teacher_fields=list(run.needed),
+        config=dataclasses.asdict(cfg),
+        student_config=dataclasses.asdict(run.core.config),
+    )
+    if run.rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        state.save(os.path.join(d, CHECKPOINT_FILE))
+        write_checkpoint_record(cfg, epoch + 1, run.step)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=checkpoint_dir_name(epoch + 1),
         )
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                state.save(os.path.join(d, CHECKPOINT_FILE))
-                write_checkpoint_record(cfg, epoch + 1, step)
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(d),
-                    checkpoint_dir_name=checkpoint_dir_name(epoch + 1),
-                )
-        else:
-            ray.train.report(metrics)
-    if logger:
-        logger.close()
+
+
+def epoch_metrics(run: WorkerRun, epoch: int, stats: EpochStats) -> dict:
+    # Every rank saw a different part of the data: report the mean over all of them.
+    means = mean_over_ranks({k: v / max(1, run.stream.steps) for k, v in stats.sums.items()}, run.device)
+    metrics: dict = {f"train/{k}": v for k, v in means.items()}
+    metrics.update(
+        {
+            "epoch": epoch + 1,
+            "epochs": run.cfg.epochs,
+            "step": run.step,
+            "lr": run.scheduler.get_last_lr()[0],
+            "epoch_time_s": stats.elapsed_s,
+            "samples_per_s": stats.seen * run.world / max(stats.elapsed_s, 1e-9),
+        }
+    )
+    return metrics
 
 
 def build_student(cfg: DistillConfig, cache_teacher, fresh: bool):
     """The student as training starts: the conv init, then on a fresh start the backbone start
-    the recipe or --init-backbone chooses (pipeline.backbone_init; a resumed run loads every
+    the recipe or --init-backbone chooses (pipeline.backbone_start; a resumed run loads every
     weight from its checkpoint). Returns (model, the backbone log line or "")."""
     from distilpose.models import build_model
-    from distilpose.teacher_training import reinit_backbone
-    from pipeline.backbone_init import apply_backbone_init, resolve_backbone_init
+    from distilpose.models.conv_init import apply_conv_init
+    from pipeline.backbone_start import apply_backbone_start, resolve_backbone_start
 
     student = build_model(cfg.student)
-    reinit_backbone(student, cfg.backbone_init)  # before a teacher init, which overwrites it
+    apply_conv_init(student, cfg.conv_init)  # before a teacher init, which overwrites it
     if not fresh:
         return student, ""
-    choice = resolve_backbone_init(cfg.student, cfg.init_backbone, cache_teacher)
-    return student, apply_backbone_init(student, choice)
-
-
-def write_pid(pid_dir: str, rank: int) -> None:
-    """Test hook: this worker's pid, for fault tests to kill it (atomic: never read empty)."""
-    storage.atomic_write_bytes(os.path.join(pid_dir, f"rank{rank}.pid"), str(os.getpid()).encode())
-
-
-def record_start(pid_dir: str, rank: int, start_epoch: int) -> None:
-    """Test hook: which process started training where (fault tests read these)."""
-    import ray
-
-    record = {
-        "rank": rank,
-        "pid": os.getpid(),
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "start_epoch": start_epoch,
-        "time": time.time(),
-    }
-    path = os.path.join(pid_dir, f"start-rank{rank}-{os.getpid()}.json")
-    storage.atomic_write_bytes(path, json.dumps(record).encode())
+    choice = resolve_backbone_start(cfg.student, cfg.init_backbone, cache_teacher)
+    return student, apply_backbone_start(student, choice)
 
 
 def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
@@ -247,14 +323,9 @@ def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
 
 
 def data_files(cfg: DistillConfig, reader) -> tuple[str, str]:
-    """Annotation file and image root of the cached split: as recorded, or under --data."""
-    data = reader.manifest.data
-    if not cfg.data:
-        return data.ann_file, data.image_root
-    from pipeline.dataset_layout import resolve_layout
-
-    layout = resolve_layout(cfg.data, data.split)
-    return layout.ann_file, layout.image_root
+    """Annotation file and image root of the cached split: as recorded, or the data source's."""
+    files = cached_split_files(cfg, reader.manifest.data)
+    return files.ann_file, files.image_root
 
 
 def image_layout(cfg: DistillConfig, reader) -> dict:
@@ -296,9 +367,8 @@ def online_teacher(cfg: DistillConfig, device):
 
 def evaluate(model, cfg: DistillConfig, device) -> dict:
     from distilpose.evaluate import evaluate_model
-    from pipeline.dataset_layout import resolve_layout
 
-    layout = resolve_layout(cfg.val, "val")
+    layout = val_split_files(cfg)
     was_training = model.training
     model.eval()
     stats = evaluate_model(

@@ -5,10 +5,12 @@ backbone (930 tensors: stages 1-3 of the teacher's HRNet-W48). So a student with
 backbone (the L family) starts from the teacher checkpoint the cache was built with, as its
 manifest records it, unless `init_backbone` names another checkpoint or is "none" (from
 scratch, for comparison). StemNet students (the S family) start from scratch, as officially.
+(How the convolutions a checkpoint does not cover are drawn is another option, `conv_init`:
+distilpose.models.conv_init.)
 
-    choice = resolve_backbone_init(cfg.student, cfg.init_backbone, reader.manifest.teacher)
+    choice = resolve_backbone_start(cfg.student, cfg.init_backbone, reader.manifest.teacher)
     if choice.warning: print(choice.warning)            # on the driver, before training
-    print(apply_backbone_init(student, choice))         # in the worker, after the conv init
+    print(apply_backbone_start(student, choice))        # in the worker, after the conv init
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ RANDOM_TEACHER = "random-init"  # checkpoint_sha256 of a cache built without a c
 
 
 @dataclass(frozen=True)
-class BackboneInit:
+class BackboneStart:
     """The resolved choice; `checkpoint` None means the backbone keeps its fresh init."""
 
     checkpoint: str | None  # teacher checkpoint URI (absolute path or s3://)
@@ -45,20 +47,20 @@ def starts_from_teacher(student: str) -> bool:
     return config.kind == "student" and config.backbone == "hrnet"
 
 
-def resolve_backbone_init(student: str, init_backbone: str | None, cache_teacher: TeacherInfo) -> BackboneInit:
+def resolve_backbone_start(student: str, init_backbone: str | None, cache_teacher: TeacherInfo) -> BackboneStart:
     """Decide where `student`'s backbone starts.
 
     init_backbone: None (the recipe), FROM_SCRATCH, or a teacher checkpoint URI.
     cache_teacher: the cache manifest's `teacher` entry.
     """
     if init_backbone == FROM_SCRATCH:
-        return BackboneInit(None, f"from scratch (--init-backbone {FROM_SCRATCH})")
+        return BackboneStart(None, f"from scratch (--init-backbone {FROM_SCRATCH})")
     if init_backbone:
-        return BackboneInit(storage.absolute(init_backbone), "--init-backbone")
+        return BackboneStart(storage.absolute(init_backbone), "--init-backbone")
     if not starts_from_teacher(student):
-        return BackboneInit(None, f"from scratch (the official recipe for {student})")
+        return BackboneStart(None, f"from scratch (the official recipe for {student})")
     if cache_teacher.checkpoint:
-        return BackboneInit(cache_teacher.checkpoint, "the cache's teacher", cache_teacher.checkpoint_sha256)
+        return BackboneStart(cache_teacher.checkpoint, "the cache's teacher", cache_teacher.checkpoint_sha256)
     why = (
         "the cache was built without a teacher checkpoint (random teacher)"
         if cache_teacher.checkpoint_sha256 == RANDOM_TEACHER
@@ -69,10 +71,10 @@ def resolve_backbone_init(student: str, init_backbone: str | None, cache_teacher
         "which starts the backbone from the teacher's HRNet stages 1-3; pass --init-backbone <teacher "
         f"checkpoint> to follow it, or --init-backbone {FROM_SCRATCH} to silence this warning."
     )
-    return BackboneInit(None, f"from scratch ({why})", warning=warning)
+    return BackboneStart(None, f"from scratch ({why})", warning=warning)
 
 
-def apply_backbone_init(student, choice: BackboneInit) -> str:
+def apply_backbone_start(student, choice: BackboneStart) -> str:
     """Load the chosen teacher backbone into `student` (a built model); returns the log line.
 
     Raises UserError (a ValueError) when the cache's teacher checkpoint changed since the cache

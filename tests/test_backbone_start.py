@@ -1,4 +1,4 @@
-"""pipeline.backbone_init: DistilPose-L students start from the cache's teacher by default."""
+"""pipeline.backbone_start: DistilPose-L students start from the cache's teacher by default."""
 
 import hashlib
 
@@ -8,7 +8,7 @@ import torch
 from distilpose.models import build_model
 from distilpose.models.checkpoints import save_checkpoint
 from pipeline import storage
-from pipeline.backbone_init import FROM_SCRATCH, apply_backbone_init, resolve_backbone_init, starts_from_teacher
+from pipeline.backbone_start import FROM_SCRATCH, apply_backbone_start, resolve_backbone_start, starts_from_teacher
 from pipeline.cache import open_reader
 from pipeline.cache.manifest import TeacherInfo
 
@@ -41,10 +41,10 @@ def test_the_l_family_starts_from_the_teacher_and_the_s_family_from_scratch():
 
 def test_l_student_defaults_to_the_cache_teacher(teacher_ckpt):
     path, sha256 = teacher_ckpt
-    choice = resolve_backbone_init(L_STUDENT, None, _cache_teacher(path, sha256))
+    choice = resolve_backbone_start(L_STUDENT, None, _cache_teacher(path, sha256))
     assert choice.checkpoint == path and not choice.warning
     student = build_model(L_STUDENT)
-    line = apply_backbone_init(student, choice)
+    line = apply_backbone_start(student, choice)
     num_tensors = len(student.backbone.state_dict())
     assert line.startswith(f"backbone: {num_tensors} tensors from teacher {path} (sha256 {sha256[:12]}")
     _assert_backbone_is_teachers(student, path)
@@ -53,15 +53,15 @@ def test_l_student_defaults_to_the_cache_teacher(teacher_ckpt):
 def test_opt_out_explicit_checkpoint_and_s_students(teacher_ckpt, tmp_path):
     path, sha256 = teacher_ckpt
     cache = _cache_teacher(path, sha256)
-    scratch = resolve_backbone_init(L_STUDENT, FROM_SCRATCH, cache)
+    scratch = resolve_backbone_start(L_STUDENT, FROM_SCRATCH, cache)
     assert scratch.checkpoint is None and not scratch.warning
-    assert apply_backbone_init(build_model(L_STUDENT), scratch) == "backbone: from scratch (--init-backbone none)"
-    s_choice = resolve_backbone_init(S_STUDENT, None, cache)
+    assert apply_backbone_start(build_model(L_STUDENT), scratch) == "backbone: from scratch (--init-backbone none)"
+    s_choice = resolve_backbone_start(S_STUDENT, None, cache)
     assert s_choice.checkpoint is None and not s_choice.warning
     # --init-backbone names another checkpoint (relative paths become absolute for Ray workers).
     other = tmp_path / "other.pt"
     other.write_bytes(open(path, "rb").read())
-    explicit = resolve_backbone_init(L_STUDENT, str(other), _cache_teacher())
+    explicit = resolve_backbone_start(L_STUDENT, str(other), _cache_teacher())
     assert explicit.checkpoint == str(other) and not explicit.expected_sha256 and not explicit.warning
 
 
@@ -70,17 +70,17 @@ def test_opt_out_explicit_checkpoint_and_s_students(teacher_ckpt, tmp_path):
     [(_cache_teacher(), "without a teacher checkpoint"), (_cache_teacher("", "ab" * 32), "does not record")],
 )
 def test_a_cache_without_teacher_checkpoint_warns_loudly(cache_teacher, reason):
-    choice = resolve_backbone_init(L_STUDENT, None, cache_teacher)
+    choice = resolve_backbone_start(L_STUDENT, None, cache_teacher)
     assert choice.checkpoint is None
     assert choice.warning.startswith("WARNING") and reason in choice.warning and "departs" in choice.warning
-    assert reason in apply_backbone_init(build_model(L_STUDENT), choice)
+    assert reason in apply_backbone_start(build_model(L_STUDENT), choice)
 
 
 def test_a_changed_teacher_checkpoint_is_refused(teacher_ckpt):
     path, _ = teacher_ckpt
-    choice = resolve_backbone_init(L_STUDENT, None, _cache_teacher(path, "cd" * 32))
+    choice = resolve_backbone_start(L_STUDENT, None, _cache_teacher(path, "cd" * 32))
     with pytest.raises(ValueError, match="changed since the cache was built"):
-        apply_backbone_init(build_model(L_STUDENT), choice)
+        apply_backbone_start(build_model(L_STUDENT), choice)
 
 
 def test_s3_teacher_checkpoint(teacher_ckpt, s3_bucket):
@@ -88,7 +88,7 @@ def test_s3_teacher_checkpoint(teacher_ckpt, s3_bucket):
     uri = f"{s3_bucket}/teachers/teacher.pt"
     storage.atomic_write_bytes(uri, open(path, "rb").read())
     student = build_model(L_STUDENT)
-    line = apply_backbone_init(student, resolve_backbone_init(L_STUDENT, None, _cache_teacher(uri, sha256)))
+    line = apply_backbone_start(student, resolve_backbone_start(L_STUDENT, None, _cache_teacher(uri, sha256)))
     assert f"from teacher {uri} (sha256 {sha256[:12]}" in line
     _assert_backbone_is_teachers(student, path)
 
@@ -96,5 +96,5 @@ def test_s3_teacher_checkpoint(teacher_ckpt, s3_bucket):
 def test_the_cache_job_records_its_teacher_checkpoint(tiny_cache, tiny_teacher):
     teacher = open_reader(tiny_cache).manifest.teacher
     assert teacher.checkpoint == tiny_teacher
-    choice = resolve_backbone_init(L_STUDENT, None, teacher)
-    assert apply_backbone_init(build_model(L_STUDENT), choice).startswith("backbone: ")
+    choice = resolve_backbone_start(L_STUDENT, None, teacher)
+    assert apply_backbone_start(build_model(L_STUDENT), choice).startswith("backbone: ")
