@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .backbones import build_backbone
 from .config import ModelConfig
+from .hrnet import init_cnn_weights
 
 
 @dataclass
@@ -44,18 +45,7 @@ class HeatmapHead(nn.Module):
         # An empty Sequential is the identity (mmpose: nn.Identity for num_deconv_layers=0).
         self.deconv_layers = nn.Sequential(*layers)
         self.final_layer = nn.Conv2d(in_channels, num_joints, 1)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """mmpose init_weights: deconvs and the final conv N(0, 0.001), BN 1 / 0, final bias 0."""
-        for m in self.modules():
-            if isinstance(m, nn.ConvTranspose2d | nn.Conv2d):
-                nn.init.normal_(m.weight, std=0.001)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_cnn_weights(self)  # mmpose init_weights: deconvs and the final conv N(0, 0.001), BN 1 / 0, bias 0
 
     def forward(self, x: Tensor) -> Tensor:
         return self.final_layer(self.deconv_layers(x))
