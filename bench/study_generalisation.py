@@ -157,7 +157,7 @@ def markdown(study: dict) -> str:
         f"({study['setup']['student_epochs']} epochs, backbone from the teacher's ResNet), seeds "
         f"{', '.join(map(str, study['setup']['seeds']))}. val AP on GT boxes (pycocotools), flip test.",
         "",
-        "| model | demo scale: val AP (mean, min-max over seeds) | paper (COCO val) |",
+        "| model | demo scale: val AP, 0-1 (mean, min-max over seeds) | paper: COCO val AP, % |",
         "|---|---|---|",
         f"| teacher: SimpleBaseline | {t['AP']:.3f} (`{TEACHER}`) | {PAPER['teacher']['AP']} "
         f"({PAPER['teacher']['model']}) |",
@@ -168,7 +168,9 @@ def markdown(study: dict) -> str:
         lines.append(f"| {PAPER[key]['model'].replace('-R50', '')} | {ours} | {PAPER[key]['AP']} |")
     if study.get("gain") is not None:
         paper_gain = PAPER["student_sh"]["AP"] - PAPER["student"]["AP"]
-        lines.append(f"| gain from Simulated Heatmaps | {study['gain']:+.3f} AP | {paper_gain:+.1f} AP |")
+        lines.append(
+            f"| gain from Simulated Heatmaps | {study['gain']:+.3f} ({study['ratio']:.1f}x) | {paper_gain:+.1f} |"
+        )
     lines += ["", "Per seed (val AP):", ""]
     for r in study["students"]:
         seeds = ", ".join(f"seed {s['seed']}: {s['AP']:.3f}" for s in r["per_seed"])
@@ -205,11 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         print("[study] no finished trial yet", flush=True)
         return 1
     by_name = {r["configuration"]: r for r in students}
-    gain = (
-        round(by_name["deeppose+sh"]["AP_mean"] - by_name["deeppose"]["AP_mean"], 4)
-        if {"deeppose", "deeppose+sh"} <= set(by_name)
-        else None
-    )
+    both = {"deeppose", "deeppose+sh"} <= set(by_name)
+    gain = round(by_name["deeppose+sh"]["AP_mean"] - by_name["deeppose"]["AP_mean"], 4) if both else None
+    ratio = round(by_name["deeppose+sh"]["AP_mean"] / max(by_name["deeppose"]["AP_mean"], 1e-9), 2) if both else None
     study = {
         "when": time.strftime("%Y-%m-%d"),
         "setup": {
@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher": {"preset": TEACHER, "AP": round(teacher_ap(out), 4)},
         "students": students,
         "gain": gain,
+        "ratio": ratio,
         "paper": PAPER,
         "commands": commands(args),
         "phase_times": times,
