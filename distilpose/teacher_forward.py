@@ -21,6 +21,7 @@ from distilpose.heatmaps import fit_gaussians
 from distilpose.models.checkpoints import load_teacher
 
 TEACHER_FIELDS = ("heatmaps", "kpt_tokens", "vis_tokens", "gauss", "confidence")
+TOKEN_FIELDS = ("kpt_tokens", "vis_tokens")
 # Precisions the teacher can run in: float32 by default, autocast only when asked for (the
 # cache records which one; bf16 moves outputs by a few % of their peak).
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,7 +44,9 @@ def run_teacher(
     timings: dict[str, float] | None = None,
     precision: str = "fp32",
 ) -> dict[str, np.ndarray]:
-    """Teacher forward + Gaussian fit on uint8 crops (N,H,W,3) -> fp32 numpy fields.
+    """Teacher forward + Gaussian fit on uint8 crops (N,H,W,3) -> fp32 numpy fields: heatmaps,
+    gauss and confidence, plus kpt_tokens and vis_tokens for a teacher with tokens (a heatmap
+    teacher such as SimpleBaseline has none; its fields are not made up as empty arrays).
 
     `precision`: "fp32" (TF32 matmuls allowed on a GPU), or "bf16" / "fp16" autocast.
     `timings`, when given, accumulates seconds of "forward" (normalize + forward) and "fit"
@@ -54,7 +57,9 @@ def run_teacher(
     amp_dtype = AUTOCAST_DTYPES[precision]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # ~fp16-level input rounding, well within the fp32 tolerance
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in TEACHER_FIELDS}
+    has_tokens = getattr(getattr(model, "config", None), "has_tokens", True)
+    fields = TEACHER_FIELDS if has_tokens else tuple(n for n in TEACHER_FIELDS if n not in TOKEN_FIELDS)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in fields}
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             t0 = time.perf_counter()
@@ -73,8 +78,9 @@ def run_teacher(
                 timings["forward"] = timings.get("forward", 0.0) + t1 - t0
             gauss, conf = fit_gaussians(heatmaps)
             parts["heatmaps"].append(heatmaps.cpu().numpy())
-            parts["kpt_tokens"].append(out.kpt_tokens.float().cpu().numpy())
-            parts["vis_tokens"].append(out.vis_tokens.float().cpu().numpy())
+            if has_tokens:
+                parts["kpt_tokens"].append(out.kpt_tokens.float().cpu().numpy())
+                parts["vis_tokens"].append(out.vis_tokens.float().cpu().numpy())
             parts["gauss"].append(gauss.float().cpu().numpy())
             parts["confidence"].append(conf.float().cpu().numpy())
             if timings is not None:

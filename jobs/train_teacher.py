@@ -1,4 +1,4 @@
-"""Train a heatmap teacher (TokenPose) on a COCO-format data set, then evaluate it on val.
+"""Train a heatmap teacher (TokenPose, SimpleBaseline, HRNet) on a COCO-format data set, then evaluate it on val.
 
     python jobs/train_teacher.py --data /tmp/synth --teacher tokenpose-tiny --epochs 30 \
         --time-budget-s 210 --out runs/teacher-tiny

@@ -98,7 +98,7 @@ class ModelCost:
 def attention_gmacs(config) -> float:
     """MACs of the attention matmuls: per layer QK^T and AV, each T x T x D, T = K + P tokens."""
     tokens = config.num_joints + config.num_patches
-    return config.depth * 2 * tokens * tokens * config.dim / 1e9
+    return config.depth * 2 * tokens * tokens * config.token_dim / 1e9  # 0 without tokens
 
 
 @cache
@@ -145,7 +145,7 @@ def wds_view_bytes(fields: dict[str, float]) -> float:
     """Bytes one view occupies in a tar: small fields packed in one member, the rest one each."""
     small = sum(v for k, v in fields.items() if k not in (*WDS_GROUPS_WITHOUT_CROPS, CROP_FIELD))
     total = _tar_member_bytes(small)
-    total += sum(_tar_member_bytes(fields[k]) for k in (HEATMAP_FIELD, *TOKEN_FIELDS))
+    total += sum(_tar_member_bytes(fields[k]) for k in (HEATMAP_FIELD, *TOKEN_FIELDS) if k in fields)
     if CROP_FIELD in fields:
         total += TAR_BLOCK + math.ceil(fields[CROP_FIELD] / TAR_BLOCK) * TAR_BLOCK
     return total

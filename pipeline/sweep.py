@@ -8,6 +8,7 @@ A sweep space is a YAML file:
     trials:                     # named trials, each overriding base fields
       - {name: none, no_distill: true}
       - {name: all}
+      - {name: other, cache: runs/cache-w48}   # a trial's own cache (another teacher) replaces --cache
     grid:                       # optional: every trial is crossed with these values
       lr: [0.001, 0.0005]
 
@@ -115,7 +116,8 @@ def trial_config(config: dict) -> DistillConfig:
     trial = {RENAMED_FIELDS.get(k, k): v for k, v in config["trial"].items()}
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     kwargs = {k: v for k, v in trial.items() if k in fields}
-    kwargs.update(cache=config["cache"], storage=config["runs_storage"], name=trial["name"])
+    # A trial may name its own cache (the student-teacher table: one cache per teacher).
+    kwargs.update(cache=trial.get("cache") or config["cache"], storage=config["runs_storage"], name=trial["name"])
     kwargs.update(config.get("overrides") or {})
     cfg = DistillConfig(**kwargs)
     if not cfg.gpu and cfg.cpus_per_worker > TRIAL_CPUS:
@@ -199,6 +201,8 @@ def sweep_trials(cfg: SweepConfig) -> tuple[list[dict], dict]:
         trials = [t for t in trials if t["name"] in names]
     if cfg.trials:
         trials = trials[: cfg.trials]
+    # Tune runs each trial in its own folder: a trial's own cache path must be absolute too.
+    trials = [{**t, "cache": storage.absolute(t["cache"])} if t.get("cache") else t for t in trials]
     shared = {
         "cache": storage.absolute(cfg.cache),
         "runs_storage": storage.absolute(storage.join(cfg.storage, cfg.name, "runs")),

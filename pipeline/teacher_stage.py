@@ -47,7 +47,7 @@ from pipeline.progress import ShardProgress
 class CacheJobConfig(DataOptions):
     """The cache job's options; the data source (--data or --ann-file/--images) is DataOptions'."""
 
-    teacher: str = option(help="teacher preset, e.g. tokenpose-w48 or tokenpose-tiny")
+    teacher: str = option(help="teacher preset, e.g. tokenpose-w48, tokenpose-tiny or simplebaseline-r50 (no tokens)")
     out: str = option(help="cache root URI (local path or s3://bucket/prefix)")
     checkpoint: str | None = option(None, help="teacher checkpoint: ours or the official .pth (local or s3://)")
     format: str = option("zarr", choices=FORMATS, help="cache store")

@@ -9,12 +9,17 @@ import pytest
 import torch
 
 from distilpose.models import PRESETS, ModelConfig, StudentOutput, TeacherOutput, build_model, get_config
+from distilpose.models.deeppose import RegressionOutput
+from distilpose.models.simplebaseline import HeatmapOutput
 from distilpose.models.summary import count_gflops, count_params, main, summarize
 
 torch.set_num_threads(2)
 
-TINY = ["tokenpose-tiny", "distilpose-tiny", "distilpose-l-tiny"]
+TINY = ["tokenpose-tiny", "distilpose-tiny", "distilpose-l-tiny", "simplebaseline-tiny", "hrnet-tiny", "deeppose-tiny"]
 PAPER = ["tokenpose-w48", "distilpose-s", "distilpose-l", "tokenpose-stemnet"]
+# Without tokens (tests/test_heatmap_teachers.py): SimpleBaseline / HRNet teachers, DeepPose students.
+PAPER += [f"simplebaseline-r{d}" for d in (50, 101, 152)] + ["hrnet-w32", "hrnet-w48"]
+PAPER += [f"deeppose-r{d}" for d in (50, 101, 152)]
 # (params, GFLOPs) published by the paper / official README.
 PAPER_FIGURES = {"distilpose-s": (5.36e6, 2.38), "distilpose-l": (21.27e6, 10.33), "tokenpose-w48": (69.41e6, 17.03)}
 # Exact trainable-parameter counts, re-derived by arithmetic (docs/method.md#parameter-and-flop-counts).
@@ -24,14 +29,17 @@ EXACT_PARAMS = {"distilpose-s": 5_364_101, "distilpose-l": 21_265_637, "tokenpos
 def check_output(model: torch.nn.Module, out, batch: int) -> None:
     cfg = model.config
     k, d, p = cfg.num_joints, cfg.dim, cfg.num_patches
-    assert out.kpt_tokens.shape == (batch, k, d)
-    assert out.vis_tokens.shape == (batch, p, d)
+    if cfg.has_tokens:
+        assert out.kpt_tokens.shape == (batch, k, d)
+        assert out.vis_tokens.shape == (batch, p, d)
+    else:  # no empty token tensors either
+        assert not hasattr(out, "kpt_tokens") and not hasattr(out, "vis_tokens")
     if cfg.kind == "teacher":
-        assert isinstance(out, TeacherOutput)
+        assert isinstance(out, TeacherOutput if cfg.has_tokens else HeatmapOutput)
         assert out.heatmaps.shape == (batch, k, *cfg.heatmap_size)
         assert torch.isfinite(out.heatmaps).all()
     else:
-        assert isinstance(out, StudentOutput)
+        assert isinstance(out, StudentOutput if cfg.has_tokens else RegressionOutput)
         assert out.coords.shape == (batch, k, 2)
         assert out.sigma.shape == (batch, k, 2)
         assert out.score.shape == (batch, k)
@@ -50,7 +58,8 @@ def test_output_shapes(name: str) -> None:
     model = build_model(name)
     if name in PAPER:
         assert model.config.input_size == (256, 192) and model.config.heatmap_size == (64, 48)
-        assert model.config.num_patches == 256 and model.config.dim == 192
+        if model.config.has_tokens:
+            assert model.config.num_patches == 256 and model.config.dim == 192
     # Paper-size forwards cost seconds on a CPU: one crop in eval mode is enough for them.
     batch = 2 if name in TINY else 1
     x = torch.randn(batch, 3, *model.config.input_size)
@@ -99,15 +108,17 @@ def test_summary_prints_table_and_convention(capsys) -> None:
 
 
 def test_students_align_with_teachers() -> None:
-    # Every student can be distilled from every teacher of its input size: same joints,
-    # token width and number of visual tokens (the KT / VT losses compare them one to one).
+    # Every student can be distilled from every teacher of its input size: same joints and
+    # heatmap grid (L_SH, L_CS), and between token models the same token width and number of
+    # visual tokens (the KT / VT losses compare them one to one).
     teachers = [c for c in PRESETS.values() if c.kind == "teacher"]
     for s in (c for c in PRESETS.values() if c.kind == "student"):
         partners = [t for t in teachers if t.input_size == s.input_size]
         assert partners, f"no teacher for {s.name}"
         for t in partners:
-            assert (t.num_joints, t.dim, t.num_patches) == (s.num_joints, s.dim, s.num_patches), (t.name, s.name)
-            assert t.heatmap_size == s.heatmap_size, (t.name, s.name)
+            assert t.heatmap_size == s.heatmap_size and t.num_joints == s.num_joints, (t.name, s.name)
+            if t.has_tokens and s.has_tokens:
+                assert (t.dim, t.num_patches) == (s.dim, s.num_patches), (t.name, s.name)
 
     x = torch.randn(2, 3, 128, 96)
     t_out = build_model("tokenpose-tiny")(x)
@@ -122,12 +133,20 @@ def test_students_align_with_teachers() -> None:
 def test_gradients_reach_every_parameter(name: str) -> None:
     torch.manual_seed(0)
     model = build_model(name).train()
+    if model.config.backbone == "resnet":
+        # mmpose's ResNet init zeroes each block's last BN weight (the block starts as the
+        # identity): no gradient reaches that block's last conv until the BN weight moves.
+        for m in model.backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(m.weight)
     out = model(torch.randn(4, 3, *model.config.input_size))
     if model.config.kind == "student":
         loss = out.coords.sum() + out.sigma.sum() + out.score.sum()
     else:
         loss = out.heatmaps.square().sum()
-    (loss + out.kpt_tokens.square().mean() + out.vis_tokens.square().mean()).backward()
+    if model.config.has_tokens:
+        loss = loss + out.kpt_tokens.square().mean() + out.vis_tokens.square().mean()
+    loss.backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead, f"no gradient reaches {dead}"
 

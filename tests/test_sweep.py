@@ -262,3 +262,27 @@ def test_only_picks_trials_by_name() -> None:
     assert [t["name"] for t in trials] == ["online-fresh", "cache-k8"]  # the space's order
     with pytest.raises(UserError, match="no trial named cache-k9 in .*premise-replay.yaml \\(it has online-fresh"):
         sweep_trials(SweepConfig(cache="c", space=space, only="cache-k9"))
+
+
+def test_a_trial_can_name_its_own_cache() -> None:
+    # The paper's student x teacher table needs one cache per teacher.
+    from pipeline.sweep import SweepConfig, sweep_trials, trial_config
+
+    space = str(ROOT / "sweeps" / "student-teacher.yaml")
+    trials, shared = sweep_trials(SweepConfig(cache="runs/cache-w48", space=space))
+    configs = {t["name"]: trial_config({**shared, "trial": t}) for t in trials}
+    assert sorted(configs) == sorted(f"{s}-{t}" for s in "sl" for t in ("none", "stemnet", "w48"))
+    assert configs["s-stemnet"].cache == str((Path.cwd() / "runs" / "cache-stemnet").resolve())
+    assert configs["s-none"].cache == configs["l-w48"].cache == shared["cache"]  # --cache, made absolute
+    assert configs["s-none"].no_distill and configs["l-stemnet"].student == "distilpose-l"
+    assert all(c.alphas()["alpha_kt"] > 0 for n, c in configs.items() if not n.endswith("none"))
+
+
+def test_generalisation_spaces_switch_the_token_losses_off() -> None:
+    for name in ("generalisation.yaml", "generalisation-tiny.yaml"):
+        trials = {t["name"]: t for t in load_space(str(ROOT / "sweeps" / name))}
+        for trial in trials.values():
+            cfg = DistillConfig(cache="c", **trial)
+            assert cfg.student.startswith("deeppose-") and cfg.alpha_kt == cfg.alpha_vt == 0.0
+        with_sh = [DistillConfig(cache="c", **t) for n, t in trials.items() if n.startswith("deeppose+sh")]
+        assert with_sh and all(c.alphas()["alpha_sh"] > 0 and c.alphas()["alpha_cs"] > 0 for c in with_sh)

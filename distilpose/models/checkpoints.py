@@ -9,6 +9,11 @@ Official files (yshMars/DistilPose, mmpose v0.22) hold ``state_dict`` (maybe und
 onto ``encoder.*`` / ``tde.*`` plus ``heatmap_head.*`` / ``reg_head.*`` (the official
 ``mlp_head``). The official head also stores the fixed sine table ``pos_embedding``; ours is
 a non-persistent buffer, so it is checked against the file instead of loaded as a weight.
+
+mmpose 0.x heatmap models (SimpleBaseline, HRNet top-down) hold ``backbone.*`` and
+``keypoint_head.deconv_layers.*`` / ``keypoint_head.final_layer.*``; mmpose's DeepPose
+``backbone.*`` and ``keypoint_head.fc.*``. Their heads map onto ``head.*`` with the same
+inner names, and there is no position table.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 PathLike = str | os.PathLike
 
-# (official prefix, our prefix), most specific first.
+# (official prefix, our prefix), most specific first, per layout: "teacher" / "student" (the
+# token models), "heatmap" (heatmap teachers without tokens), "regression" (DeepPose).
 _OFFICIAL_PREFIXES = {
     "teacher": (
         ("keypoint_head.tokenpose.mlp_head.", "heatmap_head."),
@@ -48,8 +54,15 @@ _OFFICIAL_PREFIXES = {
         ("keypoint_head.tokenhead.", "tde."),
         ("backbone.", "backbone."),
     ),
+    "heatmap": (("keypoint_head.", "head."), ("backbone.", "backbone.")),
+    "regression": (("keypoint_head.", "head."), ("backbone.", "backbone.")),
 }
-_OFFICIAL_HEADS = {"keypoint_head.tokenpose.": "teacher", "keypoint_head.tokenhead.": "student"}
+_OFFICIAL_HEADS = {
+    "keypoint_head.tokenpose.": "teacher",
+    "keypoint_head.tokenhead.": "student",
+    "keypoint_head.final_layer.": "heatmap",
+    "keypoint_head.fc.": "regression",
+}
 _POS_TOLERANCE = 1e-4  # float32 sine table recomputed on another machine / torch version
 _MAX_LISTED = 20
 
@@ -296,10 +309,11 @@ def _match(expected: dict[str, Tensor], given: dict[str, Tensor]) -> LoadReport:
 
 
 def _kind_of(model: nn.Module) -> str:
+    """The model's official layout: "teacher" / "student" (token models), "heatmap", "regression"."""
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         raise TypeError(f"{type(model).__name__} has no ModelConfig .config; build it with build_model()")
-    return config.kind
+    return config.kind if config.has_tokens else config.head
 
 
 def from_official_key(key: str, kind: str) -> str | None:
@@ -317,16 +331,19 @@ def to_official_key(key: str, kind: str) -> str:
     raise KeyError(f"{key!r} has no official counterpart")
 
 
-def _encoder_name(kind: str) -> str:
-    return "encoder" if kind == "teacher" else "tde"
+def _encoder_name(kind: str) -> str | None:
+    """The token encoder's attribute (it holds the fixed sine table); None without tokens."""
+    return {"teacher": "encoder", "student": "tde"}.get(kind)
 
 
 def to_official_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Our weights under the official mmpose names, including the fixed `pos_embedding`."""
+    """Our weights under the official mmpose names, including a token model's fixed `pos_embedding`."""
     kind = _kind_of(model)
     state = {to_official_key(k, kind): v for k, v in model.state_dict().items()}
-    encoder = getattr(model, _encoder_name(kind))
-    state[to_official_key(f"{_encoder_name(kind)}.pos_embedding", kind)] = encoder.pos_embedding.detach().clone()
+    encoder_name = _encoder_name(kind)
+    if encoder_name:
+        encoder = getattr(model, encoder_name)
+        state[to_official_key(f"{encoder_name}.pos_embedding", kind)] = encoder.pos_embedding.detach().clone()
     return state
 
 
@@ -345,7 +362,9 @@ def _check_pos_embedding(file_pos: Tensor | None, ours: Tensor, name: str, repor
 
 
 def load_official(model: nn.Module, path: PathLike, strict: bool = True) -> LoadReport:
-    """Load an official mmpose / DistilPose `.pth` into a teacher or student built here.
+    """Load an official mmpose / DistilPose `.pth` into a teacher or student built here
+    (TokenPose / DistilPose from the DistilPose repository; SimpleBaseline, HRNet top-down and
+    DeepPose from mmpose 0.x).
 
     strict: any missing, unexpected or mismatched tensor raises one CheckpointError listing
     them all. Non-strict: loads every tensor that fits and returns the report.
@@ -355,7 +374,8 @@ def load_official(model: nn.Module, path: PathLike, strict: bool = True) -> Load
 
 def _load_official_state(model: nn.Module, official: dict[str, Tensor], path: PathLike, strict: bool) -> LoadReport:
     kind = _kind_of(model)
-    pos_key = to_official_key(f"{_encoder_name(kind)}.pos_embedding", kind)
+    encoder_name = _encoder_name(kind)
+    pos_key = to_official_key(f"{encoder_name}.pos_embedding", kind) if encoder_name else None
 
     ours = model.state_dict()
     mapped: dict[str, Tensor] = {}
@@ -375,8 +395,10 @@ def _load_official_state(model: nn.Module, official: dict[str, Tensor], path: Pa
             mapped[name] = tensor
     report.missing = [to_official_key(k, kind) for k in ours if k not in present]
     report.loaded = len(mapped)
-    encoder = getattr(model, _encoder_name(kind))
-    pos_fits = _check_pos_embedding(official.get(pos_key), encoder.pos_embedding, pos_key, report)
+    encoder = getattr(model, encoder_name) if encoder_name else None
+    pos_fits = encoder is not None and _check_pos_embedding(
+        official.get(pos_key), encoder.pos_embedding, pos_key, report
+    )
 
     if strict and not report.ok:
         raise CheckpointError(

@@ -196,9 +196,10 @@ class HRNet(nn.Module):
 
 
 def init_cnn_weights(module: nn.Module) -> None:
-    """mmpose backbone init without pretrained weights: conv N(0, 0.001), BN weight 1 bias 0."""
+    """mmpose backbone init without pretrained weights: conv N(0, 0.001), BN weight 1 bias 0
+    (also mmpose's heatmap head init, whose transposed convs get the same)."""
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
             nn.init.normal_(m.weight, std=0.001)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

@@ -12,7 +12,7 @@ import sys
 
 from pipeline.cache.base import committed_units, read_manifest
 from pipeline.cache.manifest import Manifest, ShardInfo
-from pipeline.cache.schema import HEATMAP_ENCODINGS, TOKEN_ENCODINGS
+from pipeline.cache.schema import HEATMAP_ENCODINGS, TOKEN_ENCODINGS, teacher_fields
 
 SHARDS_SHOWN = 5  # first and last shards listed; the rest are summarized
 
@@ -65,12 +65,17 @@ def _manifest_lines(manifest: Manifest) -> list[str]:
         f"annotation sha256 {manifest.data.ann_file_sha256}",
     ]
     if spec is not None:
+        tokens = f"D={spec.dim} P={spec.num_patches}" if spec.tokens else "no tokens (heatmap teacher)"
         lines += [
             f"spec: K={spec.num_joints} heatmaps {spec.heatmap_size[0]}x{spec.heatmap_size[1]} "
-            f"D={spec.dim} P={spec.num_patches} crops={'yes' if spec.store_crops else 'no'}",
+            f"{tokens} crops={'yes' if spec.store_crops else 'no'}",
+            f"teacher fields: {', '.join(teacher_fields(spec))}",
             f"encodings: heatmaps {spec.heatmap_encoding} ({HEATMAP_ENCODINGS[spec.heatmap_encoding].error_bound})",
-            f"           tokens {spec.token_encoding} ({TOKEN_ENCODINGS[spec.token_encoding].error_bound})",
         ]
+        if spec.tokens:
+            lines.append(
+                f"           tokens {spec.token_encoding} ({TOKEN_ENCODINGS[spec.token_encoding].error_bound})"
+            )
     return lines
 
 

@@ -20,6 +20,7 @@ from pipeline.cache.schema import (
     CacheMismatchError,
     CacheSpec,
     stored_arrays,
+    teacher_fields,
 )
 from pipeline.mismatch import refuse_differences
 
@@ -179,10 +180,11 @@ class Manifest:
         }
         if self.spec:
             # For humans and other tools reading manifest.json; from_dict recomputes them.
-            d["encodings"] = {
-                "heatmaps": dataclasses.asdict(HEATMAP_ENCODINGS[self.spec.heatmap_encoding]),
-                "tokens": dataclasses.asdict(TOKEN_ENCODINGS[self.spec.token_encoding]),
-            }
+            # "fields": the teacher outputs this cache holds (no token fields for a teacher without tokens).
+            d["fields"] = list(teacher_fields(self.spec))
+            d["encodings"] = {"heatmaps": dataclasses.asdict(HEATMAP_ENCODINGS[self.spec.heatmap_encoding])}
+            if self.spec.tokens:
+                d["encodings"]["tokens"] = dataclasses.asdict(TOKEN_ENCODINGS[self.spec.token_encoding])
             # Cached value vs a float32 forward: within the encoding's bound plus these
             # fractions of the field's max |x| (what spot_check allows).
             d["teacher_precision"] = dataclasses.asdict(TEACHER_PRECISIONS[self.teacher.effective_precision])

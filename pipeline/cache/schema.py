@@ -143,7 +143,12 @@ UNRECORDED_TEACHER_PRECISION = "bf16"
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """Shapes and encodings of a cache. Sizes come from the teacher's ModelConfig."""
+    """Shapes and encodings of a cache. Sizes come from the teacher's ModelConfig.
+
+    ``tokens`` False: the teacher has no tokens (a heatmap teacher such as SimpleBaseline):
+    the cache holds heatmaps, Gaussians and confidences only, ``dim`` and ``num_patches`` are 0
+    and there are no token arrays at all (not empty ones). Manifests written before this field
+    existed were all TokenPose caches: the default is True."""
 
     num_joints: int
     heatmap_size: tuple[int, int]  # (H, W)
@@ -152,13 +157,16 @@ class CacheSpec:
     heatmap_encoding: str = DEFAULT_HEATMAP_ENCODING
     token_encoding: str = DEFAULT_TOKEN_ENCODING
     store_crops: bool = False
+    tokens: bool = True
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep the dataclass hashable and comparable.
         object.__setattr__(self, "heatmap_size", tuple(int(v) for v in self.heatmap_size))
-        sizes = (self.num_joints, *self.heatmap_size, self.dim, self.num_patches)
+        sizes = (self.num_joints, *self.heatmap_size, *((self.dim, self.num_patches) if self.tokens else ()))
         if len(self.heatmap_size) != 2 or any(int(v) <= 0 for v in sizes):
             raise ValueError(f"CacheSpec sizes must be positive with heatmap_size=(H, W); got {self}")
+        if not self.tokens and (self.dim or self.num_patches):
+            raise ValueError(f"a CacheSpec without tokens has dim = num_patches = 0; got {self}")
         if self.heatmap_encoding not in HEATMAP_ENCODINGS:
             raise ValueError(
                 f"unknown heatmap_encoding {self.heatmap_encoding!r}; choose one of {list(HEATMAP_ENCODINGS)}"
@@ -172,8 +180,9 @@ class CacheSpec:
         sizes = {
             "num_joints": config.num_joints,
             "heatmap_size": tuple(config.heatmap_size),
-            "dim": config.dim,
+            "dim": config.token_dim,
             "num_patches": config.num_patches,
+            "tokens": config.has_tokens,
         }
         return cls(**{**sizes, **overrides})
 
@@ -227,8 +236,19 @@ SMALL_FIELDS = tuple(n for n in FIELDS if n not in (HEATMAP_FIELD, *TOKEN_FIELDS
 
 
 def field_names(spec: CacheSpec) -> tuple[str, ...]:
-    """Logical fields a cache with this spec holds."""
-    return tuple(n for n in FIELDS if n != CROP_FIELD or spec.store_crops)
+    """Logical fields a cache with this spec holds (no token fields for a teacher without tokens)."""
+    return tuple(n for n in FIELDS if (n != CROP_FIELD or spec.store_crops) and (n not in TOKEN_FIELDS or spec.tokens))
+
+
+# Teacher outputs the distillation losses can read: what a cache of a token teacher holds, and
+# what one of a heatmap teacher (no tokens) holds.
+TEACHER_OUTPUT_FIELDS = (HEATMAP_FIELD, "gauss", "confidence", *TOKEN_FIELDS)
+
+
+def teacher_fields(spec: CacheSpec) -> tuple[str, ...]:
+    """The teacher outputs a cache with this spec holds."""
+    stored = field_names(spec)
+    return tuple(n for n in TEACHER_OUTPUT_FIELDS if n in stored)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pipeline.cache import open_reader, wds_store, zarr_store
 from pipeline.cache.base import SHARDS_DIR, TMP_PREFIX, read_commits, read_manifest
 from pipeline.cache.encodings import decode_crop_jpeg, encode_crop_jpeg, error_bound
 from pipeline.cache.manifest import ViewUnit
-from pipeline.cache.schema import HEATMAP_FIELD, TEACHER_PRECISIONS
+from pipeline.cache.schema import HEATMAP_FIELD, TEACHER_PRECISIONS, field_names
 
 OK, MISSING, TRUNCATED, CORRUPT = "ok", "missing", "truncated", "corrupt"
 DIGESTS: dict[str, Callable[[str], tuple[str, int] | None]] = {
@@ -210,9 +210,9 @@ def spot_check(uri: str, n: int, checkpoint: str | None = None, seed: int = 0, b
     if checkpoint is None and manifest.teacher.checkpoint_sha256 != "random-init":
         raise ValueError("--spot-check needs --checkpoint: the teacher checkpoint the cache was built with")
     rows = sorted(np.random.default_rng(seed).choice(len(reader), size=min(n, len(reader)), replace=False).tolist())
-    cached = reader.read_rows(
-        np.asarray(rows), fields=["image_id", "view_params", "heatmaps", "kpt_tokens", "vis_tokens"]
-    )
+    # The teacher outputs the spot check compares: heatmaps, and the tokens when the teacher has them.
+    compared = [name for name in ("heatmaps", "kpt_tokens", "vis_tokens") if name in field_names(reader.spec)]
+    cached = reader.read_rows(np.asarray(rows), fields=["image_id", "view_params", *compared])
     _, images = load_coco(manifest.data.ann_file)
     model = build_teacher(manifest.teacher.preset, storage.local_copy(checkpoint) if checkpoint else None)
     input_size = tuple(model.config.input_size)
@@ -227,7 +227,7 @@ def spot_check(uri: str, n: int, checkpoint: str | None = None, seed: int = 0, b
     fresh = run_teacher(model, crops, batch_size, torch.device("cpu"))
     precision = TEACHER_PRECISIONS[manifest.teacher.effective_precision]
     max_abs, tolerance = {}, {}
-    for name in ("heatmaps", "kpt_tokens", "vis_tokens"):
+    for name in compared:
         max_abs[name] = float(np.abs(cached[name] - fresh[name]).max())
         # What the cache promises: the encoding's bound, plus the drift of the precision it
         # was computed in (a few % for bf16), relative to the field's largest value.

@@ -43,6 +43,7 @@ def check_cache_for_run(cfg: DistillConfig):
         raise UserError(f"cache {cfg.cache} is not complete; finish it with jobs/cache_teacher.py (it resumes)")
     if cfg.expect_teacher:
         check_compatible(reader.manifest, cfg.expect_teacher, uri=cfg.cache)
+    check_teacher_fields(cfg, reader.manifest)
     check_student_fits(cfg, reader.manifest)
     check_cache_views(cfg, reader.manifest)
     if cfg.data or cfg.ann_file or cfg.images:
@@ -77,6 +78,48 @@ def check_cache_views(cfg: DistillConfig, manifest) -> None:
             f"--cache-views {cfg.cache_views}: the cache {cfg.cache} holds {usable} {which} per instance; "
             f"choose 1..{usable} (or grow the cache with jobs/cache_teacher.py --views {cfg.cache_views + first})"
         )
+
+
+TOKEN_TERMS = ("kt", "vt")  # the loss terms that compare tokens: both models need them
+
+
+def check_teacher_fields(cfg: DistillConfig, manifest) -> None:
+    """Refuse a loss term whose teacher field the cache (or online teacher) does not hold, or
+    a token term for a student without tokens (DeepPose): one line naming the field and the
+    losses that can run, instead of a KeyError inside every worker."""
+    from distilpose.losses import TEACHER_FIELD_OF_TERM, DistillLoss
+    from distilpose.models import get_config
+    from pipeline.cache.schema import teacher_fields
+
+    student = get_config(cfg.student)
+    if cfg.online_teacher:
+        teacher = get_config(cfg.online_teacher)
+        source = f"the online teacher {cfg.online_teacher!r}"
+        held = ("heatmaps", "kpt_tokens", "vis_tokens") if teacher.has_tokens else ("heatmaps",)
+    else:
+        source = f"the teacher cache {cfg.cache} (teacher {manifest.teacher.preset!r})"
+        held = teacher_fields(manifest.spec)
+    enabled = DistillLoss(**cfg.alphas()).enabled_terms
+    lacking = [t for t in enabled if TEACHER_FIELD_OF_TERM[t] not in held]
+    tokenless_student = [] if student.has_tokens else [t for t in enabled if t in TOKEN_TERMS]
+    if not (lacking or tokenless_student):
+        return
+    runnable = ["L_reg"] + [
+        f"L_{t.upper()}"
+        for t in TEACHER_FIELD_OF_TERM
+        if TEACHER_FIELD_OF_TERM[t] in held and (student.has_tokens or t not in TOKEN_TERMS)
+    ]
+    off = " ".join(f"--alpha-{t} 0" for t in dict.fromkeys(lacking + tokenless_student))
+    if lacking:
+        needs = ", ".join(
+            f"L_{t.upper()} (--alpha-{t} {cfg.alphas()['alpha_' + t]:g}) needs '{TEACHER_FIELD_OF_TERM[t]}'"
+            for t in lacking
+        )
+        what = f"{needs}, which {source} does not hold (it holds {', '.join(held)})"
+    else:
+        terms = ", ".join(f"L_{t.upper()} (--alpha-{t} {cfg.alphas()['alpha_' + t]:g})" for t in tokenless_student)
+        what = f"student {cfg.student!r} has no tokens ('kpt_tokens'/'vis_tokens'), which {terms} compare"
+    raise UserError(f"{what}. The losses that can run: {', '.join(runnable)}; pass {off}")
 
 
 def check_student_fits(cfg: DistillConfig, manifest) -> None:

@@ -356,11 +356,9 @@ def online_teacher(cfg: DistillConfig, device):
     def run(images):
         with torch.no_grad():
             out = teacher(images)
-        return {
-            "heatmaps": out.heatmaps.float(),
-            "kpt_tokens": out.kpt_tokens.float(),
-            "vis_tokens": out.vis_tokens.float(),
-        }
+        # A heatmap teacher (SimpleBaseline, HRNet) has no tokens: only the fields it outputs.
+        names = ("heatmaps", "kpt_tokens", "vis_tokens")
+        return {name: getattr(out, name).float() for name in names if hasattr(out, name)}
 
     return run
 
