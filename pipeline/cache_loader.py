@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from distilpose.data.coco import read_image
-from distilpose.data.transforms import crop_of_view, normalize_batch
+from distilpose.data.pool_crops import PoolCrops
+from distilpose.data.transforms import normalize_batch
 from distilpose.device import pin_batch
 from distilpose.errors import UserError
 from distilpose.label_flip import flip_heatmaps, flip_joints, label_flips
@@ -130,8 +131,8 @@ class CachedViewStream:
         self.reader = reader
         self.image_root = image_root
         self.image_files = image_files or {}
-        self._images = RecentImages(image_root)
         self.input_size = tuple(input_size)
+        self._pool_crops = PoolCrops(self._read_image, self.input_size)  # rebuilt crops: one decode per image
         self.teacher_fields = tuple(teacher_fields)
         self.batch_size = batch_size
         self.seed = seed
@@ -159,6 +160,7 @@ class CachedViewStream:
         fields = BASE_FIELDS + self.teacher_fields + (("crop_jpeg",) if self.use_crops else ())
         emitted = 0
         buffer: list[dict] = []
+        self._pool_crops.reset()
         for group_start in range(0, len(order), self.shuffle_shards):
             for shard in order[group_start : group_start + self.shuffle_shards]:
                 buffer.append(self._load_shard(int(shard), fields, epoch))
@@ -166,6 +168,8 @@ class CachedViewStream:
             buffer = []
             perm = rng.permutation(len(pool["instance_id"]))
             pool = {k: v[perm] for k, v in pool.items()}
+            if not self.use_crops:
+                self._pool_crops.set_pool(pool["instance_id"], pool["image_id"], pool["view_params"])
             usable = (len(perm) // self.batch_size) * self.batch_size
             for start in range(0, usable, self.batch_size):
                 if emitted == self.steps:
@@ -219,12 +223,10 @@ class CachedViewStream:
     def _crop(self, rows: dict[str, np.ndarray], i: int) -> np.ndarray:
         if self.use_crops:
             return decode_crop_jpeg(rows["crop_jpeg"][i])
-        image = self._image(int(rows["image_id"][i]))
-        return crop_of_view(image, rows["view_params"][i], self.input_size)
+        return self._pool_crops.crop(rows["instance_id"][i], rows["image_id"][i], rows["view_params"][i])
 
-    def _image(self, image_id: int) -> np.ndarray:
-        # Instances of one image sit in the same shard: recent images are kept decoded.
-        return self._images.get(image_id, self.image_files[image_id])
+    def _read_image(self, image_id: int) -> np.ndarray:
+        return read_image(self.image_root, self.image_files[image_id])
 
 
 class RecentImages:
