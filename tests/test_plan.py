@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -231,11 +232,12 @@ def test_loader_cores_come_from_the_shipped_measurement() -> None:
 def test_too_few_cpus_per_gpu_are_flagged_and_priced() -> None:
     kwargs = dict(instances=COCO_TRAIN_INSTANCES, views=8, teacher="tokenpose-w48", students=("distilpose-s",))
     plenty = estimate(**kwargs, cpus_per_gpu=10_000)
-    assert plenty.students[0].input_bound_factor == 1.0 and "LOADER-BOUND  needs" not in plenty.table()
+    flag = re.compile(r"LOADER-BOUND +needs")
+    assert plenty.students[0].input_bound_factor == 1.0 and not flag.search(plenty.table())
     few = estimate(**kwargs, cpus_per_gpu=2)
     s = few.students[0]
     assert s.input_bound_factor == pytest.approx(s.loader_cores_per_gpu / 2)
-    assert "LOADER-BOUND  needs" in few.table() and "the cluster has 2" in few.table()
+    assert flag.search(few.table()) and "the cluster has 2 " in few.table()
     # The comparison prices the loader-starved GPU-hours.
     assert few.crops["rebuild"].gpu_cost == pytest.approx(s.cost_total * s.input_bound_factor)
     with pytest.raises(ValueError, match="cpus_per_gpu"):
