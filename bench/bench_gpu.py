@@ -3,6 +3,7 @@
     make bench-gpu                    # one CUDA GPU: paper teacher and students
     BENCH_SMOKE=1 make bench-gpu      # the same code on the CPU at tiny sizes (the test suite runs it)
     python bench/bench_gpu.py --loader-cost   # CPU: loader CPU seconds per sample at paper size
+    python bench/bench_loader_cost.py         # CPU: the same, before/after side by side (the planner's figures)
 
 (a) teacher caching vs the bare teacher forward, same crops, same batch, fp32 (TF32 on) and
     bf16 autocast: `bare` = model(x) on crops already on the device; `actor as coded` = the

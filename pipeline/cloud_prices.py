@@ -11,12 +11,14 @@ class GpuType:
     name: str
     peak_tflops: float  # dense bf16/fp16 tensor-core peak (no sparsity)
     price_per_hour: float  # default on-demand-like $/GPU-hour
+    vcpus_per_gpu: float  # the usual multi-GPU instance's vCPUs / GPUs (what feeds the loader)
 
 
+# vCPUs per GPU: p5.48xlarge 192/8, p4d.24xlarge 96/8, g6.48xlarge 192/8.
 GPU_TYPES: dict[str, GpuType] = {
-    "h100": GpuType("NVIDIA H100 SXM", 989.0, 4.0),
-    "a100": GpuType("NVIDIA A100", 312.0, 2.5),
-    "l4": GpuType("NVIDIA L4", 121.0, 0.8),
+    "h100": GpuType("NVIDIA H100 SXM", 989.0, 4.0, 24.0),
+    "a100": GpuType("NVIDIA A100", 312.0, 2.5, 12.0),
+    "l4": GpuType("NVIDIA L4", 121.0, 0.8, 24.0),
 }
 DEFAULT_UTILIZATION = 0.35  # fraction of peak a real PyTorch job sustains (MFU)
 FWD_BWD_FACTOR = 3.0  # training step ~ forward + backward (~2x forward) = 3x forward

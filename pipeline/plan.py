@@ -15,11 +15,14 @@ small fields uncompressed (so it leans high), plus each store's container overhe
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 
@@ -73,14 +76,31 @@ WDS_GROUPS_WITHOUT_CROPS = ("small", HEATMAP_FIELD, *TOKEN_FIELDS)
 ZARR_METADATA_BYTES = 1024
 
 # CPU ms per sample of the student loader (pipeline.cache_loader.CachedViewStream: shard reads,
-# the paper loss's teacher fields, crop + normalize) at 256x192, measured on a 2-core CPU by
-# `python bench/bench_gpu.py --loader-cost`: "rebuild" decodes the image and warps the crop,
-# "stored" decodes the cached JPEG crop (--store-crops).
-LOADER_CPU_MS_PER_SAMPLE = {"rebuild": 7.2, "stored": 3.4}  # 640x480 source images
+# the paper loss's teacher fields, crop + normalize) at 256x192 from 640x480 JPEGs, one thread:
+# "rebuild" decodes the source image and warps the crop, "stored" decodes the cached JPEG crop
+# (--store-crops). Written by `python bench/bench_loader_cost.py` (process CPU seconds, the
+# minimum of several epochs) and shipped with the package.
+LOADER_COST_FILE = Path(__file__).with_name("loader_cost.json")
+CROP_PATHS = ("rebuild", "stored")
 
 # Fields a student epoch reads (pipeline.cache_loader.BASE_FIELDS + the paper loss's teacher fields).
 STUDENT_BASE_FIELDS = ("instance_id", "image_id", "view", "view_params", "joints", "joint_weights")
 STUDENT_TEACHER_FIELDS = ("kpt_tokens", "vis_tokens", HEATMAP_FIELD)
+
+
+@cache
+def loader_cpu_ms(path: Path = LOADER_COST_FILE) -> dict[str, float]:
+    """The measured loader CPU ms per sample, {"rebuild": ms, "stored": ms}."""
+    try:
+        measured = json.loads(Path(path).read_text())["cpu_ms_per_sample"]
+        return {k: float(measured[k]) for k in CROP_PATHS}
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"no loader measurement in {path} ({e}); run python bench/bench_loader_cost.py") from e
+
+
+def loader_cores(samples_per_s: float, crops: str) -> float:
+    """CPU cores the loader needs to produce `samples_per_s` ("rebuild" or "stored" crops)."""
+    return samples_per_s * loader_cpu_ms()[crops] / 1e3
 
 
 @dataclass(frozen=True)
@@ -183,6 +203,21 @@ class StudentPlan:
     teacher_to_epoch_ratio: float  # caching the teacher costs this many student epochs
     samples_per_s_per_gpu: float  # compute-bound training rate
     loader_cores_per_gpu: float  # CPU cores the loader needs to keep one GPU at that rate
+    # {gpu type: {"rebuild"|"stored": cores}} at each GPU type's compute-bound rate
+    loader_cores_by_gpu: dict[str, dict[str, float]] = field(default_factory=dict)
+    input_bound_factor: float = 1.0  # max(1, cores needed / CPUs per GPU): GPU-hours x this when starved
+
+
+@dataclass(frozen=True)
+class CropsCost:
+    """One way to feed the students (crops stored in the cache or rebuilt from the images)."""
+
+    loader_cores: dict[str, float]  # per student: CPU cores per GPU
+    gets_per_run: int  # cache + image GETs of all student runs
+    request_cost: float  # all PUTs and GETs, teacher stage included
+    storage_cost: float  # for the plan's months
+    gpu_cost: float  # students' GPU dollars, x each one's input-bound factor
+    total: float  # the plan's total this way, loader-starved GPU-hours counted
 
 
 @dataclass(frozen=True)
@@ -217,6 +252,13 @@ class Plan:
     request_cost: float = 0.0
     total_cost: float = 0.0
     assumptions: tuple[str, ...] = field(default_factory=tuple)
+    cpus_per_gpu: float = 0.0  # what the cluster gives each GPU's loader
+    crops: dict[str, CropsCost] = field(default_factory=dict)  # the run both ways: stored crops or rebuilt
+
+    @property
+    def crops_choice(self) -> str:
+        """The cheaper way ("stored" or "rebuild"), counting loader-starved GPU-hours."""
+        return min(self.crops, key=lambda k: (self.crops[k].total, k != "rebuild")) if self.crops else ""
 
     def table(self) -> str:
         return format_plan(self)
@@ -249,12 +291,20 @@ def estimate(
     token_encoding: str = DEFAULT_TOKEN_ENCODING,
     store_crops: bool = False,
     storage_months: float = 1.0,
+    cpus_per_gpu: float | None = None,
+    compare_crops: bool = True,
 ) -> Plan:
     """Bytes, objects, requests, GPU-hours and dollars of caching ``teacher`` over ``instances`` x
-    ``views`` and training each student for ``epochs`` epochs from the cache."""
+    ``views`` and training each student for ``epochs`` epochs from the cache. ``cpus_per_gpu``
+    (default: the GPU type's usual instance) feeds each GPU's loader; with ``compare_crops`` the
+    plan also holds the run with and without stored crops (`Plan.crops`, `Plan.crops_choice`)."""
     _check_inputs(instances, views, gpu_type, epochs, fmt, shard_instances, utilization)
     gpu = GPU_TYPES[gpu_type]
     price = gpu.price_per_hour if price_per_gpu_hour is None else float(price_per_gpu_hour)
+    cpus = gpu.vcpus_per_gpu if cpus_per_gpu is None else float(cpus_per_gpu)
+    if cpus <= 0:
+        raise ValueError(f"cpus_per_gpu must be > 0, got {cpus}")
+    crops_path = "stored" if store_crops else "rebuild"
     from distilpose.models import get_config
 
     teacher_config = get_config(teacher)
@@ -298,7 +348,11 @@ def estimate(
         per_epoch = gpu_hours(instances, FWD_BWD_FACTOR * cost.forward_gflops, gpu, utilization)
         online = gpu_hours(instances, teacher_cost.forward_gflops, gpu, utilization)
         rate = instances / (per_epoch * 3600)
-        loader_ms = LOADER_CPU_MS_PER_SAMPLE["stored" if store_crops else "rebuild"]
+        # The compute-bound rate scales with each GPU type's peak (same utilization).
+        by_gpu = {
+            name: {path: loader_cores(rate * other.peak_tflops / gpu.peak_tflops, path) for path in CROP_PATHS}
+            for name, other in GPU_TYPES.items()
+        }
         student_plans.append(
             StudentPlan(
                 preset=name,
@@ -311,14 +365,16 @@ def estimate(
                 online_teacher_gpu_hours_per_epoch=online,
                 teacher_to_epoch_ratio=teacher_hours / per_epoch,
                 samples_per_s_per_gpu=rate,
-                loader_cores_per_gpu=rate * loader_ms / 1e3,
+                loader_cores_per_gpu=loader_cores(rate, crops_path),
+                loader_cores_by_gpu=by_gpu,
+                input_bound_factor=max(1.0, loader_cores(rate, crops_path) / cpus),
             )
         )
     gets_total = instances + sum((s.gets_per_epoch + s.image_gets_per_epoch) * epochs for s in student_plans)
     request_cost = puts / 1000 * S3_PUT_PRICE_PER_1000 + gets_total / 1000 * S3_GET_PRICE_PER_1000
     total = teacher_hours * price + sum(s.cost_total for s in student_plans) + storage_cost * storage_months
     total += request_cost
-    return Plan(
+    plan = Plan(
         instances=instances,
         views=views,
         teacher=teacher,
@@ -349,6 +405,27 @@ def estimate(
         request_cost=request_cost,
         total_cost=total,
         assumptions=_assumptions(gpu, price, utilization, spec, store_crops),
+        cpus_per_gpu=cpus,
+    )
+    if not compare_crops:
+        return plan
+    args = (instances, views, teacher, students, gpu_type, epochs, fmt, shard_instances, price_per_gpu_hour)
+    args += (utilization, heatmap_encoding, token_encoding)
+    other = estimate(*args, not store_crops, storage_months, cpus_per_gpu, compare_crops=False)
+    both = {crops_path: plan, ("rebuild" if store_crops else "stored"): other}
+    return dataclasses.replace(plan, crops={path: crops_cost(p) for path, p in both.items()})
+
+
+def crops_cost(plan: Plan) -> CropsCost:
+    gpu_cost = sum(s.cost_total * s.input_bound_factor for s in plan.students)
+    storage = plan.storage_cost_per_month * plan.storage_months
+    return CropsCost(
+        loader_cores={s.preset: s.loader_cores_per_gpu for s in plan.students},
+        gets_per_run=sum((s.gets_per_epoch + s.image_gets_per_epoch) * plan.epochs for s in plan.students),
+        request_cost=plan.request_cost,
+        storage_cost=storage,
+        gpu_cost=gpu_cost,
+        total=plan.teacher_cost + gpu_cost + storage + plan.request_cost,
     )
 
 
@@ -374,7 +451,8 @@ def _assumptions(gpu: GpuType, price: float, utilization: float, spec: CacheSpec
         f"GPU {gpu.name}: {gpu.peak_tflops:g} dense bf16/fp16 TFLOPs peak x {utilization:g} utilization; "
         f"${price:g}/GPU-hour (h100 989/$4.0, a100 312/$2.5, l4 121/$0.8)",
         "FLOPs = 2 x MACs; MACs = the paper's count (conv/linear + norms) + attention matmuls it omits; "
-        f"training = {FWD_BWD_FACTOR:g} x forward; compute-bound (input pipeline stalls not modelled)",
+        f"training = {FWD_BWD_FACTOR:g} x forward; compute-bound, except where a LOADER-BOUND row says the "
+        "loader needs more CPU cores per GPU than the cluster has (it then sets the pace)",
         "teacher: one forward per cached view; student: one view per instance per epoch",
         f"heatmaps {spec.heatmap_encoding}: raw bytes x {ratio:.3f} ("
         + ("measured zstd ratio, noisy maps; ESTIMATE" if measured else "no measured ratio: counted raw")
@@ -385,8 +463,12 @@ def _assumptions(gpu: GpuType, price: float, utilization: float, spec: CacheSpec
         "Zarr = group + 2 GETs per array read, WDS = 1 GET per unit; without stored crops every instance's "
         "image is read from S3 once by the teacher stage and once per student epoch (upper bound: the "
         "loader's small image cache saves some)",
-        f"loader CPU per sample (measured on a 2-core CPU): crops rebuilt {LOADER_CPU_MS_PER_SAMPLE['rebuild']:g} "
-        f"ms, stored {LOADER_CPU_MS_PER_SAMPLE['stored']:g} ms; cores per GPU = its compute-bound samples/s x that",
+        f"loader CPU per sample ({LOADER_COST_FILE.name}, written by bench/bench_loader_cost.py: one thread, "
+        f"process CPU, minimum of several epochs): crops rebuilt {loader_cpu_ms()['rebuild']:.2f} ms, stored "
+        f"{loader_cpu_ms()['stored']:.2f} ms; cores per GPU = its compute-bound samples/s x that; one loader "
+        f"process feeds {1e3 / loader_cpu_ms()['rebuild']:,.0f} (rebuilt) or {1e3 / loader_cpu_ms()['stored']:,.0f} "
+        "(stored) samples/s, and the training loop runs one loader process per GPU worker today: past that rate "
+        "it needs the cores as several loader processes",
     ]
     if store_crops:
         lines.append(f"crop JPEGs: {CROP_JPEG_BYTES_PER_PIXEL:g} B/pixel of the input crop")
@@ -431,7 +513,8 @@ def format_plan(plan: Plan) -> str:
     ]  # fmt: skip
     replay = load_replay_study()
     for s in plan.students:
-        cores = {k: s.samples_per_s_per_gpu * v / 1e3 for k, v in LOADER_CPU_MS_PER_SAMPLE.items()}
+        cores = {k: loader_cores(s.samples_per_s_per_gpu, k) for k in CROP_PATHS}
+        by_gpu = ", ".join(f"{g} {c['rebuild']:.1f}/{c['stored']:.1f}" for g, c in s.loader_cores_by_gpu.items())
         online = s.online_teacher_gpu_hours_per_epoch
         rows += [
             (f"student {s.preset}", f"{s.forward_gflops:.2f} GFLOPs fwd; {_hours(s.gpu_hours_per_epoch)} per epoch, "
@@ -443,10 +526,13 @@ def format_plan(plan: Plan) -> str:
                                          f"of the student's compute), {_hours(online * plan.epochs)} per run vs "
                                          f"{_hours(plan.teacher_gpu_hours)} once for the cache"),
             ("  loader CPU per GPU", f"{s.loader_cores_per_gpu:.1f} cores for {s.samples_per_s_per_gpu:,.0f} samples/s "
-                                     f"(crops rebuilt {cores['rebuild']:.1f}; stored {cores['stored']:.1f})"),
+                                     f"(crops rebuilt {cores['rebuild']:.1f}; stored {cores['stored']:.1f}); "
+                                     f"rebuilt/stored by GPU type: {by_gpu}"),
+            *_loader_flag(s, plan),
             ("  views (replay study)", replay_advice(plan.epochs, replay)),
             ("  views (short schedules)", views_advice(plan.views, plan.epochs, study_for(s.preset))),
         ]  # fmt: skip
+    rows += _crops_rows(plan)
     rows += [
         ("S3 requests", f"{_dollars(plan.request_cost)}"),
         ("estimated total", f"{_dollars(plan.total_cost)}  (teacher"
@@ -458,6 +544,44 @@ def format_plan(plan: Plan) -> str:
     lines.append("assumptions:")
     lines += [f"  - {a}" for a in plan.assumptions]
     return "\n".join(lines)
+
+
+def _loader_flag(s: StudentPlan, plan: Plan) -> list[tuple[str, str]]:
+    """A row when the cluster has fewer CPUs per GPU than the loader needs."""
+    if s.input_bound_factor <= 1.0:
+        return []
+    f = s.input_bound_factor
+    return [
+        ("  LOADER-BOUND", f"needs {s.loader_cores_per_gpu:.1f} CPU cores per GPU, the cluster has "
+                           f"{plan.cpus_per_gpu:g} (--cpus-per-gpu): the GPU runs at {100 / f:.0f}% of its rate, "
+                           f"{_hours(s.gpu_hours_total * f)} = {_dollars(s.cost_total * f)} instead"),
+    ]  # fmt: skip
+
+
+def _crops_rows(plan: Plan) -> list[tuple[str, str]]:
+    """The run with stored crops and with rebuilt ones, and the cheaper."""
+    if not plan.crops:
+        return []
+    rows = []
+    for path, label in (("stored", "stored crops"), ("rebuild", "rebuilt crops")):
+        c = plan.crops[path]
+        cores = ", ".join(f"{k} {v:.1f}" for k, v in c.loader_cores.items())
+        rows.append((f"{label} (both ways)", f"{_dollars(c.total)} total: loader cores/GPU {cores}; "
+                                             f"{c.gets_per_run:,} GETs/run ({_dollars(c.request_cost)} requests); "
+                                             f"storage {_dollars(c.storage_cost)}; student GPUs "
+                                             f"{_dollars(c.gpu_cost)} (loader-bound counted)"))  # fmt: skip
+    choice = plan.crops_choice
+    other = "rebuild" if choice == "stored" else "stored"
+    saved = plan.crops[other].total - plan.crops[choice].total
+    flag = "--store-crops" if choice == "stored" else "no --store-crops"
+    rows.append(
+        (
+            "crops: use",
+            f"{'stored' if choice == 'stored' else 'rebuilt'} crops ({flag}): "
+            f"{_dollars(saved)} less than {'rebuilt' if choice == 'stored' else 'stored'}",
+        )
+    )
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -476,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-encoding", choices=list(TOKEN_ENCODINGS), default=DEFAULT_TOKEN_ENCODING)
     p.add_argument("--store-crops", action="store_true", help="cache JPEG crops too")
     p.add_argument("--storage-months", type=float, default=1.0, help="months of S3 storage in the total")
+    p.add_argument(
+        "--cpus-per-gpu", type=float, help="CPU cores per GPU for the loader (default: the GPU type's usual instance)"
+    )
     return p
 
 
@@ -486,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = estimate(
             args.instances, args.views, args.teacher, students, args.gpu_type, args.epochs, args.format,
             args.shard_instances, args.price_per_gpu_hour, args.utilization, args.heatmap_encoding,
-            args.token_encoding, args.store_crops, args.storage_months,
+            args.token_encoding, args.store_crops, args.storage_months, args.cpus_per_gpu,
         )  # fmt: skip
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

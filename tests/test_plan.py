@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,8 +14,10 @@ from pipeline.cache import CacheSpec, open_writer
 from pipeline.cache.schema import FIELDS, field_names
 from pipeline.cloud_prices import GPU_TYPES
 from pipeline.plan import (
+    LOADER_COST_FILE,
     attention_gmacs,
     estimate,
+    loader_cpu_ms,
     main,
     model_cost,
     objects_per_unit,
@@ -228,3 +231,49 @@ def test_the_planners_study_data_ships_with_the_package() -> None:
     names = {p.stem for p in premise.STUDIES.glob("*.json")}
     assert {premise.REPLAY_STUDY, *premise.STUDY_FOR_STUDENT.values()} <= names
     assert premise.load_replay_study() is not None and not list((root / "docs").glob("premise-*.json"))
+
+
+def test_loader_cores_come_from_the_shipped_measurement() -> None:
+    measured = json.loads(LOADER_COST_FILE.read_text())["cpu_ms_per_sample"]
+    assert loader_cpu_ms() == pytest.approx(measured)
+    plan = estimate(instances=COCO_TRAIN_INSTANCES, views=8, teacher="tokenpose-w48")
+    s = plan.students[0]
+    assert s.loader_cores_per_gpu == pytest.approx(s.samples_per_s_per_gpu * measured["rebuild"] / 1e3)
+    # Per GPU type: the compute-bound rate scales with the peak, the cores with it.
+    h100, l4 = s.loader_cores_by_gpu["h100"], s.loader_cores_by_gpu["l4"]
+    ratio = GPU_TYPES["l4"].peak_tflops / GPU_TYPES["h100"].peak_tflops
+    assert l4["stored"] == pytest.approx(h100["stored"] * ratio)
+    assert h100["rebuild"] == pytest.approx(s.loader_cores_per_gpu)
+    assert "loader_cost.json" in plan.table()
+
+
+def test_too_few_cpus_per_gpu_are_flagged_and_priced() -> None:
+    kwargs = dict(instances=COCO_TRAIN_INSTANCES, views=8, teacher="tokenpose-w48", students=("distilpose-s",))
+    plenty = estimate(**kwargs, cpus_per_gpu=10_000)
+    flag = re.compile(r"LOADER-BOUND +needs")
+    assert plenty.students[0].input_bound_factor == 1.0 and not flag.search(plenty.table())
+    few = estimate(**kwargs, cpus_per_gpu=2)
+    s = few.students[0]
+    assert s.input_bound_factor == pytest.approx(s.loader_cores_per_gpu / 2)
+    assert flag.search(few.table()) and "the cluster has 2 " in few.table()
+    # The comparison prices the loader-starved GPU-hours.
+    assert few.crops["rebuild"].gpu_cost == pytest.approx(s.cost_total * s.input_bound_factor)
+    with pytest.raises(ValueError, match="cpus_per_gpu"):
+        estimate(**kwargs, cpus_per_gpu=0)
+
+
+def test_stored_vs_rebuilt_crops_both_ways() -> None:
+    kwargs = dict(instances=COCO_TRAIN_INSTANCES, views=8, teacher="tokenpose-w48")
+    plan = estimate(**kwargs)
+    stored, rebuild = plan.crops["stored"], plan.crops["rebuild"]
+    # Each side is the plan made the other way.
+    other = estimate(**kwargs, store_crops=True)
+    assert stored.total == pytest.approx(other.crops["stored"].total)
+    assert stored.request_cost == pytest.approx(other.request_cost)
+    assert rebuild.request_cost == pytest.approx(plan.request_cost)
+    # Rebuilding reads every image once per student epoch; stored crops cost bytes instead.
+    assert rebuild.gets_per_run - stored.gets_per_run > 2 * 300 * COCO_TRAIN_INSTANCES * 0.9
+    assert stored.storage_cost > rebuild.storage_cost
+    assert stored.loader_cores["distilpose-s"] < rebuild.loader_cores["distilpose-s"]
+    assert plan.crops_choice == min(plan.crops, key=lambda k: plan.crops[k].total)
+    assert "crops: use" in plan.table()

@@ -8,7 +8,8 @@ exactly what is applied.
 
 Geometry follows mmpose v0.22 (docs/method.md#conventions and #student-recipe): pixel centres at integer
 coordinates, `get_affine_transform` (rotation about the box centre, uniform scale
-box width -> crop width), bilinear warp with black fill. One deliberate difference: a
+box width -> crop width), bilinear warp with black fill (OpenCV `warpAffine`, as mmpose:
+`distilpose.data.fast_crop`). One deliberate difference: a
 flipped view is the unflipped crop mirrored with x' = W - 1 - x (and left/right joints
 swapped), instead of mirroring the whole image before cropping; this keeps the flip
 exactly invertible in crop pixels.
@@ -21,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from distilpose.data.coco import Instance
+from distilpose.data.fast_crop import warp_affine
 from distilpose.keypoints import UPPER_BODY_JOINTS, flip_permutation
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -211,23 +212,9 @@ def invert_affine(m: np.ndarray) -> np.ndarray:
     return np.linalg.inv(full)[:2]
 
 
-def _pil_coefficients(crop_to_image: np.ndarray) -> tuple[float, ...]:
-    """PIL samples output pixel (x, y) at A @ (x + .5, y + .5) in pixel-corner coordinates;
-    convert an integer-centre crop->image map so PIL samples where cv2.warpAffine would."""
-    a = crop_to_image
-    tx = a[0, 2] + 0.5 - 0.5 * (a[0, 0] + a[0, 1])
-    ty = a[1, 2] + 0.5 - 0.5 * (a[1, 0] + a[1, 1])
-    return (a[0, 0], a[0, 1], tx, a[1, 0], a[1, 1], ty)
-
-
 def warp_image(image: np.ndarray, view: ViewParams, input_size: tuple[int, int]) -> np.ndarray:
     """Bilinear crop (H, W, C) uint8 of `image`, unflipped; outside the image is black."""
-    out_h, out_w = input_size
-    coeffs = _pil_coefficients(invert_affine(_unflipped_affine(view, input_size)))
-    crop = Image.fromarray(np.ascontiguousarray(image)).transform(
-        (out_w, out_h), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR
-    )
-    return np.array(crop)  # writable copy (np.asarray of a PIL image is read-only)
+    return warp_affine(image, invert_affine(_unflipped_affine(view, input_size)), input_size)
 
 
 def transform_joints(joints: np.ndarray, view: ViewParams, input_size: tuple[int, int]) -> np.ndarray:
@@ -277,7 +264,8 @@ def normalize_batch(crops: np.ndarray) -> torch.Tensor:
     crops = np.ascontiguousarray(crops)
     if not crops.flags.writeable:  # torch.from_numpy warns on read-only memory
         crops = crops.copy()
-    x = torch.from_numpy(crops).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).to(torch.float32)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x - mean) / std
+    # ((x / 255) - mean) / std in place: one buffer instead of four, the same float32 results.
+    return x.div_(255.0).sub_(mean).div_(std)

@@ -267,12 +267,17 @@ def encode_crop_jpeg(crop: np.ndarray) -> bytes:
 
 def decode_crop_jpeg(data: bytes) -> np.ndarray:
     """JPEG bytes -> uint8 (H, W, 3). The teacher stage runs the teacher on this decode of
-    the stored crop and the loader gives the student the same decode: both see one image."""
+    the stored crop and the loader gives the student the same decode: both see one image
+    (libjpeg-turbo's, through simplejpeg; Pillow's decode for what simplejpeg refuses)."""
     import io
 
     from PIL import Image
 
-    return np.asarray(Image.open(io.BytesIO(bytes(data))).convert("RGB"))
+    from distilpose.data.fast_crop import decode_jpeg
+
+    data = bytes(data)
+    fast = decode_jpeg(data)
+    return fast if fast is not None else np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def is_encoded(rows: Mapping[str, Any], spec: CacheSpec) -> bool:
