@@ -23,7 +23,9 @@ from pipeline.distill.state import (
     checkpoint_dir_name,
     export_extra,
     gather_rng_states,
+    load_state,
     save_student,
+    upload_checkpoint,
     write_checkpoint_record,
 )
 
@@ -102,8 +104,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     start_epoch, step, best = 0, 0, {}
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = TrainState.load(os.path.join(d, CHECKPOINT_FILE))
+        state = load_state(checkpoint)
         state.restore(core, optimizer, scheduler, scaler, rank)
         start_epoch, step, best = state.epochs_done, state.step, state.best
         if rank == 0:
@@ -191,6 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
                     metrics,
                     checkpoint=ray.train.Checkpoint.from_directory(d),
                     checkpoint_dir_name=checkpoint_dir_name(epoch + 1),
+                    checkpoint_upload_fn=upload_checkpoint(cfg),
                 )
         else:
             ray.train.report(metrics)
