@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from distilpose.models import get_config
-from distilpose.models.checkpoints import CheckpointError, load_checkpoint
+from distilpose.models.checkpoints import CheckpointError, load_model
 from distilpose.options import check_choices, option
 
 FORMATS = ("onnx", "torchscript")
@@ -308,8 +308,9 @@ def export_model(
 class ExportRequest:
     """What jobs/export.py exports and how closely it must match the eager model."""
 
-    checkpoint: str = option(help="student checkpoint (this project's format)")
+    checkpoint: str = option(help="student checkpoint: this project's format or an official .pth (with --model)")
     format: str = option(choices=FORMATS, help="output format")
+    model: str | None = option(None, help="student preset; checked against the file (needed for an official .pth)")
     out: str | None = option(None, help="output file (default: next to the checkpoint, .onnx / .torchscript.pt)")
     opset: int = option(DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
     tokens: bool = option(False, help="also output kpt_tokens and vis_tokens")
@@ -328,12 +329,14 @@ def export_student(
     opset: int = DEFAULT_OPSET,
     with_tokens: bool = False,
     verify_batches: Sequence[int] = DEFAULT_VERIFY_BATCHES,
+    preset: str | None = None,
 ) -> ExportReport:
-    """Load a student checkpoint (our format) and export + verify it; ``out`` defaults to the
-    checkpoint's name with ``.onnx`` / ``.torchscript.pt``."""
+    """Load a student checkpoint (our format, or an official mmpose .pth of `preset`; told apart
+    by content) and export + verify it; ``out`` defaults to the checkpoint's name with ``.onnx``
+    / ``.torchscript.pt``."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
-    model, _ = load_checkpoint(checkpoint)
+    model = load_model(checkpoint, preset)
     if model.config.kind != "student":
         raise ValueError(f"{checkpoint}: holds a {model.config.kind} ({model.config.name}); only students are exported")
     return export_model(model, out or default_output_path(checkpoint, fmt), fmt, opset, with_tokens, verify_batches)

@@ -44,11 +44,11 @@ from distilpose.data.coco import (
 from distilpose.data.dataset import SampleSpec, build_sample
 from distilpose.data.transforms import identity_view
 from distilpose.errors import UserError
-from distilpose.evaluate import OKS_NMS_THR, VIS_THR, load_model
+from distilpose.evaluate import OKS_NMS_THR, VIS_THR
 from distilpose.export import exported_format, load_exported
 from distilpose.inference import predict
 from distilpose.keypoints import NUM_JOINTS
-from distilpose.models.checkpoints import CheckpointError, load_checkpoint
+from distilpose.models import checkpoints
 from distilpose.options import check_choices, option
 from distilpose.profiles import DEFAULT_PROFILE, PROFILES, get_profile
 from distilpose.visualize import joint_confidence, render_pose_overlay
@@ -263,15 +263,7 @@ def load_predictor(checkpoint: str, preset: str | None = None, threads: int | No
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
     if exported_format(checkpoint) is not None:
         return load_exported(checkpoint, preset, threads)
-    if preset is not None:
-        return load_model(preset, checkpoint)
-    try:
-        model, _ = load_checkpoint(checkpoint)
-    except CheckpointError as e:
-        if "official mmpose checkpoint" in str(e):
-            raise CheckpointError(f"{checkpoint}: an official mmpose checkpoint; name its preset (--model)") from None
-        raise
-    return model.eval()
+    return checkpoints.load_model(checkpoint, preset)  # our format or an official .pth, by content
 
 
 # --------------------------------------------------------------------------- the run

@@ -8,7 +8,8 @@ Run directory (`out`):
     teacher.pt       our checkpoint format (`save_checkpoint`); `extra` holds epoch,
                      iteration, elapsed time, the train config and the loss history (no
                      optimizer state, so the file stays a clean teacher for caching)
-    train_state.pt   optimizer state of the same epoch, only used to resume
+    train_state.pt   optimizer and RNG state of the same epoch (`TeacherTrainState`), only
+                     used to resume: a resumed run continues as if never stopped
     train_log.csv    one row per epoch
     eval.json        final metrics on val (GT boxes, detections if present) + baseline
 
@@ -48,6 +49,7 @@ from distilpose.models import build_model, get_config
 from distilpose.models.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from distilpose.models.conv_init import CONV_INITS, apply_conv_init
 from distilpose.options import check_choices, option
+from distilpose.rng import rng_state, set_rng_state
 from distilpose.schedule import warmup_step_factor
 
 CHECKPOINT_FILE = "teacher.pt"
@@ -198,7 +200,9 @@ def lr_factor(
 
 
 @dataclass
-class TrainState:
+class TeacherProgress:
+    """How far a teacher run got; recorded in teacher.pt's `extra` and in eval.json."""
+
     epoch: int = 0  # completed epochs
     iteration: int = 0
     elapsed_s: float = 0.0  # wall-clock training time so far, over all resumed runs
@@ -209,9 +213,40 @@ class TrainState:
 
 
 @dataclass
+class TeacherTrainState:
+    """Everything a resumed teacher run restores besides the weights (teacher.pt holds those,
+    so that file stays a clean teacher for caching): progress, optimizer and the global RNG
+    streams, the same kind of state the students' runs save (pipeline.distill.state.TrainState).
+    Written to train_state.pt beside the teacher, always after it: the pair agrees when
+    `progress.epoch` equals the teacher's recorded epoch."""
+
+    progress: TeacherProgress
+    optimizer: dict
+    rng: dict
+
+    def save(self, path: str) -> None:
+        # Plain tensors, numbers and JSON strings: loadable with weights_only=True.
+        payload = {
+            "epoch": self.progress.epoch,
+            "progress": json.dumps(asdict(self.progress)),
+            "optimizer": self.optimizer,
+            "rng": self.rng,
+        }
+        fileio.atomic_torch_save(payload, path)
+
+    @classmethod
+    def load(cls, path: str) -> TeacherTrainState:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        progress = (
+            TeacherProgress(**json.loads(raw["progress"])) if "progress" in raw else TeacherProgress(raw["epoch"])
+        )
+        return cls(progress=progress, optimizer=raw["optimizer"], rng=raw.get("rng", {}))
+
+
+@dataclass
 class TrainResult:
     checkpoint: str
-    state: TrainState
+    state: TeacherProgress
     metrics: dict[str, dict[str, Any]]  # row name -> evaluate_model / baseline dict
     wall_s: float
 
@@ -228,23 +263,26 @@ def _model_config_dict(cfg: TeacherTrainConfig) -> dict[str, Any]:
     return asdict(get_config(cfg.teacher, **cfg.model_overrides))
 
 
-def _save(cfg: TeacherTrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> Path:
+def _save(
+    cfg: TeacherTrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, progress: TeacherProgress
+) -> Path:
     out = Path(cfg.out)
-    # Optimizer first: a checkpoint never points to an optimizer state older than itself.
-    fileio.atomic_torch_save({"epoch": state.epoch, "optimizer": optimizer.state_dict()}, str(out / TRAIN_STATE_FILE))
     path = out / CHECKPOINT_FILE
-    extra = {"train_config": cfg.to_dict(), **asdict(state)}
+    extra = {"train_config": cfg.to_dict(), **asdict(progress)}
     save_checkpoint(path, model, extra=json.loads(json.dumps(extra)))  # plain JSON types only
+    # Then the training state: a resume restores it only if its epoch matches the teacher's.
+    TeacherTrainState(progress, optimizer.state_dict(), rng_state()).save(str(out / TRAIN_STATE_FILE))
     return path
 
 
 def _resume(
     cfg: TeacherTrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, log: Callable[[str], None]
-) -> TrainState:
-    """Load `out/teacher.pt` (+ optimizer) into model/optimizer when resuming; else fresh state."""
+) -> TeacherProgress:
+    """Load `out/teacher.pt` (+ optimizer and RNG from train_state.pt) when resuming; else a
+    fresh start."""
     path = Path(cfg.out) / CHECKPOINT_FILE
     if not cfg.resume or not path.exists():
-        return TrainState()
+        return TeacherProgress()
     saved, extra = load_checkpoint(path)
     if asdict(saved.config) != _model_config_dict(cfg):
         raise CheckpointError(
@@ -252,16 +290,21 @@ def _resume(
             "use another --out or --no-resume"
         )
     model.load_state_dict(saved.state_dict())
-    known = set(TrainState.__dataclass_fields__)
-    state = TrainState(**{k: v for k, v in (extra or {}).items() if k in known})
-    opt_path = Path(cfg.out) / TRAIN_STATE_FILE
-    opt_state = torch.load(opt_path, map_location="cpu", weights_only=True) if opt_path.exists() else None
-    if opt_state is not None and opt_state.get("epoch") == state.epoch:
-        optimizer.load_state_dict(opt_state["optimizer"])
-        log(f"resuming from {path}: {state.epoch}/{cfg.epochs} epochs done, {state.elapsed_s:.0f} s trained")
-    else:
-        log(f"resuming from {path} ({state.epoch} epochs done) with a fresh optimizer: no matching {TRAIN_STATE_FILE}")
-    return state
+    known = set(TeacherProgress.__dataclass_fields__)
+    progress = TeacherProgress(**{k: v for k, v in (extra or {}).items() if k in known})
+    state_path = Path(cfg.out) / TRAIN_STATE_FILE
+    state = TeacherTrainState.load(str(state_path)) if state_path.exists() else None
+    if state is None or state.progress.epoch != progress.epoch:
+        log(
+            f"resuming from {path} ({progress.epoch} epochs done) with a fresh optimizer and RNG: "
+            f"no matching {TRAIN_STATE_FILE}"
+        )
+        return progress
+    optimizer.load_state_dict(state.optimizer)
+    if state.rng:
+        set_rng_state(state.rng)
+    log(f"resuming from {path}: {progress.epoch}/{cfg.epochs} epochs done, {progress.elapsed_s:.0f} s trained")
+    return progress
 
 
 def _append_log(cfg: TeacherTrainConfig, row: dict[str, float]) -> None:
@@ -316,13 +359,13 @@ class Trainer:
     def aug_name(self) -> str:
         return next((name for name, aug in AUG_PRESETS.items() if aug == self.cfg.aug), str(self.cfg.aug))
 
-    def progress(self, state: TrainState) -> float:
+    def progress(self, state: TeacherProgress) -> float:
         by_iters = state.iteration / self.total_iters
         if self.cfg.time_budget_s is None:
             return by_iters
         return max(by_iters, self._budget_used(state) / self.cfg.time_budget_s)
 
-    def _budget_used(self, state: TrainState) -> float:
+    def _budget_used(self, state: TeacherProgress) -> float:
         return state.cpu_s if self.cfg.budget_clock == "cpu" else state.elapsed_s
 
     def _loader(self, epoch: int) -> DataLoader:
@@ -336,7 +379,7 @@ class Trainer:
             drop_last=len(self.dataset) >= self.cfg.batch_size,  # no size-1 BatchNorm batches
         )
 
-    def _step(self, batch: dict, state: TrainState) -> float:
+    def _step(self, batch: dict, state: TeacherProgress) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(
                 state.iteration, self.progress(state), self.cfg.warmup_iters, self.cfg.warmup_frac, self.cfg.lr_decay_at
@@ -350,10 +393,10 @@ class Trainer:
         self.optimizer.step()
         return float(loss.detach())
 
-    def _out_of_time(self, state: TrainState) -> bool:
+    def _out_of_time(self, state: TeacherProgress) -> bool:
         return self.cfg.time_budget_s is not None and self._budget_used(state) >= self.cfg.time_budget_s
 
-    def _train_epoch(self, state: TrainState) -> dict[str, float] | None:
+    def _train_epoch(self, state: TeacherProgress) -> dict[str, float] | None:
         """One epoch (or until the budget runs out); None if the budget cut it short."""
         self.model.train()
         losses: list[float] = []
@@ -392,14 +435,14 @@ class Trainer:
             "cpu_s": state.cpu_s,
         }
 
-    def _report(self, state: TrainState, losses: list[float], rate: float) -> None:
+    def _report(self, state: TeacherProgress, losses: list[float], rate: float) -> None:
         self.log(
             f"epoch {state.epoch + 1}/{self.cfg.epochs} iter {state.iteration}/{self.total_iters} "
             f"loss {np.mean(losses[-20:]):.3e} lr {self.optimizer.param_groups[0]['lr']:.2e} "
             f"{rate:.0f} samples/s, {state.elapsed_s:.0f} s trained ({state.cpu_s:.0f} CPU s)"
         )
 
-    def train(self) -> TrainState:
+    def train(self) -> TeacherProgress:
         cfg = self.cfg
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         state = _resume(cfg, self.model, self.optimizer, self.log)

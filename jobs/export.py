@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     check_job_paths(outputs={"--out": req.out}, inputs={"--checkpoint": req.checkpoint})
-    report = export_student(req.checkpoint, req.format, req.out, req.opset, req.tokens)
+    report = export_student(req.checkpoint, req.format, req.out, req.opset, req.tokens, preset=req.model)
     print(report.summary())
     if report.worst_diff > req.tolerance:
         print(f"FAILED: max abs diff {report.worst_diff:.3e} > tolerance {req.tolerance:g}", file=sys.stderr)

@@ -5,7 +5,11 @@
 (b) the driver (`python jobs/distill.py`, with its own local Ray) is SIGKILLed after the
     first checkpoint -> rerunning the same command resumes and completes;
 (c) two Ray nodes (cluster_utils), SPREAD placement, checkpoints on S3 (moto) behind a proxy
-    that answers 503 SlowDown to the first PUT of every object -> uploads are retried.
+    that answers 503 SlowDown to the first PUT of every object -> uploads are retried;
+(d) checkpoint write and resume through a fault-injecting proxy: an outage of one
+    checkpoint's uploads fails the job with the storage line and exit 75, without committing
+    that checkpoint; the rerun, through bursts of 503s, resets and truncated bodies on every
+    read and write, resumes and ends with the clean run's student, bit for bit.
 
 Workers write their pid and a start record (rank, pid, node, start epoch) through the test
 hooks (pipeline.distill.hooks.WorkerHooks `pid_dir`; a job process gets them through
@@ -27,6 +31,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from local_services import FaultyS3Proxy
 from pipeline_fixtures import (
     PYTHON,
     ROOT,
@@ -41,6 +47,8 @@ from pipeline_fixtures import (
     wait_for,
 )
 
+from distilpose import fileio
+from pipeline.cli import STORAGE_UNAVAILABLE
 from pipeline.distill import DistillConfig, run_distill
 from pipeline.distill.hooks import ENV as HOOKS_ENV
 from pipeline.distill.hooks import WorkerHooks
@@ -238,4 +246,71 @@ def test_two_nodes_spread_checkpoints_on_flaky_s3(tiny_cache, tmp_path, s3_serve
     print(
         f"\n[fault c] 2 nodes up in {up:.1f} s; workers on nodes {nodes[0][:8]} / {nodes[1][:8]}; "
         f"{sum(proxy.injected.values())} PUTs answered 503 and retried ({len(retried)} objects); wall {wall:.1f} s"
+    )
+
+
+def _student_weights(uri: str) -> dict:
+    from distilpose.models.checkpoints import load_checkpoint
+    from pipeline import storage
+
+    model, _ = load_checkpoint(storage.local_copy(uri))
+    return model.state_dict()
+
+
+@pytest.mark.timeout(900)
+def test_checkpoints_through_faults_resume_to_the_clean_result(tiny_cache, tmp_path, s3_server, s3_bucket, monkeypatch):
+    # Short backoffs, and no silent retries inside the S3 client: the budget is ours (5 tries).
+    for key, value in {
+        fileio.ATTEMPTS_ENV: "5",
+        fileio.BACKOFF_ENV: "0.05",
+        fileio.S3_CLIENT_ATTEMPTS_ENV: "1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    runs = f"{s3_bucket}/runs"
+
+    def distill(name: str):
+        args = [
+            *("--cache", tiny_cache, "--student", STUDENT, "--epochs", "3", "--batch-size", "8", "--workers", "1"),
+            *("--warmup-iters", "2", "--log-every", "4", "--storage", runs, "--name", name, "--max-failures", "1"),
+        ]
+        return run_job("distill.py", args, timeout_s=300)
+
+    clean = distill("clean")
+    assert clean.returncode == 0, clean.stdout[-4000:]
+
+    kinds = ("503", "reset", "truncate")
+    with FaultyS3Proxy(s3_server, ("/runs/faulty/epoch_0002/",), failures_per_key=10**6, methods=("PUT",),
+                       kinds=kinds, seed=3) as proxy:  # fmt: skip
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        outage = distill("faulty")
+        assert outage.returncode == STORAGE_UNAVAILABLE, outage.stdout[-4000:]
+        last = outage.stdout.strip().splitlines()[-1]
+        assert last.startswith("error: storage unavailable:") and "epoch_0002/state.pt" in last, last
+        assert "Traceback" not in outage.stdout, outage.stdout[-4000:]
+        outage_faults = sum(proxy.injected.values())
+        # Epoch 1 was committed; epoch 2's checkpoint never was (nothing half-written is kept).
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+        from pipeline import storage
+
+        files = storage.find_files(f"{runs}/faulty")
+        assert "epoch_0001/state.pt" in files and "epoch_0002/state.pt" not in files, sorted(files)
+
+        # The rerun, as a user would: bursts (2 faults per object) on every read and write of the run.
+        proxy.failures_per_key, proxy.methods = 2, ("GET", "PUT")
+        proxy.match = ("/runs/faulty/",)
+        proxy.injected.clear()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        rerun = distill("faulty")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    assert rerun.returncode == 0, rerun.stdout[-4000:]
+    assert "resuming from its last checkpoint" in rerun.stdout
+    burst_keys = {key.split("/runs/faulty/", 1)[-1] for key in proxy.injected}
+    assert {"epoch_0001/state.pt", "epoch_0003/state.pt", "export/student_latest.pt"} <= burst_keys, burst_keys
+    clean_w = _student_weights(f"{runs}/clean/export/student_latest.pt")
+    rerun_w = _student_weights(f"{runs}/faulty/export/student_latest.pt")
+    assert clean_w.keys() == rerun_w.keys() and all(torch.equal(clean_w[k], rerun_w[k]) for k in clean_w)
+    print(
+        f"\n[fault d] outage: {outage_faults} faulted PUTs of epoch 2's checkpoint -> exit {outage.returncode}: "
+        f"{last}; rerun through {sum(proxy.injected.values())} faults on {len(burst_keys)} objects -> the clean "
+        "student, bitwise"
     )

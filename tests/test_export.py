@@ -29,7 +29,7 @@ from distilpose.export import (
 )
 from distilpose.inference import predict
 from distilpose.models import build_model
-from distilpose.models.checkpoints import CheckpointError, save_checkpoint
+from distilpose.models.checkpoints import CheckpointError, save_checkpoint, to_official_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +83,22 @@ def test_rejects_low_opset_and_teachers(student_checkpoint: Path, tmp_path: Path
         export_student(student_checkpoint, "onnx", tmp_path / "x.onnx", opset=13)
     with pytest.raises(ValueError, match="student"):
         export_model(build_model("tokenpose-tiny"), tmp_path / "t.pt", "torchscript")
+
+
+def test_an_official_pth_exports_with_its_preset(tmp_path: Path) -> None:
+    # One loader for every job: the file's format is told by content, the preset names the model.
+    torch.manual_seed(1)
+    source = build_model("distilpose-tiny").eval()
+    official = tmp_path / "official.pth"
+    torch.save({"state_dict": to_official_state_dict(source)}, official)
+    report = export_student(official, "torchscript", tmp_path / "o.pt", verify_batches=(2,), preset="distilpose-tiny")
+    assert report.worst_diff < TOLERANCE
+    exported = load_exported(tmp_path / "o.pt")
+    image = torch.randn(2, 3, 128, 96)
+    with torch.no_grad():
+        assert torch.allclose(exported(image).coords, source(image).coords, atol=TOLERANCE)
+    with pytest.raises(CheckpointError, match="records no model: name its preset"):
+        export_student(official, "torchscript", tmp_path / "p.pt", preset=None)
 
 
 def test_export_job_prints_diffs(student_checkpoint: Path, tmp_path: Path) -> None:

@@ -25,7 +25,11 @@ from distilpose.teacher_training import (
     EVAL_FILE,
     LOG_FILE,
     TRAIN_STATE_FILE,
+    TeacherProgress,
     TeacherTrainConfig,
+    TeacherTrainState,
+    Trainer,
+    _save,
     joints_mse_loss,
     lr_factor,
     train_teacher,
@@ -150,6 +154,27 @@ def test_fixed_epochs_give_the_same_teacher_for_the_same_seed(data, tmp_path):
     losses = [[row["loss"] for row in r.state.history] for r in runs]
     assert losses[0] == losses[1] and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert losses[2] != losses[0]
+
+
+def test_a_resumed_run_continues_as_if_never_stopped(data, tmp_path):
+    # 2 epochs in one go vs 1 epoch, then a resume for the 2nd: the same weights, losses and
+    # RNG streams (the DataLoader draws its worker seed from the global torch RNG each epoch,
+    # so a resume that did not restore the RNG would end in another state).
+    straight = train_teacher(_config(data, tmp_path / "a", epochs=2), log=lambda m: None)
+    # The same 2-epoch run stopped after its first epoch's checkpoint (as a kill would).
+    cut = Trainer(_config(data, tmp_path / "b", epochs=2), log=lambda m: None)
+    progress = TeacherProgress()
+    progress.history.append(cut._train_epoch(progress))
+    _save(cut.cfg, cut.model, cut.optimizer, progress)
+    torch.manual_seed(12345)  # the process's RNG moved on in between, as in a new process
+    resumed = train_teacher(_config(data, tmp_path / "b", epochs=2), log=lambda m: None)
+    assert [r["loss"] for r in resumed.state.history] == [r["loss"] for r in straight.state.history]
+    weights = [load_checkpoint(Path(r.checkpoint))[0].state_dict() for r in (straight, resumed)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    states = [TeacherTrainState.load(str(tmp_path / name / TRAIN_STATE_FILE)) for name in ("a", "b")]
+    assert states[0].progress.epoch == states[1].progress.epoch == 2
+    assert torch.equal(states[0].rng["torch"], states[1].rng["torch"])
+    assert states[0].rng["numpy"] == states[1].rng["numpy"]
 
 
 def test_time_budget_stops_early_and_keeps_the_progress(data, tmp_path):

@@ -8,8 +8,9 @@ import random
 import numpy as np
 import torch
 
+from distilpose.rng import rng_state
 from distilpose.schedule import step_schedule
-from pipeline.distill.state import TrainState, rng_state
+from pipeline.distill.state import TrainState
 
 
 def _objects():

@@ -6,18 +6,23 @@ each epoch's batches are a pure function of (seed, epoch, rank) (pipeline.cache_
 pipeline.fresh_views), so a resumed run reads exactly the batches the uninterrupted one
 would have read. RNG states are kept per rank (each rank has its own stream) and restored
 on the rank that saved them.
+
+Checkpoint files travel through `pipeline.storage` both ways (`upload_checkpoint`, handed to
+Ray Train's report as its upload function, and `load_state`): the same retries, budget and
+outage line as every other read and write. Ray's own upload (pyarrow's `copy_files`) is not
+used: it swallows a failed S3 upload (the error is only logged while its output stream is
+destroyed), so Ray would record a checkpoint that is not in storage.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import random
 import tempfile
 from dataclasses import dataclass
 
-import numpy as np
-
+from distilpose.rng import rng_state, set_rng_state
 from pipeline import storage
 from pipeline.distill.config import DistillConfig, export_uri, run_dir
 
@@ -67,7 +72,7 @@ class TrainState:
         )
 
     @classmethod
-    def load(cls, path: str) -> TrainState:
+    def load(cls, path: str | io.BytesIO) -> TrainState:
         import torch
 
         raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -97,29 +102,6 @@ class TrainState:
         set_rng_state(self.rng[rank] if rank < len(self.rng) else self.rng[0])
 
 
-def rng_state() -> dict:
-    import torch
-
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, mt, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        # The whole generator state (key, position, cached gaussian), not only the key.
-        "numpy": [keys.tolist(), int(pos), int(has_gauss), float(gauss)],
-        "python": [int(version), list(mt), gauss_next],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    version, mt, gauss_next = state["python"]
-    random.setstate((version, tuple(mt), gauss_next))
-
-
 def gather_rng_states(world: int) -> list[dict]:
     """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
     import torch.distributed as dist
@@ -129,6 +111,40 @@ def gather_rng_states(world: int) -> list[dict]:
         dist.all_gather_object(states, rng_state())
         return states
     return [rng_state()]
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """Where a Ray Train checkpoint (a pyarrow filesystem and a path on it) is, as a URI."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.S3FileSystem):
+        return "s3://" + checkpoint.path
+    return checkpoint.path
+
+
+def load_state(checkpoint) -> TrainState:
+    """The TrainState of a committed Ray Train checkpoint, read from the run's storage."""
+    uri = storage.join(checkpoint_uri(checkpoint), CHECKPOINT_FILE)
+    return TrainState.load(io.BytesIO(storage.read_bytes(uri)))
+
+
+def upload_checkpoint(cfg: DistillConfig):
+    """Ray Train's `checkpoint_upload_fn` for this run: each file of the local checkpoint
+    folder written to <run>/<checkpoint_dir_name>/ by `pipeline.storage` (retried; when the
+    budget is spent, a TransientIOError fails the report, so Ray commits nothing and the worker
+    group restarts from the last committed checkpoint)."""
+
+    def upload(checkpoint, checkpoint_dir_name: str):
+        import ray.train
+
+        dest = storage.join(run_dir(cfg), checkpoint_dir_name)
+        for name in sorted(os.listdir(checkpoint.path)):
+            with open(os.path.join(checkpoint.path, name), "rb") as f:
+                storage.atomic_write_bytes(storage.join(dest, name), f.read())
+        path, filesystem = storage.ray_storage(dest)
+        return ray.train.Checkpoint(path=path, filesystem=filesystem)
+
+    return upload
 
 
 def write_checkpoint_record(cfg: DistillConfig, epochs_done: int, step: int) -> None:
@@ -180,8 +196,7 @@ def export_checkpoints(cfg: DistillConfig, result) -> dict[str, str]:
 
     if result.checkpoint is None:
         raise RuntimeError(f"run '{cfg.name}' finished without a committed checkpoint in {run_dir(cfg)}")
-    with result.checkpoint.as_directory() as d:
-        state = TrainState.load(os.path.join(d, CHECKPOINT_FILE))
+    state = load_state(result.checkpoint)
     model = build_model(cfg.student)
     model.load_state_dict(state.model)
     extra = export_extra(cfg, state.epochs_done, state.metrics, state.teacher_fields)

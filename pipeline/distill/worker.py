@@ -37,7 +37,9 @@ from pipeline.distill.state import (
     checkpoint_dir_name,
     export_extra,
     gather_rng_states,
+    load_state,
     save_student,
+    upload_checkpoint,
     write_checkpoint_record,
 )
 
@@ -149,8 +151,7 @@ def build(cfg: DistillConfig, hooks: WorkerHooks) -> WorkerRun:
 
 def resume(run: WorkerRun, checkpoint) -> None:
     """Restore the model, optimizer, schedule, scaler and this rank's RNG states."""
-    with checkpoint.as_directory() as d:
-        state = TrainState.load(os.path.join(d, CHECKPOINT_FILE))
+    state = load_state(checkpoint)
     state.restore(run.core, run.optimizer, run.scheduler, run.scaler, run.rank)
     run.start_epoch, run.step, run.best = state.epochs_done, state.step, state.best
     if run.rank == 0:
@@ -274,6 +275,7 @@ def end_of_epoch(run: WorkerRun, epoch: int, stats: EpochStats) -> None:
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(d),
             checkpoint_dir_name=checkpoint_dir_name(epoch + 1),
+            checkpoint_upload_fn=upload_checkpoint(cfg),
         )
 
 
