@@ -185,3 +185,23 @@ def test_results_md_tables_are_their_csv_files() -> None:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[:3] == [row["store"], f"{int(row['instances']):,}", row["shards"]]
         assert cells[8] == f"{int(row['objects']):,} ({int(row['plan_objects']):,})"
+
+
+def test_readme_replay_summary_is_the_study_csv() -> None:
+    """The README's replay-study figures are docs/premise-replay.csv's paired differences (GT
+    boxes, AP points, mean ± std over seeds)."""
+    import csv
+
+    readme = (ROOT / "README.md").read_text()
+    bullet = readme[readme.index("**Fixed views wear out") :]
+    bullet = bullet[: bullet.index("\n- **")]
+    rows = {r["trial"]: r for r in csv.DictReader((ROOT / "docs" / "premise-replay.csv").open())}
+    quoted = re.findall(r"K = (\d+)( \+ flip)?: ([-+]?\d+\.\d) ± (\d+\.\d)", " ".join(bullet.split()))
+    assert len(quoted) >= 4, bullet
+    for k, flip, mean, std in quoted:
+        row = rows[f"cache-k{k}{'-flip' if flip else ''}"]
+        # The CSV holds 4 decimals, the study printed the unrounded value at 1: half a digit.
+        assert abs(float(mean) - 100 * float(row["diff_gt_mean"])) <= 0.051, (k, flip, mean, row)
+        assert abs(float(std) - 100 * float(row["diff_gt_std"])) <= 0.051, (k, flip, std, row)
+    none = re.search(r"all costs ([-+]?\d+\.\d) ± (\d+\.\d)", " ".join(bullet.split()))
+    assert none and abs(float(none.group(1)) - 100 * float(rows["none-fresh"]["diff_gt_mean"])) <= 0.051
