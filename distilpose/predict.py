@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from torch import nn
 
+from distilpose import fileio
 from distilpose.coco_metrics import make_results, oks_nms
 from distilpose.data.coco import (
     DataError,
@@ -111,7 +111,7 @@ class ImageRef:
 
 
 def _fs(uri: str):
-    return fsspec.core.url_to_fs(uri)
+    return fileio.open_fs(uri)  # S3 options (endpoint, retries) as everywhere else
 
 
 def list_images(images: str) -> list[ImageRef]:
@@ -133,8 +133,7 @@ def list_images(images: str) -> list[ImageRef]:
 
 
 def _read_list_file(list_file: str) -> list[ImageRef]:
-    with fsspec.open(list_file, "rt") as f:
-        lines = [line.strip() for line in f]
+    lines = [line.strip() for line in fileio.read_bytes(list_file, what="read image list").decode().splitlines()]
     base = list_file.rsplit("/", 1)[0] if "/" in list_file else "."
     refs = []
     for line in lines:
@@ -401,12 +400,8 @@ def _results_json(results: list[dict]) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write a file locally (parents created) or to s3://."""
-    fs, path = _fs(uri)
-    if "://" not in uri or uri.startswith("file://"):
-        fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    """Write a file locally (parents created) or to s3://, whole or not at all."""
+    fileio.atomic_write_bytes(uri, data)
 
 
 def write_overlays(results: list[dict], refs: dict[int, ImageRef], out_dir: str, model_name: str) -> int:
