@@ -362,9 +362,14 @@ def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = No
         flush=True,
     )
     if cfg.token_views is not None and cfg.token_views < cfg.views:
+        later = (
+            f"view {cfg.token_views} holds"
+            if cfg.token_views == cfg.views - 1
+            else f"views {cfg.token_views}..{cfg.views - 1} hold"
+        )
         print(
-            f"[cache] tokens stored for views 0..{cfg.token_views - 1} of {cfg.views}; views {cfg.token_views}.."
-            f"{cfg.views - 1} hold heatmaps, Gaussians and confidences only",
+            f"[cache] tokens stored for views 0..{cfg.token_views - 1} of {cfg.views}; {later} heatmaps, Gaussians "
+            "and confidences only",
             flush=True,
         )
     from pipeline.plan import estimate
