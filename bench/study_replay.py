@@ -17,14 +17,19 @@ V = 8 replay each view 37 times). Arms, differing in one thing each:
 - cache-k4-flip, cache-k8-flip: K = 4 and 8 with the label-side flip (`--label-flip`, the
   remedy candidate: twice the distinct crops per cached view);
 - none-fresh / none-k8: no distillation, on fresh views / on cached views 1..8 (the
-  baselines matched to online-fresh and cache-k8).
+  baselines matched to online-fresh and cache-k8);
+- cache-k16-t8 (optional group e, run only when named with --groups): K = 16 from a second
+  cache per subset built with `--token-views 9`, so only views 0..8 store the teacher's tokens
+  and L_KT / L_VT are masked on views 9..16 (the "more views per byte" remedy: about the
+  bytes of K = 8 with the heatmap targets of K = 16).
 
 Phases, each resumable:
 
 0. teacher check (before any student runs): PCK of the teacher on the cached views of the
    smallest subset, view 0 vs the augmented ones; far below on augmented views means its
    targets there are wrong, and the study stops;
-1. caches: `jobs/cache_teacher.py --limit N --views 17` per subset;
+1. caches: `jobs/cache_teacher.py --limit N --views 17` per subset (and, with group e,
+   `--views 17 --token-views 9` into cache-nN-t8);
 2. sweeps: `jobs/sweep.py` with sweeps/premise-replay.yaml, `--set epochs=E --set seed=S`,
    one sweep per (subset, arm group, seed): two arms at a time, each group for every seed
    before the next group (ARM_GROUPS: online-fresh and K = 8 first), subsets in the order given;
@@ -57,6 +62,7 @@ NAME = "premise-replay"
 SPACE = "sweeps/premise-replay.yaml"
 ONLINE = "online-fresh"
 CACHED_VIEWS = 17  # view 0 + 16 augmented views: K = 2..16 draw among views 1..K
+TOKEN_VIEWS = 9  # the token-views cache: tokens for view 0 and augmented views 1..8 only
 TARGET_STEPS = 1000
 # Augmented-view PCK below this fraction of view 0's: the teacher's targets on augmented
 # crops are not trustworthy, and neither is any comparison built on them.
@@ -70,7 +76,8 @@ def arm_views(trial: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-REMEDIES = {"flip": "--label-flip"}  # arm suffix -> the distill option it adds
+# Arm suffix -> the option it adds (--token-views: of the cache job, read through a second cache).
+REMEDIES = {"flip": "--label-flip", f"t{TOKEN_VIEWS - 1}": f"--token-views {TOKEN_VIEWS}"}
 
 
 def is_cache_arm(trial: str) -> bool:
@@ -108,6 +115,11 @@ def teacher_check(args, subset: int) -> dict:
     return check
 
 
+def token_cache(out: str | Path, subset: int) -> Path:
+    """The subset's second cache, with tokens on views 0..TOKEN_VIEWS-1 only (arm group e)."""
+    return Path(out) / f"cache-n{subset}-t{TOKEN_VIEWS - 1}"
+
+
 def build_caches(args) -> dict[int, Path]:
     caches = {}
     for subset in args.subsets:
@@ -115,20 +127,25 @@ def build_caches(args) -> dict[int, Path]:
         caches[subset] = cache
         if args.report_only:
             continue
-        _run(
-            [
-                sys.executable, "jobs/cache_teacher.py",
-                "--data", str(args.demo / "data"),
-                "--teacher", args.teacher,
-                "--checkpoint", str(args.demo / "teacher" / "teacher.pt"),
-                "--out", str(cache),
-                "--views", str(CACHED_VIEWS),
-                "--limit", str(subset),
-                "--shard-instances", str(args.shard_instances),
-                "--workers", str(args.cache_workers),
-                "--seed", str(args.cache_seed),
-            ]
-        )  # fmt: skip
+        builds = [(cache, [])]
+        if any(group in TOKEN_VIEWS_GROUPS for group in args.groups):
+            builds.append((token_cache(args.out, subset), ["--token-views", str(TOKEN_VIEWS)]))
+        for out, extra in builds:
+            _run(
+                [
+                    sys.executable, "jobs/cache_teacher.py",
+                    "--data", str(args.demo / "data"),
+                    "--teacher", args.teacher,
+                    "--checkpoint", str(args.demo / "teacher" / "teacher.pt"),
+                    "--out", str(out),
+                    "--views", str(CACHED_VIEWS),
+                    "--limit", str(subset),
+                    "--shard-instances", str(args.shard_instances),
+                    "--workers", str(args.cache_workers),
+                    "--seed", str(args.cache_seed),
+                    *extra,
+                ]
+            )  # fmt: skip
     return caches
 
 
@@ -150,7 +167,11 @@ ARM_GROUPS = {
     "b": ("cache-k4-flip", "cache-k8-flip"),
     "c": ("cache-k4", "cache-k16"),
     "d": ("cache-k2", "none-fresh", "none-k8"),
+    "e": (f"cache-k16-t{TOKEN_VIEWS - 1}",),
 }
+# Groups run only when named with --groups: e reads the token-views cache (built only then).
+OPTIONAL_GROUPS = ("e",)
+TOKEN_VIEWS_GROUPS = ("e",)
 
 
 def sweep_name(subset: int, seed: int, group: str, arms: list[str]) -> str:
@@ -186,7 +207,7 @@ def run_sweeps(args, caches: dict[int, Path]) -> None:
                 _run(
                     [
                         sys.executable, "jobs/sweep.py",
-                        "--cache", str(cache),
+                        "--cache", str(token_cache(args.out, subset) if group in TOKEN_VIEWS_GROUPS else cache),
                         "--space", SPACE,
                         "--only", ",".join(arms),
                         "--storage", args.out,
@@ -396,17 +417,26 @@ def plot(table: list[dict], title: str, path: Path) -> None:
             color=f"C{i}",
             label=f"cache K={k} (min-max over seeds)",
         )
-    flipped = [r for r in table if r["trial"].endswith("-flip") and r["diff_gt_mean"] != ""]
-    if flipped:
-        ax.scatter(
-            [r["replays_per_view"] for r in flipped],
-            [r["diff_gt_mean"] * 100 for r in flipped],
-            marker="*",
-            s=90,
-            color="k",
-            zorder=3,
-            label="cache K + label-side flip (at the stored views' replay count)",
-        )
+    remedy_marks = {
+        "--label-flip": ("*", "cache K + label-side flip (at the stored views' replay count)"),
+        f"--token-views {TOKEN_VIEWS}": ("D", f"cache K, tokens on views 0..{TOKEN_VIEWS - 1} only"),
+    }
+    for remedy, (marker, label) in remedy_marks.items():
+        points = [
+            r
+            for r in table
+            if is_cache_arm(r["trial"]) and arm_remedy(r["trial"]) == remedy and r["diff_gt_mean"] != ""
+        ]
+        if points:
+            ax.scatter(
+                [r["replays_per_view"] for r in points],
+                [r["diff_gt_mean"] * 100 for r in points],
+                marker=marker,
+                s=90 if marker == "*" else 40,
+                color="k",
+                zorder=3,
+                label=label,
+            )
     ax.axhline(0.0, color="k", linewidth=0.8)
     ax.axhspan(-WITHIN_AP * 100, 0.0, color="C2", alpha=0.1, label=f"within {WITHIN_AP * 100:.0f} AP")
     ax.axvline(300 / 8, color="C7", linestyle=":", label="300 epochs at K=8 (37 replays)")
@@ -464,8 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--groups",
         type=lambda text: [g for g in text.split(",") if g],
-        default=list(ARM_GROUPS),
-        help="arm groups to run, in order (" + "; ".join(f"{g}: {' + '.join(a)}" for g, a in ARM_GROUPS.items()) + ")",
+        default=[g for g in ARM_GROUPS if g not in OPTIONAL_GROUPS],
+        help="arm groups to run, in order ("
+        + "; ".join(f"{g}: {' + '.join(a)}" for g, a in ARM_GROUPS.items())
+        + f"); default all but {', '.join(OPTIONAL_GROUPS)}",
     )
     p.add_argument("--cache-seed", type=int, default=0, help="the caches' view seed")
     p.add_argument("--shard-instances", type=int, default=32)

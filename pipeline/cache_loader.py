@@ -20,6 +20,12 @@ all its instances or for none in an epoch (on average still 1/K of the time). Ba
 Every rank yields the same number of batches per epoch (DDP would hang otherwise): the
 count is computed from the manifest, which all ranks share.
 
+A cache built with `--token-views Vt` stores the token fields for views 0..Vt-1 only. When the
+loss reads tokens and the drawn views include later ones, a shard read in such a view gets
+zero placeholders for its token rows and a per-row flag; the batch then carries
+`token_weight` 0 for those samples (times the label-side flip's mask), so L_KT / L_VT never
+see a placeholder as a target.
+
 With `prefetch` > 0, batches are built that many ahead in a background thread (decode,
 warp and the teacher fields' dequantisation release the GIL), so on a GPU worker the next
 batch is prepared while the current step runs. The order is the same with or without it.
@@ -42,11 +48,13 @@ from distilpose.data.pool_crops import PoolCrops
 from distilpose.errors import UserError
 from distilpose.label_flip import flip_heatmaps, flip_joints, label_flips
 from pipeline.cache.encodings import decode_crop_jpeg, decode_fields
-from pipeline.cache.schema import HEATMAP_FIELD, TOKEN_FIELDS
+from pipeline.cache.schema import HEATMAP_FIELD, TOKEN_FIELDS, arrays_for_fields
 from pipeline.student_batch import student_batch
 
 # Fields always read: the student's input view and its regression target.
 BASE_FIELDS = ("instance_id", "image_id", "view", "view_params", "joints", "joint_weights")
+# Per-row flag in the shuffle pool (not a cache field): the row's view stores the token fields.
+HAS_TOKENS = "_has_tokens"
 
 
 @dataclass
@@ -136,6 +144,10 @@ class CachedViewStream:
         self.seed = seed
         self.first_view = 1 if exclude_view0 else 0
         self.views = resolve_cache_views(reader.manifest.views, cache_views, self.first_view)
+        # Drawn views without the token fields the loss reads (a cache built with --token-views).
+        wants_tokens = any(f in TOKEN_FIELDS for f in self.teacher_fields)
+        drawn = range(self.first_view, self.first_view + self.views)
+        self.tokenless_views = tuple(v for v in drawn if wants_tokens and not reader.spec.has_tokens(v))
         self.label_flip = label_flip
         self.shuffle_shards = shuffle_shards
         self.prefetch = prefetch
@@ -184,7 +196,17 @@ class CachedViewStream:
         view = shard_view(self.seed, epoch, shard, self.views, self.first_view)
         # Raw (encoded) arrays: the shuffle pool moves int8/fp16 bytes, and each batch decodes
         # only its own rows (`_make_batch`), 2-4x less memory traffic than decoding the shard.
-        return self.reader.read_shard(shard, fields=list(fields), view=view, decode=False)
+        if not self.tokenless_views:
+            return self.reader.read_shard(shard, fields=list(fields), view=view, decode=False)
+        has_tokens = view not in self.tokenless_views
+        read = fields if has_tokens else tuple(f for f in fields if f not in TOKEN_FIELDS)
+        rows = self.reader.read_shard(shard, fields=list(read), view=view, decode=False)
+        n = len(rows["instance_id"])
+        if not has_tokens:  # zero placeholders (masked in _make_batch): every shard of the pool has the arrays
+            for name, array in arrays_for_fields(self.reader.spec, [f for f in fields if f in TOKEN_FIELDS]).items():
+                rows[name] = np.zeros((n, *array.shape), dtype=array.dtype)
+        rows[HAS_TOKENS] = np.full(n, has_tokens)
+        return rows
 
     def _make_batch(self, rows: dict[str, np.ndarray], epoch: int) -> dict[str, torch.Tensor]:
         crops = np.stack([self._crop(rows, i) for i in range(len(rows["instance_id"]))])
@@ -198,8 +220,18 @@ class CachedViewStream:
             joints[flips], weights[flips] = flip_joints(joints[flips], weights[flips], w)
             if HEATMAP_FIELD in fields:
                 fields[HEATMAP_FIELD][flips] = flip_heatmaps(fields[HEATMAP_FIELD][flips], w)
-        # Tokens do not follow a flip: their losses are masked for the mirrored samples.
-        masked = flips is not None and any(f in fields for f in TOKEN_FIELDS)
+        # Tokens do not follow a flip: their losses are masked for the mirrored samples, and for
+        # the samples of views the cache stores no tokens for (their rows are placeholders).
+        token_weight = None
+        if any(f in fields for f in TOKEN_FIELDS) and (flips is not None or HAS_TOKENS in rows):
+            token_weight = np.ones(len(rows["instance_id"]), np.float32)
+            if flips is not None:
+                token_weight *= ~flips
+            if HAS_TOKENS in rows:
+                token_weight *= rows[HAS_TOKENS]
+                for name in TOKEN_FIELDS:
+                    if name in fields:
+                        fields[name][~rows[HAS_TOKENS]] = 0.0
         return student_batch(
             crops,
             joints,
@@ -207,7 +239,7 @@ class CachedViewStream:
             rows["instance_id"],
             self.input_size,
             teacher_fields=fields,
-            token_weight=(~flips).astype(np.float32) if masked else None,
+            token_weight=token_weight,
             pin_memory=self.pin_memory,
         )
 

@@ -2,7 +2,8 @@
 
     python -m pipeline.plan --instances 149813 --views 8 --teacher tokenpose-w48 \\
         [--students distilpose-s,distilpose-l] [--gpu-type h100|a100|l4] [--epochs 300] \\
-        [--format zarr|wds] [--shard-instances 256] [--price-per-gpu-hour X] [--utilization 0.35]
+        [--format zarr|wds] [--shard-instances 256] [--price-per-gpu-hour X] [--utilization 0.35] \\
+        [--token-views Vt]
     print(estimate(instances=149_813, views=8, teacher="tokenpose-w48").table())
 
 Arithmetic on the cache schema and the models' sizes; every constant below is an assumption
@@ -237,10 +238,10 @@ class Plan:
     instances_per_shard: int
     shards: int
     units: int  # shard-views: the unit of storage
-    objects_per_unit: int
+    objects_per_unit: int  # of a unit with tokens (the cache's first token_views views)
     objects_total: int
-    bytes_per_view_by_field: dict[str, float]
-    bytes_per_view: float
+    bytes_per_view_by_field: dict[str, float]  # mean over the views (tokens on token_views of them)
+    bytes_per_view: float  # mean over the views
     bytes_total: float
     teacher_forward_gflops: float
     teacher_gpu_hours: float
@@ -254,6 +255,10 @@ class Plan:
     assumptions: tuple[str, ...] = field(default_factory=tuple)
     cpus_per_gpu: float = 0.0  # what the cluster gives each GPU's loader
     crops: dict[str, CropsCost] = field(default_factory=dict)  # the run both ways: stored crops or rebuilt
+    token_views: int | None = None  # tokens stored for views 0..token_views-1 only (None: every view)
+    bytes_per_view_with_tokens: float = 0.0  # a view of the first token_views
+    bytes_per_view_without_tokens: float = 0.0  # a later view (0 when every view has tokens)
+    objects_per_unit_without_tokens: int = 0
 
     @property
     def crops_choice(self) -> str:
@@ -293,12 +298,17 @@ def estimate(
     storage_months: float = 1.0,
     cpus_per_gpu: float | None = None,
     compare_crops: bool = True,
+    token_views: int | None = None,
 ) -> Plan:
     """Bytes, objects, requests, GPU-hours and dollars of caching ``teacher`` over ``instances`` x
     ``views`` and training each student for ``epochs`` epochs from the cache. ``cpus_per_gpu``
     (default: the GPU type's usual instance) feeds each GPU's loader; with ``compare_crops`` the
-    plan also holds the run with and without stored crops (`Plan.crops`, `Plan.crops_choice`)."""
+    plan also holds the run with and without stored crops (`Plan.crops`, `Plan.crops_choice`).
+    ``token_views``: the tokens are stored for the first ``token_views`` views only (the cache
+    job's ``--token-views``; None: every view)."""
     _check_inputs(instances, views, gpu_type, epochs, fmt, shard_instances, utilization)
+    if token_views is not None and not 1 <= token_views <= views:
+        raise ValueError(f"token_views must be in 1..views ({views}), got {token_views}")
     gpu = GPU_TYPES[gpu_type]
     price = gpu.price_per_hour if price_per_gpu_hour is None else float(price_per_gpu_hour)
     cpus = gpu.vcpus_per_gpu if cpus_per_gpu is None else float(cpus_per_gpu)
@@ -310,8 +320,14 @@ def estimate(
     teacher_config = get_config(teacher)
     if teacher_config.kind != "teacher":
         raise ValueError(f"{teacher!r} is a {teacher_config.kind} preset, not a teacher")
+    if token_views is not None and not teacher_config.has_tokens:
+        raise ValueError(f"token_views: teacher {teacher!r} has no tokens")
     spec = CacheSpec.from_model_config(
-        teacher_config, heatmap_encoding=heatmap_encoding, token_encoding=token_encoding, store_crops=store_crops
+        teacher_config,
+        heatmap_encoding=heatmap_encoding,
+        token_encoding=token_encoding,
+        store_crops=store_crops,
+        token_views=token_views,
     )
 
     # Instances per shard as pipeline.teacher_stage.plan_shards cuts them; one unit per view.
@@ -320,26 +336,29 @@ def estimate(
     units = shards * views
     views_total = instances * views
 
-    fields = field_bytes_per_view(spec, tuple(teacher_config.input_size))
-    if fmt == "wds":
-        bytes_per_view = wds_view_bytes(fields)
-        unit_overhead = 2 * TAR_BLOCK  # end-of-archive blocks
-        largest_object = instances_per_shard * bytes_per_view
-    else:
-        bytes_per_view = sum(fields.values())
-        unit_overhead = (1 + zarr_arrays(spec)) * ZARR_METADATA_BYTES
-        largest_object = instances_per_shard * max(fields.values())
-    bytes_total = views_total * bytes_per_view + units * unit_overhead
-    per_unit_objects = objects_per_unit(spec, fmt)
-    objects_total = units * per_unit_objects + 2  # + manifest.json + job.json (the job's settings)
-    puts = units * (per_unit_objects - 1 + put_requests(largest_object)) + 2  # the big object may be multipart
+    # Two kinds of unit: views 0..Vt-1 with tokens, the later ones without (spec.unit_spec).
+    with_tokens = views if token_views is None else token_views
+    kinds = [_unit_cost(spec.unit_spec(0), fmt, teacher_config, instances_per_shard, with_tokens)]
+    if with_tokens < views:
+        kinds.append(
+            _unit_cost(spec.unit_spec(with_tokens), fmt, teacher_config, instances_per_shard, views - with_tokens)
+        )
+    names = dict.fromkeys(name for k in kinds for name in k.fields)
+    fields = {name: sum(k.count * k.fields.get(name, 0.0) for k in kinds) / views for name in names}
+    bytes_per_view = sum(k.count * k.bytes_per_view for k in kinds) / views
+    bytes_total = sum(instances * k.count * k.bytes_per_view + shards * k.count * k.overhead for k in kinds)
+    per_unit_objects = kinds[0].objects
+    objects_total = sum(shards * k.count * k.objects for k in kinds) + 2  # + manifest.json + job.json
+    # The big object may be multipart.
+    puts = sum(shards * k.count * (k.objects - 1 + put_requests(k.largest_object)) for k in kinds) + 2
 
     teacher_cost = model_cost(teacher)
     teacher_hours = gpu_hours(views_total, teacher_cost.forward_gflops, gpu, utilization)
     storage_cost = bytes_total / GIB * S3_PRICE_PER_GB_MONTH
 
     student_plans = []
-    gets_per_epoch = shards * _gets_per_unit_epoch(spec, fmt)
+    # The loader reads one unit per shard, its view drawn uniformly: with or without tokens.
+    gets_per_epoch = round(shards * sum(k.count * _gets_per_unit_epoch(k.spec, fmt) for k in kinds) / views)
     for name in students:
         cost = model_cost(name)
         if tuple(cost.input_size) != tuple(teacher_config.input_size):
@@ -406,14 +425,44 @@ def estimate(
         total_cost=total,
         assumptions=_assumptions(gpu, price, utilization, spec, store_crops),
         cpus_per_gpu=cpus,
+        token_views=token_views,
+        bytes_per_view_with_tokens=kinds[0].bytes_per_view,
+        bytes_per_view_without_tokens=kinds[1].bytes_per_view if len(kinds) > 1 else 0.0,
+        objects_per_unit_without_tokens=kinds[1].objects if len(kinds) > 1 else 0,
     )
     if not compare_crops:
         return plan
     args = (instances, views, teacher, students, gpu_type, epochs, fmt, shard_instances, price_per_gpu_hour)
     args += (utilization, heatmap_encoding, token_encoding)
-    other = estimate(*args, not store_crops, storage_months, cpus_per_gpu, compare_crops=False)
+    other = estimate(*args, not store_crops, storage_months, cpus_per_gpu, compare_crops=False, token_views=token_views)
     both = {crops_path: plan, ("rebuild" if store_crops else "stored"): other}
     return dataclasses.replace(plan, crops={path: crops_cost(p) for path, p in both.items()})
+
+
+@dataclass(frozen=True)
+class _UnitCost:
+    """What one kind of unit costs (with tokens, or without them from view token_views on)."""
+
+    spec: CacheSpec  # the unit's (CacheSpec.unit_spec)
+    count: int  # units of this kind per shard
+    fields: dict[str, float]  # payload bytes per view and field
+    bytes_per_view: float
+    overhead: float  # per unit
+    largest_object: float
+    objects: int  # per unit, its commit record included
+
+
+def _unit_cost(spec: CacheSpec, fmt: str, teacher_config, instances_per_shard: int, count: int) -> _UnitCost:
+    fields = field_bytes_per_view(spec, tuple(teacher_config.input_size))
+    if fmt == "wds":
+        bytes_per_view = wds_view_bytes(fields)
+        overhead = 2 * TAR_BLOCK  # end-of-archive blocks
+        largest_object = instances_per_shard * bytes_per_view
+    else:
+        bytes_per_view = sum(fields.values())
+        overhead = (1 + zarr_arrays(spec)) * ZARR_METADATA_BYTES
+        largest_object = instances_per_shard * max(fields.values())
+    return _UnitCost(spec, count, fields, bytes_per_view, overhead, largest_object, objects_per_unit(spec, fmt))
 
 
 def crops_cost(plan: Plan) -> CropsCost:
@@ -495,15 +544,17 @@ def format_plan(plan: Plan) -> str:
         ("cache", f"{plan.instances:,} instances x {plan.views} views = {plan.views_total:,} views, "
                   f"teacher {plan.teacher}, format {plan.format}"),
         ("spec", f"K={plan.spec.num_joints} heatmaps {plan.spec.heatmap_size[0]}x{plan.spec.heatmap_size[1]} "
-                 f"({plan.spec.heatmap_encoding}), tokens D={plan.spec.dim} P={plan.spec.num_patches} "
-                 f"({plan.spec.token_encoding}), crops {'jpeg' if plan.spec.store_crops else 'no'}"),
-        ("bytes per view", f"{plan.bytes_per_view:,.0f} B  (" + ", ".join(
+                 f"({plan.spec.heatmap_encoding}), {_tokens_text(plan)}, "
+                 f"crops {'jpeg' if plan.spec.store_crops else 'no'}"),
+        ("bytes per view", f"{plan.bytes_per_view:,.0f} B  ("
+                           + ("mean over the views: " if _mixed(plan) else "") + ", ".join(
             f"{k} {v:,.0f}" for k, v in sorted(plan.bytes_per_view_by_field.items(), key=lambda kv: -kv[1])
         ) + ")"),
+        *_token_views_rows(plan),
         ("cache size (estimate)", _bytes(plan.bytes_total)),
         ("student epoch reads", f"{_bytes(plan.bytes_total / plan.views)} (one view unit per shard: 1/{plan.views})"),
         ("shards", f"{plan.shards:,} x {plan.instances_per_shard} instances, one unit per view"),
-        ("objects", f"{plan.units:,} shard-views x {plan.objects_per_unit} objects + 2 = {plan.objects_total:,}"),
+        ("objects", f"{plan.units:,} shard-views x {_objects_text(plan)} + 2 = {plan.objects_total:,}"),
         ("PUT requests (cache)", f"{plan.put_requests:,}"),
         ("GET requests (teacher)", f"{plan.image_gets_teacher:,} image reads"),
         ("teacher forward", f"{plan.teacher_forward_gflops:.2f} GFLOPs/view"),
@@ -544,6 +595,41 @@ def format_plan(plan: Plan) -> str:
     lines.append("assumptions:")
     lines += [f"  - {a}" for a in plan.assumptions]
     return "\n".join(lines)
+
+
+def _mixed(plan: Plan) -> bool:
+    """Whether some views of the cache hold no tokens (--token-views below --views)."""
+    return plan.token_views is not None and plan.token_views < plan.views
+
+
+def _tokens_text(plan: Plan) -> str:
+    if not plan.spec.tokens:
+        return "no tokens"
+    text = f"tokens D={plan.spec.dim} P={plan.spec.num_patches} ({plan.spec.token_encoding})"
+    return text + (f" on views 0..{plan.token_views - 1} only" if _mixed(plan) else "")
+
+
+def _objects_text(plan: Plan) -> str:
+    if not _mixed(plan):
+        return f"{plan.objects_per_unit} objects"
+    return (
+        f"{plan.objects_per_unit} objects (views 0..{plan.token_views - 1}) or "
+        f"{plan.objects_per_unit_without_tokens} (views {plan.token_views}..{plan.views - 1}, no token arrays)"
+    )
+
+
+def _token_views_rows(plan: Plan) -> list[tuple[str, str]]:
+    """With --token-views: a view with and without tokens, and what that saves against tokens on every view."""
+    if not _mixed(plan):
+        return []
+    full, less = plan.bytes_per_view_with_tokens, plan.bytes_per_view_without_tokens
+    saved = full - plan.bytes_per_view
+    return [
+        ("  --token-views " + str(plan.token_views), f"a view with tokens {full:,.0f} B, without {less:,.0f} B; "
+                                                      f"{plan.token_views} of {plan.views} views with tokens: "
+                                                      f"{saved:,.0f} B per view ({100 * saved / full:.0f}%) less "
+                                                      "than tokens on every view"),
+    ]  # fmt: skip
 
 
 def _loader_flag(s: StudentPlan, plan: Plan) -> list[tuple[str, str]]:
@@ -599,6 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap-encoding", choices=list(HEATMAP_ENCODINGS), default=DEFAULT_HEATMAP_ENCODING)
     p.add_argument("--token-encoding", choices=list(TOKEN_ENCODINGS), default=DEFAULT_TOKEN_ENCODING)
     p.add_argument("--store-crops", action="store_true", help="cache JPEG crops too")
+    p.add_argument(
+        "--token-views",
+        type=int,
+        metavar="VT",
+        help="tokens stored for views 0..VT-1 only, as the cache job's --token-views (default: every view)",
+    )
     p.add_argument("--storage-months", type=float, default=1.0, help="months of S3 storage in the total")
     p.add_argument(
         "--cpus-per-gpu", type=float, help="CPU cores per GPU for the loader (default: the GPU type's usual instance)"
@@ -614,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
             args.instances, args.views, args.teacher, students, args.gpu_type, args.epochs, args.format,
             args.shard_instances, args.price_per_gpu_hour, args.utilization, args.heatmap_encoding,
             args.token_encoding, args.store_crops, args.storage_months, args.cpus_per_gpu,
+            token_views=args.token_views,
         )  # fmt: skip
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

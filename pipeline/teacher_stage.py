@@ -65,6 +65,11 @@ class CacheJobConfig(DataOptions):
         "fp32", choices=tuple(TEACHER_PRECISIONS), help="teacher forward: fp32 (TF32 on a GPU) or bf16/fp16 autocast"
     )
     token_encoding: str = option("int8-token-scale", choices=tuple(TOKEN_ENCODINGS), help="token encoding")
+    token_views: int | None = option(
+        None,
+        help="store the teacher's tokens (L_KT/L_VT targets) for views 0..N-1 only; later views keep heatmaps, "
+        "Gaussians and confidences, and distillation masks the token losses on them (default: all views)",
+    )
     limit: int | None = option(None, help="cache only the first N instances (smoke runs)")
     strict: bool = option(
         False, help="stop at the first malformed annotation or missing/undecodable image instead of skipping it"
@@ -73,6 +78,11 @@ class CacheJobConfig(DataOptions):
     def __post_init__(self) -> None:
         check_choices(self)
         self.check_data_source()
+        if self.token_views is not None and not 1 <= self.token_views <= self.views:
+            raise ValueError(
+                f"--token-views {self.token_views}: choose 1..{self.views} (tokens for views 0..N-1 of the "
+                f"{self.views} cached views), or leave it out to store tokens for every view"
+            )
 
 
 @dataclass
@@ -328,11 +338,14 @@ def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = No
         instances = sorted(instances, key=lambda inst: inst.instance_id)[: cfg.limit]
     if not instances:
         raise UserError(f"no usable instances in {layout.ann_file}: {skip_report.summary()}")
+    if cfg.token_views is not None and not teacher_cfg.has_tokens:
+        raise UserError(f"--token-views {cfg.token_views}: teacher {cfg.teacher} has no tokens to store")
     spec = CacheSpec.from_model_config(
         teacher_cfg,
         heatmap_encoding=cfg.heatmap_encoding,
         token_encoding=cfg.token_encoding,
         store_crops=cfg.store_crops == "jpeg",
+        token_views=cfg.token_views,
     )
     # The writer first: it refuses a root of another layout or spec before job.json is touched.
     writer = open_writer(cfg.out, spec, cfg.format)
@@ -348,6 +361,17 @@ def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = No
         f"{cfg.out} ({cfg.format}); annotations skipped: {skip_report.summary()}",
         flush=True,
     )
+    if cfg.token_views is not None and cfg.token_views < cfg.views:
+        later = (
+            f"view {cfg.token_views} holds"
+            if cfg.token_views == cfg.views - 1
+            else f"views {cfg.token_views}..{cfg.views - 1} hold"
+        )
+        print(
+            f"[cache] tokens stored for views 0..{cfg.token_views - 1} of {cfg.views}; {later} heatmaps, Gaussians "
+            "and confidences only",
+            flush=True,
+        )
     from pipeline.plan import estimate
 
     plan = estimate(
@@ -360,6 +384,7 @@ def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = No
         heatmap_encoding=cfg.heatmap_encoding,
         token_encoding=cfg.token_encoding,
         store_crops=cfg.store_crops == "jpeg",
+        token_views=cfg.token_views,
     )
     if todo:  # a complete cache costs nothing more: no estimate to show
         print("[cache] estimate before starting (the whole cache):\n" + plan.table(), flush=True)

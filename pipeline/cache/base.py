@@ -31,6 +31,7 @@ from pipeline.cache.manifest import Manifest, ShardInfo, ViewUnit
 from pipeline.cache.schema import (
     CROP_FIELD,
     SCHEMA_VERSION,
+    TOKEN_FIELDS,
     ArrayDef,
     CacheMismatchError,
     CacheSpec,
@@ -190,13 +191,14 @@ class CacheWriter(ABC):
         self, shard_index: int, rows: Mapping[str, Any], extra: Mapping[str, Any] | None = None
     ) -> ShardInfo:
         """Write a batch of views of one shard: one unit per distinct ``view`` value, each
-        with its rows in the order given. ``extra`` is recorded with every unit."""
-        raw = rows if is_encoded(rows, self.spec) else encode_views(rows, self.spec)
-        views = np.asarray(raw["view"])
+        with its rows in the order given. ``extra`` is recorded with every unit. Rows of
+        views without tokens (``spec.token_views``) may leave the token fields out."""
+        views = np.asarray(rows["view"])
         units = []
         for view in np.unique(views):
             keep = np.flatnonzero(views == view)
-            units.append(self.write_encoded_view(shard_index, int(view), {k: v[keep] for k, v in raw.items()}, extra))
+            part = {k: ([v[i] for i in keep] if isinstance(v, list) else np.asarray(v)[keep]) for k, v in rows.items()}
+            units.append(self.write_view(shard_index, int(view), part, extra))
         return ShardInfo(shard_index, tuple(units))
 
     def write_view(
@@ -208,7 +210,8 @@ class CacheWriter(ABC):
         the producer moves ~5x fewer bytes between processes). ``extra`` (JSON) is kept
         in the commit record and the manifest's unit entry.
         """
-        raw = rows if is_encoded(rows, self.spec) else encode_views(rows, self.spec)
+        spec = self.spec.unit_spec(view)
+        raw = rows if is_encoded(rows, spec) else encode_views(rows, spec)
         return self.write_encoded_view(shard_index, view, raw, extra)
 
     def write_encoded_view(
@@ -218,16 +221,18 @@ class CacheWriter(ABC):
 
         Order matters: drop the old commit record (the unit becomes invisible), write the
         data, then commit. A crash anywhere leaves either no commit or a complete unit.
+        Arrays the unit does not store (tokens from view ``spec.token_views`` on) are ignored.
         """
         where = unit_stem(shard_index, view)
-        missing = [name for name in stored_arrays(self.spec) if name not in raw]
+        stored = stored_arrays(self.spec.unit_spec(view))
+        missing = [name for name in stored if name not in raw]
         if missing:
             raise ValueError(f"{where}: raw arrays {missing} are missing for this spec")
-        lengths = {name: len(raw[name]) for name in stored_arrays(self.spec)}
+        lengths = {name: len(raw[name]) for name in stored}
         n = len(raw["instance_id"])
         if set(lengths.values()) != {n}:
             raise ValueError(f"{where}: raw arrays differ in length: {lengths}")
-        for name, array in stored_arrays(self.spec).items():
+        for name, array in stored.items():
             value = raw[name]
             if name != CROP_FIELD and (value.dtype != np.dtype(array.dtype) or value.shape[1:] != array.shape):
                 raise ValueError(
@@ -238,6 +243,7 @@ class CacheWriter(ABC):
             raise ValueError(f"{where}: refusing to write an empty unit")
         if np.any(np.asarray(raw["view"]) != view):
             raise ValueError(f"{where}: rows of views {sorted(set(np.asarray(raw['view']).tolist()))} given")
+        raw = {name: raw[name] for name in stored}
         manifest_uri = storage.join(self.uri, MANIFEST_NAME)
         if storage.exists(manifest_uri):
             log.warning("%s was finalized; writing unit %s un-finalizes it", self.uri, where)
@@ -284,6 +290,11 @@ class CacheWriter(ABC):
         units = self.committed() if committed is None else committed
         if not units:
             raise RuntimeError(f"cannot finalize {self.uri}: no unit is committed")
+        if self.spec.token_views is not None and self.spec.token_views > manifest.views:
+            raise RuntimeError(
+                f"cannot finalize {self.uri}: token_views {self.spec.token_views} is more than its "
+                f"{manifest.views} views"
+            )
         shard_indices = {shard for shard, _ in units}
         if expected_shards is not None:
             shard_indices |= set(range(expected_shards))
@@ -373,7 +384,7 @@ class CacheReader(ABC):
         arrays = arrays_for_fields(self.spec, fields)
         shard = self.shard_info(shard_index)
         units = shard.units if view is None else (shard.unit(view),)
-        parts = [self._read_raw(unit, arrays, None) for unit in units]
+        parts = [self._read_raw(unit, self._unit_arrays(unit, arrays), None) for unit in units]
         raw = parts[0] if len(parts) == 1 else concat_raw(parts)
         return decode_fields(raw, self.spec, fields) if decode else raw
 
@@ -392,7 +403,8 @@ class CacheReader(ABC):
             asked = np.flatnonzero(positions == position)
             local = rows[asked] - self._first_rows[position]
             unique_local, inverse = np.unique(local, return_inverse=True)
-            raw = self._read_raw(self._units[position], arrays, unique_local)
+            unit = self._units[position]
+            raw = self._read_raw(unit, self._unit_arrays(unit, arrays), unique_local)
             parts.append({name: a[inverse] for name, a in raw.items()})
             order.append(asked)
         if not parts:
@@ -403,6 +415,20 @@ class CacheReader(ABC):
             back[np.concatenate(order)] = np.arange(len(rows))
             raw = {name: a[back] for name, a in raw.items()}
         return decode_fields(raw, self.spec, fields) if decode else raw
+
+    def _unit_arrays(self, unit: ViewUnit, arrays: dict[str, ArrayDef]) -> dict[str, ArrayDef]:
+        """``arrays``, refused with a clear error when they include token arrays the unit does
+        not store (a cache with ``token_views``): a reader never hands back made-up tokens."""
+        if self.spec.has_tokens(unit.view) or not self.spec.tokens:
+            return arrays
+        asked = sorted({a.field for a in arrays.values() if a.field in TOKEN_FIELDS})
+        if asked:
+            raise KeyError(
+                f"{self.uri}: view {unit.view} stores no {', '.join(asked)}: this cache holds the token fields "
+                f"for views 0..{self.spec.token_views - 1} only (token_views={self.spec.token_views}); read them "
+                "from those views, or leave them out"
+            )
+        return arrays
 
     def locate(self, instance_id: int, view: int) -> int:
         """Global row of (instance_id, view). The first call builds an index from the

@@ -66,6 +66,8 @@ def _manifest_lines(manifest: Manifest) -> list[str]:
     ]
     if spec is not None:
         tokens = f"D={spec.dim} P={spec.num_patches}" if spec.tokens else "no tokens (heatmap teacher)"
+        if spec.token_views is not None:
+            tokens += f" on views 0..{spec.token_views - 1} of {manifest.views} (--token-views)"
         lines += [
             f"spec: K={spec.num_joints} heatmaps {spec.heatmap_size[0]}x{spec.heatmap_size[1]} "
             f"{tokens} crops={'yes' if spec.store_crops else 'no'}",

@@ -182,6 +182,9 @@ class Manifest:
             # For humans and other tools reading manifest.json; from_dict recomputes them.
             # "fields": the teacher outputs this cache holds (no token fields for a teacher without tokens).
             d["fields"] = list(teacher_fields(self.spec))
+            if self.spec.token_views is not None:
+                # The token fields are stored for views 0..token_views-1 only (spec.token_views).
+                d["token_views"] = self.spec.token_views
             d["encodings"] = {"heatmaps": dataclasses.asdict(HEATMAP_ENCODINGS[self.spec.heatmap_encoding])}
             if self.spec.tokens:
                 d["encodings"]["tokens"] = dataclasses.asdict(TOKEN_ENCODINGS[self.spec.token_encoding])
@@ -249,6 +252,7 @@ KEY_LABELS = {
     "seed": "view seed",
     "spec.heatmap_encoding": "heatmap encoding",
     "spec.token_encoding": "token encoding",
+    "spec.token_views": "views with tokens (--token-views)",
 }
 
 

@@ -148,7 +148,12 @@ class CacheSpec:
     ``tokens`` False: the teacher has no tokens (a heatmap teacher such as SimpleBaseline):
     the cache holds heatmaps, Gaussians and confidences only, ``dim`` and ``num_patches`` are 0
     and there are no token arrays at all (not empty ones). Manifests written before this field
-    existed were all TokenPose caches: the default is True."""
+    existed were all TokenPose caches: the default is True.
+
+    ``token_views`` Vt: the token fields are stored for views 0..Vt-1 only; the units of views
+    >= Vt hold no token arrays at all (as a teacher without tokens). None (the default, not
+    written to JSON, so older caches and default builds are unchanged): every view has them.
+    ``unit_spec(view)`` is the spec one stored unit follows."""
 
     num_joints: int
     heatmap_size: tuple[int, int]  # (H, W)
@@ -158,6 +163,7 @@ class CacheSpec:
     token_encoding: str = DEFAULT_TOKEN_ENCODING
     store_crops: bool = False
     tokens: bool = True
+    token_views: int | None = None
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep the dataclass hashable and comparable.
@@ -173,6 +179,25 @@ class CacheSpec:
             )
         if self.token_encoding not in TOKEN_ENCODINGS:
             raise ValueError(f"unknown token_encoding {self.token_encoding!r}; choose one of {list(TOKEN_ENCODINGS)}")
+        if self.token_views is not None:
+            if isinstance(self.token_views, bool) or not isinstance(self.token_views, int) or self.token_views < 1:
+                raise ValueError(f"token_views must be an integer >= 1 (or None: all views), got {self.token_views!r}")
+            if not self.tokens:
+                raise ValueError("token_views is set but the teacher has no tokens (tokens=False)")
+
+    def has_tokens(self, view: int) -> bool:
+        """Whether the unit of view ``view`` stores the token fields."""
+        return self.tokens and (self.token_views is None or view < self.token_views)
+
+    def unit_spec(self, view: int) -> CacheSpec:
+        """The spec the stored unit of view ``view`` follows: the cache's without
+        ``token_views`` (so a unit's bytes are those of a cache storing tokens on every view),
+        and without tokens at all from view ``token_views`` on."""
+        if self.token_views is None:
+            return self
+        if view < self.token_views:
+            return dataclasses.replace(self, token_views=None)
+        return dataclasses.replace(self, tokens=False, dim=0, num_patches=0, token_views=None)
 
     @classmethod
     def from_model_config(cls, config: Any, **overrides: Any) -> CacheSpec:
@@ -193,6 +218,8 @@ class CacheSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["heatmap_size"] = list(self.heatmap_size)
+        if self.token_views is None:  # every view has tokens: the form caches had before the field
+            del d["token_views"]
         return d
 
     @classmethod

@@ -27,7 +27,7 @@ from pipeline.cache import open_reader, wds_store, zarr_store
 from pipeline.cache.base import SHARDS_DIR, TMP_PREFIX, read_commits, read_manifest
 from pipeline.cache.encodings import decode_crop_jpeg, encode_crop_jpeg, error_bound
 from pipeline.cache.manifest import ViewUnit
-from pipeline.cache.schema import HEATMAP_FIELD, TEACHER_PRECISIONS, field_names
+from pipeline.cache.schema import HEATMAP_FIELD, TEACHER_PRECISIONS, TOKEN_FIELDS, field_names
 
 OK, MISSING, TRUNCATED, CORRUPT = "ok", "missing", "truncated", "corrupt"
 DIGESTS: dict[str, Callable[[str], tuple[str, int] | None]] = {
@@ -212,7 +212,14 @@ def spot_check(uri: str, n: int, checkpoint: str | None = None, seed: int = 0, b
     rows = sorted(np.random.default_rng(seed).choice(len(reader), size=min(n, len(reader)), replace=False).tolist())
     # The teacher outputs the spot check compares: heatmaps, and the tokens when the teacher has them.
     compared = [name for name in ("heatmaps", "kpt_tokens", "vis_tokens") if name in field_names(reader.spec)]
-    cached = reader.read_rows(np.asarray(rows), fields=["image_id", "view_params", *compared])
+    tokens = [name for name in compared if name in TOKEN_FIELDS]
+    cached = reader.read_rows(np.asarray(rows), fields=["image_id", "view_params", "view", HEATMAP_FIELD])
+    # A cache built with --token-views has tokens on its first views only: compare them there.
+    with_tokens = np.asarray([reader.spec.has_tokens(int(v)) for v in cached["view"]], dtype=bool)
+    if tokens and with_tokens.any():
+        cached.update(reader.read_rows(np.asarray(rows)[with_tokens], fields=tokens))
+    else:
+        compared = [HEATMAP_FIELD]
     _, images = load_coco(manifest.data.ann_file)
     model = build_teacher(manifest.teacher.preset, storage.local_copy(checkpoint) if checkpoint else None)
     input_size = tuple(model.config.input_size)
@@ -228,12 +235,13 @@ def spot_check(uri: str, n: int, checkpoint: str | None = None, seed: int = 0, b
     precision = TEACHER_PRECISIONS[manifest.teacher.effective_precision]
     max_abs, tolerance = {}, {}
     for name in compared:
-        max_abs[name] = float(np.abs(cached[name] - fresh[name]).max())
+        expected = fresh[name] if name == HEATMAP_FIELD else fresh[name][with_tokens]
+        max_abs[name] = float(np.abs(cached[name] - expected).max())
         # What the cache promises: the encoding's bound, plus the drift of the precision it
         # was computed in (a few % for bf16), relative to the field's largest value.
         rel = precision.heatmap_tolerance if name == HEATMAP_FIELD else precision.token_tolerance
-        bound = float(error_bound(name, fresh[name], reader.spec).max())
-        tolerance[name] = bound + rel * float(np.abs(fresh[name]).max()) + 1e-6
+        bound = float(error_bound(name, expected, reader.spec).max())
+        tolerance[name] = bound + rel * float(np.abs(expected).max()) + 1e-6
     return SpotCheck(rows=rows, max_abs=max_abs, tolerance=tolerance, precision=precision.name)
 
 

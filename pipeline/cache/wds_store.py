@@ -9,6 +9,8 @@ Members per row (key = row number in the unit, 6 digits):
     <key>.vt.npy[.zst]      visual tokens (+ scales)
     <key>.jpg               crop JPEG (store_crops only)
 
+A cache with ``token_views`` Vt has no .kt/.vt members in the tars of views >= Vt.
+
 Tar members are not compressed, so each .npy is zstd-compressed (level 3, with content
 checksum) when that saves at least ``MIN_ZSTD_SAVING``; the ``.zst`` suffix says which.
 Measured on teacher-like data: u8 heatmaps shrink ~3x, int8/fp16 tokens 6-8%.
@@ -41,9 +43,11 @@ from pipeline.cache.schema import (
     CROP_FIELD,
     HEATMAP_FIELD,
     SMALL_FIELDS,
+    TOKEN_FIELDS,
     ArrayDef,
     CacheSpec,
     arrays_for_fields,
+    field_names,
     resolve_fields,
     stored_arrays,
 )
@@ -187,6 +191,13 @@ def decode_wds_sample(
 ) -> dict[str, Any]:
     """A webdataset sample dict (raw bytes per extension) -> decoded fields of one view.
     Use as ``wds.WebDataset(urls, shardshuffle=False).map(partial(decode_wds_sample, spec=spec))``."""
+    if fields is None and spec.token_views is not None:
+        # A view from token_views on has no token members: decode what the sample holds.
+        fields = [
+            name
+            for name in field_names(spec)
+            if name not in TOKEN_FIELDS or any(k.startswith(GROUP_EXT[name] + ".npy") for k in sample)
+        ]
     fields = resolve_fields(spec, fields)
     where = f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}"
     values = decode_members(sample, arrays_for_fields(spec, fields), where)
@@ -227,7 +238,7 @@ class WdsCacheWriter(CacheWriter):
         return unit_stem(shard, view) + SUFFIX
 
     def _write_unit_data(self, shard: int, view: int, raw: Mapping[str, np.ndarray]) -> tuple[str, dict[str, int]]:
-        data, sizes = encode_tar(self.spec, raw)
+        data, sizes = encode_tar(self.spec.unit_spec(view), raw)  # no token members from spec.token_views on
         storage.atomic_write_bytes(self.unit_uri(shard, view), data)
         return hashlib.sha256(data).hexdigest(), sizes
 

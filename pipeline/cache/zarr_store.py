@@ -102,7 +102,8 @@ def _create(group: zarr.Group, name: str, data: np.ndarray, chunk_rows: int | No
 
 def encode_unit_objects(spec: CacheSpec, raw: Mapping[str, np.ndarray]) -> dict[str, bytes]:
     """Raw arrays -> {relative object name: bytes} of a complete Zarr group. Deterministic,
-    and independent of the unit's shard index, so equal content gives an equal sha256."""
+    and independent of the unit's shard index, so equal content gives an equal sha256.
+    ``spec`` is the unit's (``CacheSpec.unit_spec``), recorded in the group's attributes."""
     objects: dict[str, zarr.core.buffer.Buffer] = {}
     group = zarr.create_group(
         store=zarr.storage.MemoryStore(objects),
@@ -155,7 +156,8 @@ class ZarrCacheWriter(CacheWriter):
         return f"{shard_stem(shard)}/{view_stem(view)}{SUFFIX}"
 
     def _write_unit_data(self, shard: int, view: int, raw: Mapping[str, np.ndarray]) -> tuple[str, dict[str, int]]:
-        objects = encode_unit_objects(self.spec, raw)
+        spec = self.spec.unit_spec(view)  # no token arrays from view spec.token_views on
+        objects = encode_unit_objects(spec, raw)
         target = self.unit_uri(shard, view)
         if storage.is_s3(target):
             # No rename on S3: clear stale objects of an earlier attempt, upload; the
@@ -164,7 +166,7 @@ class ZarrCacheWriter(CacheWriter):
             storage.write_many_bytes(target, objects)
         else:
             self._publish_local(target, objects)
-        return objects_sha256(objects), bytes_per_field(self.spec, {k: len(v) for k, v in objects.items()})
+        return objects_sha256(objects), bytes_per_field(spec, {k: len(v) for k, v in objects.items()})
 
     def _publish_local(self, target: str, objects: Mapping[str, bytes]) -> None:
         """Write into a temp dir beside the target, then rename it into place."""

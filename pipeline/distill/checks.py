@@ -46,6 +46,7 @@ def check_cache_for_run(cfg: DistillConfig):
     check_teacher_fields(cfg, reader.manifest)
     check_student_fits(cfg, reader.manifest)
     check_cache_views(cfg, reader.manifest)
+    check_token_views(cfg, reader.manifest)
     if cfg.data or cfg.ann_file or cfg.images:
         check_data_matches(cfg, reader.manifest)
     steps = steps_per_epoch(reader, cfg.workers, cfg.batch_size)  # raises when a worker would get no batch
@@ -78,6 +79,46 @@ def check_cache_views(cfg: DistillConfig, manifest) -> None:
             f"--cache-views {cfg.cache_views}: the cache {cfg.cache} holds {usable} {which} per instance; "
             f"choose 1..{usable} (or grow the cache with jobs/cache_teacher.py --views {cfg.cache_views + first})"
         )
+
+
+def masked_token_views(cfg: DistillConfig, manifest) -> tuple[list[int], int]:
+    """(the drawn views whose token losses are masked, how many views are drawn): a cache built
+    with --token-views stores no tokens from view token_views on; nothing is masked when the
+    run reads no tokens from the cache (token terms off, online teacher, fresh views)."""
+    from pipeline.cache_loader import resolve_cache_views  # the loader's own K
+
+    spec = manifest.spec
+    reads_tokens = {"kpt_tokens", "vis_tokens"} & set(cfg.teacher_fields())
+    if spec is None or spec.token_views is None or cfg.online_teacher or not reads_tokens:
+        return [], 0
+    first = 1 if cfg.exclude_view0 else 0
+    k = resolve_cache_views(manifest.views, cfg.cache_views, first)
+    return [v for v in range(first, first + k) if not spec.has_tokens(v)], k
+
+
+def check_token_views(cfg: DistillConfig, manifest) -> None:
+    """Refuse token terms that would never see a target: every drawn view lacks tokens."""
+    masked, k = masked_token_views(cfg, manifest)
+    if masked and len(masked) == k:
+        vt = manifest.spec.token_views
+        raise UserError(
+            f"the cache {cfg.cache} stores tokens for views 0..{vt - 1} only and this run draws views "
+            f"{masked[0]}..{masked[-1]}: L_KT/L_VT would never see a target; pass --alpha-kt 0 --alpha-vt 0, "
+            "or draw views with tokens (--cache-views, without --exclude-view0)"
+        )
+
+
+def token_views_line(cfg: DistillConfig, manifest) -> str | None:
+    """The driver's line when token losses are masked on some of the drawn views, else None."""
+    masked, k = masked_token_views(cfg, manifest)
+    if not masked:
+        return None
+    vt = manifest.spec.token_views
+    views = f"view {masked[0]}" if len(masked) == 1 else f"views {masked[0]}..{masked[-1]}"
+    return (
+        f"tokens cached for views 0..{vt - 1} of {manifest.views}: L_KT/L_VT masked on {views} "
+        f"({len(masked)} of the {k} views drawn)"
+    )
 
 
 TOKEN_TERMS = ("kt", "vt")  # the loss terms that compare tokens: both models need them
@@ -197,6 +238,8 @@ def run_identity(cfg: DistillConfig, manifest, backbone) -> dict:
     for option_name in ("exclude_view0", "label_flip"):  # recorded when on: older runs stay comparable
         if getattr(cfg, option_name):
             identity[option_name] = True
+    if manifest.spec is not None and manifest.spec.token_views is not None:  # token losses masked on later views
+        identity["cache_token_views"] = manifest.spec.token_views
     return json.loads(json.dumps(identity))
 
 
@@ -247,6 +290,9 @@ def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
         # --verbose (and then once per rank): the driver says it, once.
         print(f"[distill] {backbone_line(cfg, backbone)}", flush=True)
     print(f"[distill] {views_line(cfg, manifest)}", flush=True)
+    tokens = token_views_line(cfg, manifest)
+    if tokens:
+        print(f"[distill] {tokens}", flush=True)
     print(warmup_line(cfg, steps * cfg.epochs), flush=True)
     warn_if_cluster_too_small(cfg)
     return cfg, resumed
