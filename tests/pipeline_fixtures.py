@@ -208,3 +208,17 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.1, what: str = "
             return value
         time.sleep(interval_s)
     raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def load_job(name: str):
+    """jobs/<name>.py as a module (jobs/ on sys.path, as when the script runs), to call its
+    parse_args or main in-process."""
+    import importlib.util
+
+    jobs = str(ROOT / "jobs")
+    if jobs not in sys.path:
+        sys.path.insert(0, jobs)
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job

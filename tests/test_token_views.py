@@ -5,7 +5,6 @@ masks the token losses on them (token_weight 0, times the label-side flip's mask
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from cache_rows import SMALL_SPEC, base_manifest, teacher_like_rows
-from pipeline_fixtures import ROOT, ensure_local_ray
+from pipeline_fixtures import ROOT, ensure_local_ray, load_job
 
 from distilpose.errors import UserError
 from distilpose.label_flip import label_flips
@@ -112,12 +111,7 @@ def test_token_views_outside_1_to_views_is_a_one_line_error(tiny_data, tmp_path,
     for token_views, views in ((4, 3), (0, 3)):
         with pytest.raises(ValueError, match=f"--token-views {token_views}: choose 1..{views}"):
             CacheJobConfig(data=tiny_data, teacher=TEACHER, out="x", views=views, token_views=token_views)
-    jobs = str(ROOT / "jobs")
-    if jobs not in sys.path:
-        sys.path.insert(0, jobs)
-    spec = importlib.util.spec_from_file_location("cache_job", ROOT / "jobs" / "cache_teacher.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_job("cache_teacher")
     argv = ["--data", tiny_data, "--teacher", TEACHER, "--out", str(tmp_path / "c"), "--views", "8"]
     with pytest.raises(SystemExit) as info:
         job.parse_args([*argv, "--token-views", "9"])

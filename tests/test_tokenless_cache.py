@@ -4,16 +4,14 @@ cache lacks is refused before Ray starts; DeepPose distils from it through jobs/
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from pipeline_fixtures import ROOT, ensure_local_ray, read_csv, run_job
+from pipeline_fixtures import ensure_local_ray, load_job, read_csv, run_job
 
 from distilpose.data.coco import load_coco, load_instances, read_image
 from distilpose.data.transforms import apply_view
@@ -147,16 +145,6 @@ def test_job_refuses_before_ray_starts(sb_caches, tmp_path) -> None:
     assert time.perf_counter() - t0 < 120
 
 
-def _distill_job():
-    jobs = str(ROOT / "jobs")
-    if jobs not in sys.path:
-        sys.path.insert(0, jobs)
-    spec = importlib.util.spec_from_file_location("distill_job", ROOT / "jobs" / "distill.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
-
-
 @pytest.mark.timeout(600)
 @pytest.mark.heavy  # a Ray Train fit + val evaluation: ~1-2 min on 2 shared cores
 def test_deeppose_with_sh_distills_from_the_tokenless_cache(sb_caches, tiny_data, tmp_path, capsys) -> None:
@@ -164,7 +152,7 @@ def test_deeppose_with_sh_distills_from_the_tokenless_cache(sb_caches, tiny_data
     argv = ["--cache", sb_caches["zarr"], "--student", "deeppose-tiny", "--alpha-kt", "0", "--alpha-vt", "0"]
     argv += ["--storage", str(tmp_path), "--name", "deeppose-sh", "--epochs", "2", "--batch-size", "8"]
     argv += ["--val", tiny_data, "--warmup-iters", "2"]
-    assert _distill_job().main(argv) == 0
+    assert load_job("distill").main(argv) == 0
     out = capsys.readouterr().out
     assert "exported latest student" in out
     epochs = read_csv(tmp_path / "deeppose-sh" / "logs" / "epochs.csv")
