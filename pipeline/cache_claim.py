@@ -7,10 +7,12 @@ with a larger ``--views`` grows the cache in place and computes only the new uni
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from distilpose.data.layout import SplitFiles
 from distilpose.errors import UserError
+from distilpose.models.config import ModelConfig
 from pipeline import storage
 from pipeline.cache.schema import CacheSpec
 from pipeline.mismatch import refuse_differences
@@ -47,7 +49,7 @@ def claim_output(out: str, identity: dict) -> int | None:
     if not storage.exists(uri):
         storage.atomic_write_bytes(uri, _job_json(identity))
         return None
-    existing = json.loads(storage.read_bytes(uri))
+    existing = _with_added_fields(json.loads(storage.read_bytes(uri)))
     before, views = int(existing.get("views", 0)), int(identity["views"])
     if views < before:
         raise UserError(
@@ -61,10 +63,32 @@ def claim_output(out: str, identity: dict) -> int | None:
         what=f"{out} holds a cache built with different settings",
         advice="Use another --out, or delete it to rebuild.",
         recorded_as="cache has",
+        error=UserError,
     )
     if views > before:
         storage.atomic_write_bytes(uri, _job_json(identity))
     return before
+
+
+def _with_added_fields(recorded: dict) -> dict:
+    """Give a job.json written by an older version the fields added since, at their defaults.
+
+    Fields of the teacher's config and of the cache spec are only ever added with a default
+    that keeps what older versions did (``tokens=True``, ``head="token"``, ...), so a cache
+    claimed before a field existed was built with that default: resuming it after an upgrade
+    must not be refused as "built with different settings". Rebuilding each through its class
+    fills those defaults in the form a new job.json has; a record it cannot parse is compared
+    as written."""
+    teacher, spec = recorded.get("teacher"), recorded.get("spec")
+    try:
+        if isinstance(teacher, dict) and isinstance(teacher.get("config"), dict):
+            config = dataclasses.asdict(ModelConfig(**teacher["config"]))
+            teacher["config"] = json.loads(json.dumps(config))
+        if isinstance(spec, dict):
+            recorded["spec"] = json.loads(json.dumps(CacheSpec.from_dict(spec).to_dict()))
+    except (TypeError, ValueError):
+        pass  # unknown or invalid fields: the comparison below names them
+    return recorded
 
 
 def _job_json(identity: dict) -> bytes:

@@ -7,6 +7,7 @@ difference, not continue and mix two configurations.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,33 @@ MAX_VALUE_CHARS = 100
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 3] + "..."
+
+
+def _as_mapping(value: Any) -> Any:
+    """A config dataclass (a CacheSpec, ...) compared field by field, like a dict."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _differences(label: str, recorded: Any, current: Any, recorded_as: str, current_as: str) -> list[str]:
+    """One line per differing leaf; nested mappings are compared key by key, so the line
+    names ``teacher.config.depth`` rather than two truncated copies of ``teacher``."""
+    if recorded == current:
+        return []
+    recorded, current = _as_mapping(recorded), _as_mapping(current)
+    if not (isinstance(recorded, Mapping) and isinstance(current, Mapping)):
+        return [f"{label}: {recorded_as} {_short(recorded)}, {current_as} {_short(current)}"]
+    lines = []
+    for key in sorted(set(recorded) | set(current), key=str):
+        sub = f"{label}.{key}"
+        if key not in recorded:
+            lines.append(f"{sub}: not recorded, {current_as} {_short(current[key])}")
+        elif key not in current:
+            lines.append(f"{sub}: {recorded_as} {_short(recorded[key])}, not set in {current_as}")
+        else:
+            lines += _differences(sub, recorded[key], current[key], recorded_as, current_as)
+    return lines
 
 
 def refuse_differences(
@@ -39,7 +67,7 @@ def refuse_differences(
         label = labels.get(key, key)
         if key not in recorded:
             lines.append(f"{label}: not recorded, {current_as} {_short(value)}")
-        elif recorded[key] != value:
-            lines.append(f"{label}: {recorded_as} {_short(recorded[key])}, {current_as} {_short(value)}")
+        else:
+            lines += _differences(label, recorded[key], value, recorded_as, current_as)
     if lines:
         raise error(f"{what} ({len(lines)} difference(s)):\n  - " + "\n  - ".join(lines) + f"\n{advice}")

@@ -163,8 +163,18 @@ def test_rerun_reuses_committed_shards_and_refuses_other_settings(synth, local_r
     again = run_cache_job(_config(synth, out))
     assert again.units_reused == again.units_total == first.units_total == 2 * first.shards_total
     assert again.views_computed == 0 and "views computed this run 0" in again.table()
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(UserError, match=r"(?s)1 difference\(s\).*seed: cache has 0, this run 3"):
         run_cache_job(_config(synth, out, seed=3))
+    # A nested difference is named by its path, not by two truncated copies of the section.
+    with pytest.raises(CacheMismatchError, match=r"(?s)\n  - spec\.heatmap_encoding: cache has 'i8-thresh'"):
+        run_cache_job(_config(synth, out, heatmap_encoding="fp16"))
+    # A job.json written before fields were added (here: the teacher's head, the spec's
+    # tokens) is the same cache: an upgraded version resumes it instead of refusing it.
+    job = tmp_path / "cache" / "job.json"
+    older = json.loads(job.read_text())
+    del older["teacher"]["config"]["head"], older["spec"]["tokens"]
+    job.write_text(json.dumps(older))
+    assert run_cache_job(_config(synth, out)).views_computed == 0
     with pytest.raises(UserError, match="--views 1 would shrink it.*--cache-views 1"):
         run_cache_job(_config(synth, out, views=1))
     manifest = open_reader(out).manifest
