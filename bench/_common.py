@@ -136,6 +136,17 @@ def write_results(name: str, payload: Mapping[str, Any]) -> Path:
     return path
 
 
+def write_docs_block(page: Path, writer: str, text: str) -> None:
+    """Put ``text`` between ``page``'s markers for ``writer`` (a bench script's stem): the
+    figures in the docs are the ones that run computed, never retyped."""
+    begin, end = f"<!-- {writer}: begin (written by bench/{writer}.py) -->", f"<!-- {writer}: end -->"
+    doc = page.read_text()
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{page} lacks the markers of bench/{writer}.py ({begin} ... {end})")
+    head, rest = doc.split(begin, 1)
+    page.write_text(head + begin + "\n" + text.strip() + "\n" + end + rest.split(end, 1)[1])
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)

@@ -54,6 +54,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--runtimes", nargs="+", choices=("eager", "onnx", "torchscript"), help="default eager onnx")
     p.add_argument("--reps", type=int, help="timed rounds (default 3; --quick: 2)")
     p.add_argument("--models", nargs="+", default=[TEACHER, *STUDENTS])
+    p.add_argument(
+        "--rewrite-docs",
+        action="store_true",
+        help="measure nothing: rewrite docs/speed.md and README's table from docs/speed.json",
+    )
     args = p.parse_args()
     args.batches = args.batches or ([1, 4] if args.quick else [1, 32])
     args.threads = args.threads or ([1, 2] if args.full else [2])
@@ -250,14 +255,10 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(rows: list[dict], ratio_rows: list[dict], ctx: dict) -> str:
+def ratio_table(ratio_rows: list[dict]) -> list[str]:
+    """Markdown rows: student / teacher persons/s per (device, threads, runtime, batch), and
+    in brackets the ratio of CPU seconds; the paper's ratios last."""
     lines = [
-        f"Measured {ctx['time']} by `python bench/bench_speed.py {' '.join(ctx['argv'])}`; "
-        f"{ctx['cpu_model']}, {ctx['host_cpus']} logical CPUs, load average {ctx['loadavg_1m']:.1f} at the end; "
-        f"torch {ctx['torch']}, onnxruntime {ctx['onnxruntime']}. Persons/s end to end (crop + normalize, "
-        "forward, decoding), median of the timed rounds; in brackets the ratio of the medians of this "
-        "process's CPU seconds (steadier on a shared machine).",
-        "",
         "| device | threads | runtime | batch | DistilPose-S / teacher | DistilPose-L / teacher |",
         "|---|---|---|---|---|---|",
     ]
@@ -270,8 +271,28 @@ def markdown(rows: list[dict], ratio_rows: list[dict], ctx: dict) -> str:
             for r in (by_student.get("distilpose-s"), by_student.get("distilpose-l"))
         ]
         lines.append(f"| {device} | {threads or '-'} | {runtime} | {batch} | {cells[0]} | {cells[1]} |")
-    lines.append("| paper (FPS ratio as printed) | | | | 4.90x | 1.63x |")
-    lines += [
+    lines.append(
+        "| paper (FPS ratio as printed) | | | | "
+        f"{PAPER_RATIO['distilpose-s']:.2f}x | {PAPER_RATIO['distilpose-l']:.2f}x |"
+    )
+    return lines
+
+
+def measured_on(ctx: dict) -> str:
+    return (
+        f"Measured {ctx['time'][:16].replace('T', ' ')} UTC by "
+        f"`{' '.join(['python bench/bench_speed.py', *ctx['argv']])}`"
+        f"; {ctx['cpu_model']}, {ctx['host_cpus']} logical CPUs, load "
+        f"average {ctx['loadavg_1m']:.1f} at the end; torch {ctx['torch']}, onnxruntime {ctx['onnxruntime']}"
+    )
+
+
+def markdown(rows: list[dict], ratio_rows: list[dict], ctx: dict) -> str:
+    lines = [
+        f"{measured_on(ctx)}. Persons/s end to end (crop + normalize, forward, decoding), median of the timed "
+        "rounds; in brackets the ratio of the medians of this process's CPU seconds (steadier on a shared machine).",
+        "",
+        *ratio_table(ratio_rows),
         "",
         "| device | threads | runtime | batch | model | persons/s | ms/person |",
         "|---|---|---|---|---|---|---|",
@@ -284,11 +305,33 @@ def markdown(rows: list[dict], ratio_rows: list[dict], ctx: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_block(ratio_rows: list[dict], ctx: dict) -> str:
+    """The README's speed table: the ratios only; docs/speed.md has the absolute figures."""
+    return "\n".join(
+        [
+            "Student / teacher persons/s end to end (pre-processing, forward, decoding: DARK for the teacher), "
+            "paper-size models; in brackets the ratio of CPU seconds. "
+            f"{measured_on(ctx)}; absolute figures in [docs/speed.md](docs/speed.md).",
+            "",
+            *ratio_table(ratio_rows),
+        ]
+    )
+
+
+def write_docs(payload: dict) -> None:
+    DOCS.joinpath("speed.md").write_text(markdown(payload["rows"], payload["ratios"], payload["context"]))
+    C.write_docs_block(C.ROOT / "README.md", "bench_speed", readme_block(payload["ratios"], payload["context"]))
+    print("written: docs/speed.md and README.md's speed table (from docs/speed.json)")
+
+
 def main() -> None:
     import onnxruntime
     import torch
 
     args = parse_args()
+    if args.rewrite_docs:
+        write_docs(json.loads(DOCS.joinpath("speed.json").read_text()))
+        return
     images, instances = person_boxes(max(args.batches))
     devices = [("cpu", t) for t in args.threads]
     if torch.cuda.is_available():
@@ -326,8 +369,7 @@ def main() -> None:
     C.write_results(NAME, payload)
     if not args.quick:
         DOCS.joinpath("speed.json").write_text(json.dumps(payload, indent=2, default=C._json_default) + "\n")
-        DOCS.joinpath("speed.md").write_text(markdown(rows, ratio_rows, ctx))
-        print("also written: docs/speed.json, docs/speed.md")
+        write_docs(payload)
 
 
 if __name__ == "__main__":

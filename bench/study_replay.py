@@ -54,6 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import _common as C  # noqa: E402
 from study_premise import _ints, _run, teacher_val_ap, write_csv  # noqa: E402
 
 from pipeline.premise import STUDIES, WITHIN_AP, ReplayPoint, ReplayStudy, remedy_advice  # noqa: E402
@@ -454,19 +455,6 @@ def plot(table: list[dict], title: str, path: Path) -> None:
     fig.savefig(path, dpi=110, format="png")
 
 
-BEGIN, END = "<!-- study_replay: begin (written by bench/study_replay.py) -->", "<!-- study_replay: end -->"
-
-
-def write_docs_block(page: Path, text: str) -> None:
-    """Put the study's results between the page's markers: the figures in the docs are the
-    ones this run computed, never retyped."""
-    doc = page.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{page} lacks the study's markers ({BEGIN} ... {END})")
-    head, rest = doc.split(BEGIN, 1)
-    page.write_text(head + BEGIN + "\n" + text.strip() + "\n" + END + rest.split(END, 1)[1])
-
-
 def results_block(table: list[dict], check: dict, study: ReplayStudy, recommendations: list[str]) -> str:
     lines = [
         f"Teacher check: {check['line']}.",
@@ -540,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {**study.to_json(), "teacher_check": check, "recommendations": recommendations}
     args.studies.mkdir(parents=True, exist_ok=True)
     (args.studies / f"{NAME}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_docs_block(args.docs / f"{NAME}.md", results_block(table, check, study, recommendations))
+    C.write_docs_block(args.docs / f"{NAME}.md", "study_replay", results_block(table, check, study, recommendations))
     print(markdown(table))
     for line in recommendations:
         print(f"[study] recommended views for {line}")

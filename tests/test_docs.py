@@ -205,3 +205,24 @@ def test_readme_replay_summary_is_the_study_csv() -> None:
         assert abs(float(std) - 100 * float(row["diff_gt_std"])) <= 0.051, (k, flip, std, row)
     none = re.search(r"all costs ([-+]?\d+\.\d) ± (\d+\.\d)", " ".join(bullet.split()))
     assert none and abs(float(none.group(1)) - 100 * float(rows["none-fresh"]["diff_gt_mean"])) <= 0.051
+
+
+def test_readme_speed_table_is_the_benchmark_json() -> None:
+    """The README's speed table holds docs/speed.json's ratios, every one of them (no row typed
+    by hand, none left out after a new measurement)."""
+    import json
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("<!-- bench_speed: begin") : readme.index("<!-- bench_speed: end")]
+    payload = json.loads((ROOT / "docs" / "speed.json").read_text())
+    assert payload["context"]["time"][:10] in block  # the date of the measurement it quotes
+    rows = [line.strip("|").split("|") for line in block.splitlines() if line.startswith("| ")][1:]  # no header
+    table = {tuple(c.strip() for c in cells[:4]): [c.strip() for c in cells[4:6]] for cells in rows}
+    assert table.pop(("paper (FPS ratio as printed)", "", "", "")) == ["4.90x", "1.63x"]
+    quoted = {}
+    for r in payload["ratios"]:
+        key = (r["device"], str(r["threads"] or "-"), r["runtime"], str(r["batch"]))
+        quoted[(key, r["student"])] = f"{r['ratio']:.2f}x ({r['ratio_cpu']:.2f}x)"
+    assert {key for key, _ in quoted} == set(table)
+    for (key, student), cell in quoted.items():
+        assert table[key][("distilpose-s", "distilpose-l").index(student)] == cell, (key, student)
