@@ -231,10 +231,10 @@ class Trainer:
     def step(self, batch: dict, on_device: bool = False) -> None:
         import torch
 
-        from distilpose.device import to_device
+        from pipeline.student_batch import on_device as to_device_normalized
 
         if not on_device:
-            batch = to_device(batch, self.device, self.channels_last)
+            batch = to_device_normalized(batch, self.device, self.channels_last)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.scaler.is_enabled()):
             out = self.model(batch["image"])
             targets = self.teacher(batch["image"]) if self.teacher is not None else batch
@@ -304,6 +304,7 @@ def make_stream(reader, layout, sizes: Sizes, device, prefetch: int):
         seed=0,
         prefetch=prefetch,
         pin_memory=device.type == "cuda",
+        normalize=device.type != "cuda",  # as the distill worker: a GPU normalizes the uint8 images
     )
 
 

@@ -14,8 +14,10 @@ included), one epoch per repetition, the minimum over repetitions: what the load
 when nothing else competes, repeatable on a busy machine (a wall-clock time is not).
 
 - whole loader: `pipeline.cache_loader.CachedViewStream` as it is (fast: simplejpeg decode,
-  OpenCV warp, teacher fields decoded per batch) vs `PillowStream`, the same stream with the
-  previous code paths (Pillow decode and warp, teacher fields decoded per shard);
+  OpenCV warp, teacher fields decoded per batch), as a CPU worker runs it (images normalized
+  in the loader) and as a GPU worker does (images left uint8, normalized on the device; the
+  planner's figure), vs `PillowStream`, the same stream with the previous code paths (Pillow
+  decode and warp, teacher fields decoded per shard, the old normalization);
 - the pieces, thread CPU per call: source image decode, crop warp, stored-crop decode,
   normalization.
 
@@ -51,6 +53,10 @@ NAME = "loader_cpu"
 # per array and view: the per-read overhead is shared by 256 samples, as at COCO scale).
 SIZES = dataclasses.replace(LOADER_COST, images=384, shard_instances=256)
 PLANNER_FILE = C.ROOT / "pipeline" / "loader_cost.json"
+# The loader's code paths measured: (label, stream class, images normalized in the loader).
+# A GPU worker leaves the images uint8 and normalizes them on the device (the distill
+# worker's choice: pipeline.student_batch.on_device); a CPU worker normalizes in the loader.
+CPU_WORKER, GPU_WORKER = "after, CPU worker", "after, GPU worker"
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,9 +67,27 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def normalize_before(x: np.ndarray):
+    """The out-of-place arithmetic normalize_batch had, on the permuted (channels-last) view."""
+    import torch
+
+    t = torch.from_numpy(x).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    return (t - mean) / std
+
+
 class PillowStream(CachedViewStream):
-    """The loader as it was: Pillow decodes and warps, teacher fields decoded per shard, and
-    source images from a cache of the 64 most recent (`RecentImages`, not `PoolCrops`)."""
+    """The loader as it was: Pillow decodes and warps, teacher fields decoded per shard,
+    source images from a cache of the 64 most recent (`RecentImages`, not `PoolCrops`), and
+    the images normalized by the old arithmetic."""
+
+    def _make_batch(self, rows: dict[str, np.ndarray], epoch: int):
+        self.normalize = False  # the shared code hands uint8 (N, 3, H, W); the old arithmetic here
+        batch = super()._make_batch(rows, epoch)
+        # The crops as the old code had them, (N, H, W, 3) contiguous (one small uint8 copy).
+        batch["image"] = normalize_before(batch["image"].permute(0, 2, 3, 1).contiguous().numpy())
+        return batch
 
     def _load_shard(self, shard: int, fields: tuple[str, ...], epoch: int) -> dict[str, np.ndarray]:
         view = shard_view(self.seed, epoch, shard, self.views, self.first_view)
@@ -149,14 +173,6 @@ def pieces(layout, crop_rows: list[dict], input_size: tuple[int, int], reps: int
         it = iter(range(10**9))
         return lambda: fn(items[next(it) % len(items)])
 
-    def normalize_before(x):  # the out-of-place arithmetic normalize_batch had
-        import torch
-
-        t = torch.from_numpy(x).permute(0, 3, 1, 2).to(torch.float32) / 255.0
-        mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-        std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-        return (t - mean) / std
-
     h, w = images[0].shape[:2]
     rows = [
         (f"decode {w}x{h} JPEG (per image)", cycle(pillow_decode, raws), cycle(decode_jpeg, raws), 1),
@@ -219,9 +235,11 @@ def main() -> None:
         }
         rows = []
         for path, reader in readers.items():
-            for code, cls in (("before (Pillow)", PillowStream), ("after", CachedViewStream)):
+            codes = (("before (Pillow)", PillowStream, True), (CPU_WORKER, CachedViewStream, True))
+            for code, cls, normalize in (*codes, (GPU_WORKER, CachedViewStream, False)):
                 stream = make_stream(reader, layout, sizes, device, prefetch=0)
                 stream.__class__ = cls  # same arguments, the other code path
+                stream.normalize = normalize
                 rows.append({"crops": path, "code": code, **cpu_per_sample(stream, args.reps)})
                 print(f"{path} {code}: {rows[-1]['cpu ms/sample']:.3f} ms CPU/sample", flush=True)
         by = {(r["crops"], r["code"]): r["cpu ms/sample"] for r in rows}
@@ -229,7 +247,7 @@ def main() -> None:
             r["before / this"] = by[(r["crops"], "before (Pillow)")] / r["cpu ms/sample"]
         decoded = {}
         for code, cls in (("before", PillowStream), ("after", CachedViewStream)):
-            stream = make_stream(readers["rebuild"], layout, sizes, device, prefetch=0)
+            stream = make_stream(readers["rebuild"], layout, sizes, device, prefetch=0)  # decodes: either mode
             stream.__class__ = cls
             decoded[code] = images_per_sample(stream)
         report = {
@@ -238,7 +256,9 @@ def main() -> None:
             "loader": rows,
             "pieces": pieces(layout, crop_rows, input_size, args.reps),
             "images_decoded_per_sample": decoded,
-            "cpu_ms_per_sample": {path: by[(path, "after")] for path in readers},
+            # What a GPU worker's loader costs (the planner's cores per GPU), and a CPU worker's.
+            "cpu_ms_per_sample": {path: by[(path, GPU_WORKER)] for path in readers},
+            "cpu_ms_per_sample_cpu_worker": {path: by[(path, CPU_WORKER)] for path in readers},
             "cpu_ms_per_sample_before": {path: by[(path, "before (Pillow)")] for path in readers},
         }
         text = render(report)
@@ -258,11 +278,13 @@ def write_planner_file(report: dict) -> None:
     payload = {
         "written_by": "python bench/bench_loader_cost.py",
         "what": (
-            f"CPU ms per sample of pipeline.cache_loader.CachedViewStream, one thread, batch {s['train_batch']}, "
+            "CPU ms per sample of pipeline.cache_loader.CachedViewStream on a GPU worker (images normalized on "
+            f"the device; cpu_worker: in the loader), one thread, batch {s['train_batch']}, "
             f"{s['image_size'][1]}x{s['image_size'][0]} JPEGs -> 256x192 crops, {s['teacher']} teacher fields; "
             f"process CPU time, minimum of {report['reps']} epochs"
         ),
         "cpu_ms_per_sample": {k: round(v, 4) for k, v in report["cpu_ms_per_sample"].items()},
+        "cpu_ms_per_sample_cpu_worker": {k: round(v, 4) for k, v in report["cpu_ms_per_sample_cpu_worker"].items()},
         "cpu_ms_per_sample_before": {k: round(v, 4) for k, v in report["cpu_ms_per_sample_before"].items()},
         "images_decoded_per_sample": {k: round(v, 3) for k, v in report["images_decoded_per_sample"].items()},
         "pieces_ms": {r["step"]: round(r["after ms"], 4) for r in report["pieces"]},

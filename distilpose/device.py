@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from distilpose.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from distilpose.data.transforms import channels_first, normalize_images
 
 
 def pin_batch(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -52,13 +52,10 @@ def normalize_on_device(crops: np.ndarray, device: torch.device, channels_last: 
     """uint8 crops (N, H, W, 3) -> normalized float32 (N, 3, H, W) on `device`, computed
     there: the upload is uint8 (pinned, non_blocking), the same values as
     `distilpose.data.transforms.normalize_batch`."""
-    crops = np.ascontiguousarray(crops)
-    x = torch.from_numpy(crops if crops.flags.writeable else crops.copy())
+    x = channels_first(crops)
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).div_(std)
+    x = normalize_images(x)
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 

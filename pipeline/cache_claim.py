@@ -39,6 +39,29 @@ def job_identity(cfg, layout: SplitFiles, teacher_config: dict, spec: CacheSpec)
     return json.loads(json.dumps(identity))  # the form it has when read back from job.json
 
 
+def resolve_store_crops(option: str, out: str, image_root: str) -> str:
+    """``--store-crops auto`` -> "jpeg" or "none"; other values are kept.
+
+    Stored crops cost bytes (~10 KB per view) and save every student epoch a read and decode
+    of each source image: on S3 that is one GET per instance and epoch, which at COCO scale
+    costs more than the stored bytes (`python -m pipeline.plan` prices both), and the loader's
+    CPU per sample drops by a third. So auto stores them when the cache or the images are on
+    S3 and keeps local caches (demos, tests) lean; a cache already at ``out`` keeps its choice,
+    so a rerun resumes it rather than being refused for another spec."""
+    if option != "auto":
+        return option
+    uri = storage.join(out, JOB_FILE)
+    if storage.exists(uri):
+        recorded = json.loads(storage.read_bytes(uri)).get("spec", {}).get("store_crops", False)
+        choice, why = ("jpeg" if recorded else "none"), f"as the cache at {out} was started"
+    elif storage.is_s3(out) or storage.is_s3(image_root):
+        choice, why = "jpeg", "the cache or the images are on S3: students read no source image per epoch"
+    else:
+        choice, why = "none", "local cache and images: students rebuild crops from the images"
+    print(f"[cache] --store-crops auto: {choice} ({why})", flush=True)
+    return choice
+
+
 def claim_output(out: str, identity: dict) -> int | None:
     """Record what this cache is for, or check that a partly or fully built one matches.
 

@@ -133,6 +133,7 @@ class CachedViewStream:
         shuffle_shards: int = 4,
         prefetch: int = 0,
         pin_memory: bool = False,
+        normalize: bool = True,
     ):
         self.reader = reader
         self.image_root = image_root
@@ -152,6 +153,7 @@ class CachedViewStream:
         self.shuffle_shards = shuffle_shards
         self.prefetch = prefetch
         self.pin_memory = pin_memory
+        self.normalize = normalize  # False: uint8 images, normalized on the device (student_batch.on_device)
         self.assignment = assign_shards(instances_per_shard(reader), rank, world_size)
         self.steps = steps_per_epoch(reader, world_size, batch_size)
         self.use_crops = bool(reader.spec.store_crops)
@@ -241,6 +243,7 @@ class CachedViewStream:
             teacher_fields=fields,
             token_weight=token_weight,
             pin_memory=self.pin_memory,
+            normalize=self.normalize,
         )
 
     def _teacher_fields(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

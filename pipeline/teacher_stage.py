@@ -37,7 +37,7 @@ from pipeline.cache import open_writer
 from pipeline.cache.encodings import decode_crop_jpeg, encode_crop_jpeg, encode_views
 from pipeline.cache.manifest import DataInfo, Manifest, TeacherInfo
 from pipeline.cache.schema import FORMATS, HEATMAP_ENCODINGS, TEACHER_PRECISIONS, TOKEN_ENCODINGS, CacheSpec
-from pipeline.cache_claim import claim_output, job_identity
+from pipeline.cache_claim import claim_output, job_identity, resolve_store_crops
 from pipeline.cache_summary import CacheSummary
 from pipeline.dataset_layout import resolve_layout
 from pipeline.progress import ShardProgress
@@ -57,7 +57,12 @@ class CacheJobConfig(DataOptions):
     workers: int = option(1, help="teacher actors")
     gpus_per_worker: float = option(0.0, help="GPUs per teacher actor")
     cpus_per_worker: float = option(1.0, help="CPUs per teacher actor")
-    store_crops: str = option("none", choices=("none", "jpeg"), help="also store each view's crop")
+    store_crops: str = option(
+        "auto",
+        choices=("auto", "none", "jpeg"),
+        help="also store each view's crop as JPEG; auto: jpeg when the cache or the images are on S3 (students "
+        "then read no source image per epoch), none for local ones, or what an existing cache at --out has",
+    )
     shard_instances: int = option(256, help="instances per shard (stored as one object per view)")
     seed: int = option(0, help="seed of the views' augmentation")
     heatmap_encoding: str = option("i8-thresh", choices=tuple(HEATMAP_ENCODINGS), help="heatmap encoding")
@@ -340,6 +345,7 @@ def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = No
         raise UserError(f"no usable instances in {layout.ann_file}: {skip_report.summary()}")
     if cfg.token_views is not None and not teacher_cfg.has_tokens:
         raise UserError(f"--token-views {cfg.token_views}: teacher {cfg.teacher} has no tokens to store")
+    cfg = dataclasses.replace(cfg, store_crops=resolve_store_crops(cfg.store_crops, cfg.out, layout.image_root))
     spec = CacheSpec.from_model_config(
         teacher_cfg,
         heatmap_encoding=cfg.heatmap_encoding,

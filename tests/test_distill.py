@@ -132,6 +132,20 @@ def test_stream_equal_steps_one_view_per_instance(tiny_cache) -> None:
     assert set().union(*chosen.values()) == set(range(views))
 
 
+def test_device_normalization_gives_the_cpu_batches(tiny_cache) -> None:
+    """A GPU worker's loader leaves the images uint8 (normalize=False) and `on_device`
+    normalizes them: the same float32 values the CPU loader hands over, bitwise."""
+    from pipeline.student_batch import on_device
+
+    reader = open_reader(tiny_cache)
+    cpu, deferred = _stream(reader), _stream(reader)
+    deferred.normalize = False
+    for x, y in zip(cpu.epoch(2), deferred.epoch(2), strict=True):
+        assert y["image"].dtype == torch.uint8 and y["image"].shape == x["image"].shape
+        y = on_device(y, torch.device("cpu"))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 def test_prefetch_keeps_the_order_and_stops_cleanly(tiny_cache) -> None:
     import threading
 

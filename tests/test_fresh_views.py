@@ -119,38 +119,44 @@ def test_online_views_needs_an_online_teacher(tiny_cache, tmp_path) -> None:
 
 
 @pytest.mark.timeout(420)
-def test_fresh_view_run_trains_and_a_resume_in_another_mode_is_refused(
+def test_fresh_view_run_trains_resumes_and_refuses_another_mode(
     local_ray, tiny_cache, tiny_teacher, tmp_path, capsys
 ) -> None:
-    online = dict(online_teacher="tokenpose-tiny", teacher_checkpoint=tiny_teacher)
+    """The teacher in the loop on fresh views through Ray Train: 3 epochs with checkpoints at
+    2 and 3, a resume in another mode refused, and a short resume (one more epoch)."""
+    online = dict(online_teacher="tokenpose-tiny", teacher_checkpoint=tiny_teacher, online_views="fresh")
     # One worker: the split over ranks and their lockstep are checked above without Ray.
-    result = run_distill(_cfg(tiny_cache, tmp_path, "fresh", workers=1, **online))
+    run = dict(workers=1, checkpoint_every=2, **online)
+    result = run_distill(_cfg(tiny_cache, tmp_path, "fresh", epochs=3, **run))
     assert "online teacher tokenpose-tiny on fresh views" in capsys.readouterr().out
     rows = read_csv(Path(result.run_dir) / "logs" / "epochs.csv")
-    assert [int(float(r["epoch"])) for r in rows] == [1]
-    assert np.isfinite([float(rows[0][f"train/{t}"]) for t in TERMS]).all()
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]
+    assert np.isfinite([float(rows[-1][f"train/{t}"]) for t in TERMS]).all()
+    assert sorted(p.name for p in Path(result.run_dir).glob("epoch_*")) == ["epoch_0002", "epoch_0003"]
     from distilpose.models.checkpoints import load_checkpoint
 
     _, extra = load_checkpoint(result.exported["latest"])
     assert extra["online_teacher"] == "tokenpose-tiny" and extra["online_views"] == "fresh"
     assert json.loads((Path(result.run_dir) / "run.json").read_text())["online_views"] == "fresh"
     with pytest.raises(UserError, match="online_views: run has 'fresh', this command 'cache'"):
-        prepare_run(_cfg(tiny_cache, tmp_path, "fresh", online_views="cache", **online))
-    # The matched baseline: L_reg only on the same fresh views; 3 epochs, checkpoints at 2 and 3.
-    baseline = dict(workers=1, checkpoint_every=2, no_distill=True, online_views="fresh")
-    result = run_distill(_cfg(tiny_cache, tmp_path, "none-fresh", epochs=3, **baseline))
-    assert "no distillation (L_reg only) on fresh views" in capsys.readouterr().out
-    rows = read_csv(Path(result.run_dir) / "logs" / "epochs.csv")
-    assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]
-    assert "train/reg" in rows[0] and not any(f"train/{t}" in rows[0] for t in TERMS if t != "reg")
-    assert sorted(p.name for p in Path(result.run_dir).glob("epoch_*")) == ["epoch_0002", "epoch_0003"]
-    assert json.loads((Path(result.run_dir) / "run.json").read_text())["online_views"] == "fresh"
+        prepare_run(_cfg(tiny_cache, tmp_path, "fresh", **{**online, "online_views": "cache"}))
     # A short resume through Ray Train: one more epoch on the same name continues after epoch 3.
-    resumed = run_distill(_cfg(tiny_cache, tmp_path, "none-fresh", epochs=4, **baseline))
+    resumed = run_distill(_cfg(tiny_cache, tmp_path, "fresh", epochs=4, **run))
     assert "resuming from its last checkpoint" in capsys.readouterr().out and resumed.resumed
     assert resumed.metrics["step"] == 4 * result.metrics["step"] // 3
     rows = read_csv(Path(result.run_dir) / "logs" / "epochs.csv")
     assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3, 4]
+
+
+@pytest.mark.heavy  # a third Train fit beside the default suite's fresh-view run: ~30 s
+@pytest.mark.timeout(300)
+def test_matched_baseline_trains_l_reg_only_on_fresh_views(local_ray, tiny_cache, tmp_path, capsys) -> None:
+    baseline = dict(workers=1, no_distill=True, online_views="fresh")
+    result = run_distill(_cfg(tiny_cache, tmp_path, "none-fresh", epochs=1, **baseline))
+    assert "no distillation (L_reg only) on fresh views" in capsys.readouterr().out
+    rows = read_csv(Path(result.run_dir) / "logs" / "epochs.csv")
+    assert "train/reg" in rows[0] and not any(f"train/{t}" in rows[0] for t in TERMS if t != "reg")
+    assert json.loads((Path(result.run_dir) / "run.json").read_text())["online_views"] == "fresh"
 
 
 def test_online_teacher_defaults_to_the_caches_teacher_checkpoint(tiny_cache, tmp_path, capsys) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pipeline_fixtures import ensure_local_ray
 
 from distilpose.data.coco import DataError, load_coco, load_instances, read_image
 from distilpose.data.synthetic import make_synthetic_coco
@@ -55,9 +56,17 @@ def _shard_hashes(uri: str) -> dict[str, str]:
     return {u.name: u.sha256 for u in open_reader(uri).manifest.units()}
 
 
-def test_cache_job_zarr_fields_match_a_direct_teacher_run(synth, local_ray, tmp_path):
-    out = str(tmp_path / "cache")
-    summary = run_cache_job(_config(synth, out))
+@pytest.fixture(scope="module")
+def zarr_cache(synth, s3_server, tmp_path_factory):  # s3_server: its env before Ray starts
+    """One default zarr cache job over `synth`: (root, summary), shared by the tests that read
+    it or copy it to rerun the job on."""
+    ensure_local_ray()
+    out = str(tmp_path_factory.mktemp("zarr-cache") / "cache")
+    return out, run_cache_job(_config(synth, out))
+
+
+def test_cache_job_zarr_fields_match_a_direct_teacher_run(synth, zarr_cache):
+    out, summary = zarr_cache
     assert summary.complete and summary.rows == summary.instances * 2
     annotations = json.loads((synth / "annotations" / "person_keypoints_train.json").read_text())["annotations"]
     crowd = sum(1 for a in annotations if a.get("iscrowd"))
@@ -157,9 +166,10 @@ def test_stored_jpeg_crops_are_the_pixels_the_teacher_saw(synth, local_ray, tmp_
         assert np.all(np.abs(batch[name].numpy() - fresh) <= bound * 1.001 + 1e-6), name
 
 
-def test_rerun_reuses_committed_shards_and_refuses_other_settings(synth, local_ray, tmp_path):
+def test_rerun_reuses_committed_shards_and_refuses_other_settings(synth, zarr_cache, local_ray, tmp_path):
     out = str(tmp_path / "cache")
-    first = run_cache_job(_config(synth, out))
+    shutil.copytree(zarr_cache[0], out)  # a finished run of the same command
+    first = zarr_cache[1]
     again = run_cache_job(_config(synth, out))
     assert again.units_reused == again.units_total == first.units_total == 2 * first.shards_total
     assert again.views_computed == 0 and "views computed this run 0" in again.table()
@@ -439,3 +449,20 @@ def test_progress_counts_shards_from_one_listing_without_reading_records(tmp_pat
     calls.update(listdir=0, read=0)
     final = writer.finalize(base_manifest(), expected_shards=shards, committed=committed)
     assert calls["read"] == 0 and final.num_rows == 8 * shards
+
+
+def test_store_crops_auto_stores_them_where_images_cost_requests(tmp_path, s3_bucket, capsys):
+    """--store-crops auto: JPEG crops when the cache or the images are on S3 (students then
+    GET no source image per epoch), none for local ones, and an existing cache's choice."""
+    from pipeline.cache_claim import resolve_store_crops
+
+    local = str(tmp_path / "images")
+    assert resolve_store_crops("auto", str(tmp_path / "a"), local) == "none"
+    assert resolve_store_crops("auto", f"{s3_bucket}/cache", local) == "jpeg"
+    assert resolve_store_crops("auto", str(tmp_path / "b"), f"{s3_bucket}/images") == "jpeg"
+    assert resolve_store_crops("none", f"{s3_bucket}/cache", local) == "none"  # an explicit choice stands
+    assert "--store-crops auto: jpeg (the cache or the images are on S3" in capsys.readouterr().out
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "job.json").write_text(json.dumps({"spec": {"store_crops": True}}))
+    assert resolve_store_crops("auto", str(started), local) == "jpeg"

@@ -194,6 +194,7 @@ def batch_stream(cfg: DistillConfig, reader, input_size, needed: tuple[str, ...]
         label_flip=cfg.label_flip,
         prefetch=loader_prefetch(cfg),
         pin_memory=pin_memory,
+        normalize=device.type != "cuda",  # a GPU normalizes the uint8 images (student_batch.on_device)
     )
 
 
@@ -201,14 +202,14 @@ def train_one_epoch(run: WorkerRun, epoch: int) -> EpochStats:
     """The epoch's steps; step metrics rows go to rank 0's log every `log_every` steps."""
     import torch
 
-    from distilpose.device import to_device
+    from pipeline.student_batch import on_device
 
     cfg, model, optimizer, scheduler, scaler = run.cfg, run.model, run.optimizer, run.scheduler, run.scaler
     model.train()
     sums: dict[str, float] = {}
     t0, seen = time.perf_counter(), 0
     for batch in run.stream.epoch(epoch):
-        batch = to_device(batch, run.device)
+        batch = on_device(batch, run.device)
         with torch.autocast(run.device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
             out = model(batch["image"])
             targets = run.teacher(batch["image"]) if run.teacher is not None else batch
