@@ -46,7 +46,7 @@ from distilpose import fileio
 from distilpose.data.coco import join_uri
 from distilpose.data.fast_crop import pillow_decode, pillow_warp
 from distilpose.data.transforms import ViewParams, _unflipped_affine, invert_affine
-from pipeline.cache_loader import CachedViewStream, RecentImages, shard_view
+from pipeline.cache_loader import BatchMaker, CachedViewStream, RecentImages, shard_view
 
 NAME = "loader_cpu"
 # bench_gpu's loader-cost sizes with the cache job's default shard (256 instances, one object
@@ -80,23 +80,26 @@ def normalize_before(x: np.ndarray):
 class PillowStream(CachedViewStream):
     """The loader as it was: Pillow decodes and warps, teacher fields decoded per shard,
     source images from a cache of the 64 most recent (`RecentImages`, not `PoolCrops`), and
-    the images normalized by the old arithmetic."""
-
-    def _make_batch(self, rows: dict[str, np.ndarray], epoch: int):
-        self.normalize = False  # the shared code hands uint8 (N, 3, H, W); the old arithmetic here
-        batch = super()._make_batch(rows, epoch)
-        # The crops as the old code had them, (N, H, W, 3) contiguous (one small uint8 copy).
-        batch["image"] = normalize_before(batch["image"].permute(0, 2, 3, 1).contiguous().numpy())
-        return batch
+    the images normalized by the old arithmetic (`PillowMaker`)."""
 
     def _load_shard(self, shard: int, fields: tuple[str, ...], epoch: int) -> dict[str, np.ndarray]:
         view = shard_view(self.seed, epoch, shard, self.views, self.first_view)
         return self.reader.read_shard(shard, fields=list(fields), view=view)
 
-    def _teacher_fields(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+
+class PillowMaker(BatchMaker):
+    def make(self, rows: dict[str, np.ndarray], epoch: int):
+        normalize, self.normalize = self.normalize, False  # the shared code hands uint8 (N, 3, H, W)
+        batch = super().make(rows, epoch)
+        self.normalize = normalize
+        # The crops as the old code had them, (N, H, W, 3) contiguous (one small uint8 copy).
+        batch["image"] = normalize_before(batch["image"].permute(0, 2, 3, 1).contiguous().numpy())
+        return batch
+
+    def teacher_arrays(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {key: np.asarray(rows[key], dtype=np.float32) for key in self.teacher_fields}
 
-    def _crop(self, rows: dict[str, np.ndarray], i: int) -> np.ndarray:
+    def crop(self, rows: dict[str, np.ndarray], i: int) -> np.ndarray:
         if self.use_crops:
             return pillow_decode(rows["crop_jpeg"][i])
         if "_recent" not in self.__dict__:
@@ -192,11 +195,18 @@ def pieces(layout, crop_rows: list[dict], input_size: tuple[int, int], reps: int
     return out
 
 
+def _as(stream, cls) -> None:
+    """Give a built stream the other code path (its batch maker included)."""
+    stream.__class__ = cls
+    if cls is PillowStream:
+        stream.maker.__class__ = PillowMaker
+
+
 def images_per_sample(stream) -> float:
     """Source images decoded per sample in one epoch."""
     for _ in stream.epoch(0):
         pass
-    decodes = stream._recent.decodes if isinstance(stream, PillowStream) else stream._pool_crops.decodes
+    decodes = stream.maker._recent.decodes if isinstance(stream, PillowStream) else stream.maker.pool_crops.decodes
     return decodes / (stream.steps * stream.batch_size)
 
 
@@ -238,7 +248,7 @@ def main() -> None:
             codes = (("before (Pillow)", PillowStream, True), (CPU_WORKER, CachedViewStream, True))
             for code, cls, normalize in (*codes, (GPU_WORKER, CachedViewStream, False)):
                 stream = make_stream(reader, layout, sizes, device, prefetch=0)
-                stream.__class__ = cls  # same arguments, the other code path
+                _as(stream, cls)  # same arguments, the other code path
                 stream.normalize = normalize
                 rows.append({"crops": path, "code": code, **cpu_per_sample(stream, args.reps)})
                 print(f"{path} {code}: {rows[-1]['cpu ms/sample']:.3f} ms CPU/sample", flush=True)
@@ -248,7 +258,7 @@ def main() -> None:
         decoded = {}
         for code, cls in (("before", PillowStream), ("after", CachedViewStream)):
             stream = make_stream(readers["rebuild"], layout, sizes, device, prefetch=0)  # decodes: either mode
-            stream.__class__ = cls
+            _as(stream, cls)
             decoded[code] = images_per_sample(stream)
         report = {
             "sizes": dataclasses.asdict(sizes),

@@ -38,23 +38,27 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from distilpose.data.coco import read_image
 from distilpose.data.pool_crops import PoolCrops
+from distilpose.device import pin_batch
 from distilpose.errors import UserError
 from distilpose.label_flip import flip_heatmaps, flip_joints, label_flips
 from pipeline.cache.encodings import decode_crop_jpeg, decode_fields
-from pipeline.cache.schema import HEATMAP_FIELD, TOKEN_FIELDS, arrays_for_fields
+from pipeline.cache.schema import HEATMAP_FIELD, TOKEN_FIELDS, CacheSpec, arrays_for_fields
+from pipeline.loader_processes import BATCH, POOL, RESET, LoaderProcesses
 from pipeline.student_batch import student_batch
 
 # Fields always read: the student's input view and its regression target.
 BASE_FIELDS = ("instance_id", "image_id", "view", "view_params", "joints", "joint_weights")
 # Per-row flag in the shuffle pool (not a cache field): the row's view stores the token fields.
 HAS_TOKENS = "_has_tokens"
+# What a BatchMaker needs of a whole pool (to decode each source image once for its rows).
+POOL_KEYS = ("instance_id", "image_id", "view_params")
 
 
 @dataclass
@@ -134,12 +138,10 @@ class CachedViewStream:
         prefetch: int = 0,
         pin_memory: bool = False,
         normalize: bool = True,
+        processes: int = 0,
     ):
         self.reader = reader
-        self.image_root = image_root
-        self.image_files = image_files or {}
         self.input_size = tuple(input_size)
-        self._pool_crops = PoolCrops(self._read_image, self.input_size)  # rebuilt crops: one decode per image
         self.teacher_fields = tuple(teacher_fields)
         self.batch_size = batch_size
         self.seed = seed
@@ -149,22 +151,70 @@ class CachedViewStream:
         wants_tokens = any(f in TOKEN_FIELDS for f in self.teacher_fields)
         drawn = range(self.first_view, self.first_view + self.views)
         self.tokenless_views = tuple(v for v in drawn if wants_tokens and not reader.spec.has_tokens(v))
-        self.label_flip = label_flip
         self.shuffle_shards = shuffle_shards
         self.prefetch = prefetch
         self.pin_memory = pin_memory
-        self.normalize = normalize  # False: uint8 images, normalized on the device (student_batch.on_device)
+        self.processes = processes
         self.assignment = assign_shards(instances_per_shard(reader), rank, world_size)
         self.steps = steps_per_epoch(reader, world_size, batch_size)
         self.use_crops = bool(reader.spec.store_crops)
         if not self.use_crops and image_root is None:
             raise ValueError("the cache stores no crops; the data set's image root is needed to rebuild views")
+        self.maker = BatchMaker(
+            spec=reader.spec,
+            input_size=self.input_size,
+            teacher_fields=self.teacher_fields,
+            seed=seed,
+            label_flip=label_flip,
+            use_crops=self.use_crops,
+            normalize=normalize,
+            image_root=image_root,
+            image_files=image_files or {},
+        )
+        self._pool: LoaderProcesses | None = None  # started on the first epoch that needs it
+
+    @property
+    def normalize(self) -> bool:
+        return self.maker.normalize
+
+    @normalize.setter
+    def normalize(self, value: bool) -> None:
+        self.maker.normalize = value
 
     def epoch(self, epoch: int):
         """This rank's `steps` batches of `epoch`, in a seeded order."""
-        return prefetched(self._batches(epoch), self.prefetch)
+        if self.processes <= 0:
+            return prefetched(self._pinned(self._batches_in_process(epoch)), self.prefetch)
+        if self._pool is None:
+            self._pool = LoaderProcesses(self.maker, self.processes)
+        # The background thread (at least one batch ahead) reads the shards and hands the rows
+        # to the processes; the processes build the batches, which come back in order.
+        return prefetched(self._pinned(self._pool.batches(self._plan(epoch), epoch)), max(self.prefetch, 1))
 
-    def _batches(self, epoch: int):
+    def close(self) -> None:
+        """Stop the loader processes, if any (also done when the stream is garbage collected)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _pinned(self, batches):
+        # Page-locked where the batches are received (the prefetch thread), so the step's
+        # non_blocking copy is asynchronous.
+        return (pin_batch(b) for b in batches) if self.pin_memory else batches
+
+    def _batches_in_process(self, epoch: int):
+        for kind, payload in self._plan(epoch):
+            if kind == POOL:
+                self.maker.set_pool(payload.rows)
+            elif kind == RESET:
+                self.maker.reset()
+            else:
+                yield self.maker.make(payload, epoch)
+
+    def _plan(self, epoch: int):
+        """The epoch as events: (RESET, None) first, then per group of shards (POOL, PoolRows)
+        followed by its (BATCH, rows of one batch) in order; `steps` batches in all.
+        Everything but building the batches: reading the shards and the seeded shuffle."""
         rng = np.random.default_rng([self.seed, epoch, 104729])
         # Positions in the manifest -> shard indices (indices need not be 0..n-1).
         shard_ids = [self.reader.manifest.shards[i].index for i in self.assignment.shards]
@@ -172,7 +222,7 @@ class CachedViewStream:
         fields = BASE_FIELDS + self.teacher_fields + (("crop_jpeg",) if self.use_crops else ())
         emitted = 0
         buffer: list[dict] = []
-        self._pool_crops.reset()
+        yield RESET, None
         for group_start in range(0, len(order), self.shuffle_shards):
             for shard in order[group_start : group_start + self.shuffle_shards]:
                 buffer.append(self._load_shard(int(shard), fields, epoch))
@@ -180,14 +230,14 @@ class CachedViewStream:
             buffer = []
             perm = rng.permutation(len(pool["instance_id"]))
             pool = {k: v[perm] for k, v in pool.items()}
-            if not self.use_crops:
-                self._pool_crops.set_pool(pool["instance_id"], pool["image_id"], pool["view_params"])
             usable = (len(perm) // self.batch_size) * self.batch_size
-            for start in range(0, usable, self.batch_size):
-                if emitted == self.steps:
-                    return
-                yield self._make_batch({k: v[start : start + self.batch_size] for k, v in pool.items()}, epoch)
+            batches = min(usable // self.batch_size, self.steps - emitted)
+            yield POOL, PoolRows({k: pool[k] for k in POOL_KEYS}, batches, self.batch_size)
+            for start in range(0, batches * self.batch_size, self.batch_size):
+                yield BATCH, {k: v[start : start + self.batch_size] for k, v in pool.items()}
                 emitted += 1
+            if emitted == self.steps:
+                return
             # Fewer rows than a batch are carried into the next group of shards; this rank's
             # share is at least steps x batch_size rows, so all `steps` batches come out.
             leftover = {k: v[usable:] for k, v in pool.items()}
@@ -210,11 +260,62 @@ class CachedViewStream:
         rows[HAS_TOKENS] = np.full(n, has_tokens)
         return rows
 
-    def _make_batch(self, rows: dict[str, np.ndarray], epoch: int) -> dict[str, torch.Tensor]:
-        crops = np.stack([self._crop(rows, i) for i in range(len(rows["instance_id"]))])
+
+@dataclass
+class PoolRows:
+    """A shuffle pool as the batch makers see it: its rows (`POOL_KEYS`), of which the first
+    `batches` x `batch_size` are cut into the next batches (the rest carry over)."""
+
+    rows: dict[str, np.ndarray]
+    batches: int
+    batch_size: int
+
+
+@dataclass
+class BatchMaker:
+    """Builds a batch from its cache rows: the crops (decoded stored JPEGs, or rebuilt from the
+    source images, each decoded once per pool: `PoolCrops`), the teacher fields decoded for
+    the batch, the label-side flip and the token mask. Picklable, so loader processes
+    (`pipeline.loader_processes`) run the same code on the rows the stream hands them."""
+
+    spec: CacheSpec
+    input_size: tuple[int, int]
+    teacher_fields: tuple[str, ...]
+    seed: int
+    label_flip: bool
+    use_crops: bool
+    normalize: bool = True  # False: uint8 images, normalized on the device (student_batch.on_device)
+    image_root: str | None = None
+    image_files: dict[int, str] = field(default_factory=dict)
+    pool_crops: PoolCrops | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.pool_crops = PoolCrops(self.read_image, self.input_size)  # rebuilt crops: one decode per image
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["pool_crops"] = None  # per process: rebuilt there (it holds decoded crops and a bound method)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
+
+    def reset(self) -> None:
+        self.pool_crops.reset()
+
+    def set_pool(self, pool: dict[str, np.ndarray]) -> None:
+        """The rows the next batches are cut from (`POOL_KEYS` of them; the crops of rows that
+        share a source image are warped from one decode)."""
+        if not self.use_crops:
+            self.pool_crops.set_pool(pool["instance_id"], pool["image_id"], pool["view_params"])
+
+    def make(self, rows: dict[str, np.ndarray], epoch: int) -> dict[str, torch.Tensor]:
+        """One batch from its rows (raw, encoded as read from the cache)."""
+        crops = np.stack([self.crop(rows, i) for i in range(len(rows["instance_id"]))])
         w = self.input_size[1]
         joints, weights = rows["joints"].astype(np.float32), rows["joint_weights"].astype(np.float32)
-        fields = self._teacher_fields(rows)
+        fields = self.teacher_arrays(rows)
         flips = None
         if self.label_flip:
             flips = label_flips(self.seed, epoch, rows["instance_id"])
@@ -242,22 +343,21 @@ class CachedViewStream:
             self.input_size,
             teacher_fields=fields,
             token_weight=token_weight,
-            pin_memory=self.pin_memory,
             normalize=self.normalize,
         )
 
-    def _teacher_fields(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def teacher_arrays(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The batch's teacher fields, float32. Decoded row by row: the values a whole-shard
         decode gives."""
-        decoded = decode_fields(rows, self.reader.spec, self.teacher_fields)
+        decoded = decode_fields(rows, self.spec, self.teacher_fields)
         return {key: np.asarray(value, dtype=np.float32) for key, value in decoded.items()}
 
-    def _crop(self, rows: dict[str, np.ndarray], i: int) -> np.ndarray:
+    def crop(self, rows: dict[str, np.ndarray], i: int) -> np.ndarray:
         if self.use_crops:
             return decode_crop_jpeg(rows["crop_jpeg"][i])
-        return self._pool_crops.crop(rows["instance_id"][i], rows["image_id"][i], rows["view_params"][i])
+        return self.pool_crops.crop(rows["instance_id"][i], rows["image_id"][i], rows["view_params"][i])
 
-    def _read_image(self, image_id: int) -> np.ndarray:
+    def read_image(self, image_id: int) -> np.ndarray:
         return read_image(self.image_root, self.image_files[image_id])
 
 

@@ -52,7 +52,7 @@ from pipeline.cloud_prices import (
     S3_PUT_PRICE_PER_1000,
     GpuType,
 )
-from pipeline.premise import load_replay_study, replay_advice, study_for, views_advice
+from pipeline.premise import load_replay_study, replay_advice, study_for, token_views_advice, views_advice
 
 # Heatmap bytes after zstd-3 / raw encoded bytes, measured with the Zarr writer on 256
 # teacher-like views (Gaussians on an N(0, 0.003) noise floor, as real teacher output has).
@@ -629,6 +629,7 @@ def _token_views_rows(plan: Plan) -> list[tuple[str, str]]:
                                                       f"{plan.token_views} of {plan.views} views with tokens: "
                                                       f"{saved:,.0f} B per view ({100 * saved / full:.0f}%) less "
                                                       "than tokens on every view"),
+        ("  measured", token_views_advice(load_replay_study())),
     ]  # fmt: skip
 
 

@@ -215,6 +215,24 @@ def replay_advice(epochs: int, study: ReplayStudy | None) -> str:
     )
 
 
+def token_views_advice(study: ReplayStudy | None) -> str:
+    """What the replay study measured for tokens on the first views only (--token-views),
+    next to the plain arms at the same and at half the views."""
+    measured = [p for p in (study.points if study else ()) if p.remedy.startswith("--token-views")]
+    if not measured:
+        return "not measured by the replay study (bench/study_replay.py --groups e)"
+    parts = []
+    for point in measured:
+        plain = [study.measured(k, point.epochs / k) for k in (point.views, point.views // 2)]
+        others = ", ".join(f"K={p.views} with tokens on every view {p.diff_mean * 100:+.1f}" for p in plain if p)
+        parts.append(
+            f"K={point.views} with {point.remedy}: {point.diff_mean * 100:+.1f} AP vs the online teacher "
+            f"({point.seeds} seeds; {others}; {point.instances} instances x {point.epochs} epochs)"
+        )
+    advice = "where it is below the plain arms, prefer fewer views with every field"
+    return "replay study: " + "; ".join(parts) + f"; {advice}"
+
+
 def remedy_advice(epochs: int, study: ReplayStudy) -> str:
     """What the measured remedies did at this schedule's replay counts ("" if none measured)."""
     parts = []

@@ -9,8 +9,10 @@ resume comparison (3 more fits) is a heavy test.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -144,6 +146,44 @@ def test_device_normalization_gives_the_cpu_batches(tiny_cache) -> None:
         assert y["image"].dtype == torch.uint8 and y["image"].shape == x["image"].shape
         y = on_device(y, torch.device("cpu"))
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.timeout(240)
+def test_loader_processes_build_the_same_batches_and_stop(tiny_cache, tmp_path) -> None:
+    """Batches built in 2 loader processes are the in-process ones, bitwise and in order
+    (crops rebuilt from the images, teacher fields, label flips), over several epochs; a
+    failure in a process reaches the training process; close() stops the processes."""
+
+    from distilpose.data.coco import ImageError
+    from distilpose.losses import DistillLoss
+
+    reader = open_reader(tiny_cache)
+    fields = DistillLoss().needed_teacher_fields
+    plain, parallel = _stream(reader, fields=fields), _stream(reader, fields=fields)
+    for stream in (plain, parallel):
+        stream.maker.label_flip = True
+    parallel.processes = 2
+    try:
+        for epoch in (0, 1):
+            a, b = list(plain.epoch(epoch)), list(parallel.epoch(epoch))
+            assert len(a) == len(b) == plain.steps
+            for x, y in zip(a, b):
+                assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        procs = parallel._pool.procs
+        assert len(procs) == 2 and all(p.is_alive() for p in procs)
+        # An image that is gone: the process's error is raised in the training process.
+        images = tmp_path / "images"
+        shutil.copytree(reader.manifest.data.image_root, images)
+        broken = _stream(reader, fields=fields)
+        broken.maker.image_root, broken.processes = str(images), 2
+        for name in os.listdir(images):
+            os.remove(images / name)
+        with pytest.raises(ImageError):
+            list(broken.epoch(0))
+        broken.close()
+    finally:
+        parallel.close()
+    assert not any(p.is_alive() for p in procs)
 
 
 def test_prefetch_keeps_the_order_and_stops_cleanly(tiny_cache) -> None:
@@ -338,7 +378,10 @@ def ddp_run(s3_server, tiny_cache, tiny_data, tmp_path_factory):
     while rank 1 waits)."""
     ensure_local_ray()  # module scope: the function-scoped `local_ray` fixture cannot serve
     storage = tmp_path_factory.mktemp("distill-runs")
+    # One loader process per worker: the batches are the in-process ones (checked without
+    # Ray above); here the processes start and stop inside Ray Train's workers.
     cfg = _cfg(tiny_cache, storage, "ddp", alpha_kt=0.0, val=tiny_data, eval_every=1, flip_test=False)
+    cfg = dataclasses.replace(cfg, loader_processes=1)
     return cfg, run_distill(cfg)
 
 

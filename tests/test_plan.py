@@ -215,6 +215,18 @@ def test_the_replay_study_recommends_the_smallest_measured_k_within_1_ap() -> No
     assert ReplayStudy.from_json(json.loads(json.dumps(study.to_json()))) == study
 
 
+def test_the_token_views_row_quotes_the_measured_arm_beside_the_plain_ones() -> None:
+    from pipeline.premise import token_views_advice
+
+    plain = (_point(8, 128, 250, -0.011), _point(16, 128, 250, -0.010))
+    assert "not measured by the replay study" in token_views_advice(ReplayStudy("s", 1000, plain, "where"))
+    assert "not measured" in token_views_advice(None)
+    tokens = ReplayPoint(16, 128, 250, -0.014, 0.006, -0.021, -0.01, 3, remedy="--token-views 9")
+    line = token_views_advice(ReplayStudy("s", 1000, (*plain, tokens), "where"))
+    assert line.startswith("replay study: K=16 with --token-views 9: -1.4 AP vs the online teacher (3 seeds; ")
+    assert "K=16 with tokens on every view -1.0, K=8 with tokens on every view -1.1" in line
+
+
 def test_the_planners_study_data_ships_with_the_package() -> None:
     """The planner reads pipeline/studies/*.json: package data (pyproject), inside a folder the
     Docker image copies (infra/Dockerfile copies pipeline/, not docs/)."""

@@ -51,6 +51,10 @@ class RecordError(DataError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):
+        # Rebuilt from its fields when it crosses processes (Ray tasks, loader processes).
+        return (type(self), (str(self), self.reason))
+
 
 class ImageError(OSError):
     """An image that is missing or cannot be decoded; `image_file` names it."""
@@ -60,6 +64,10 @@ class ImageError(OSError):
         self.image_file = image_file
         self.uri = uri
         self.reason = reason
+
+    def __reduce__(self):
+        # Rebuilt from its fields when it crosses processes (Ray tasks, loader processes).
+        return (type(self), (self.image_file, self.uri, self.reason))
 
 
 @dataclass

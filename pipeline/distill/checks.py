@@ -290,12 +290,24 @@ def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
         # --verbose (and then once per rank): the driver says it, once.
         print(f"[distill] {backbone_line(cfg, backbone)}", flush=True)
     print(f"[distill] {views_line(cfg, manifest)}", flush=True)
+    print(f"[distill] {loader_line(cfg)}", flush=True)
     tokens = token_views_line(cfg, manifest)
     if tokens:
         print(f"[distill] {tokens}", flush=True)
     print(warmup_line(cfg, steps * cfg.epochs), flush=True)
     warn_if_cluster_too_small(cfg)
     return cfg, resumed
+
+
+def loader_line(cfg: DistillConfig) -> str:
+    """Where each worker's batches are built (--loader-processes, --prefetch)."""
+    from pipeline.distill.config import loader_prefetch, loader_processes
+
+    processes, ahead = loader_processes(cfg), loader_prefetch(cfg)
+    if cfg.view_source() == "fresh" or processes == 0:
+        where = "in each worker's training process"
+        return f"loader: batches built {where}" + (f", {ahead} ahead in a thread" if ahead else "")
+    return f"loader: batches built in {processes} process(es) per worker (--loader-processes), in order"
 
 
 def backbone_line(cfg: DistillConfig, backbone) -> str:

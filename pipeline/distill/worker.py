@@ -26,6 +26,7 @@ from pipeline.distill.config import (
     cached_split_files,
     export_uri,
     loader_prefetch,
+    loader_processes,
     run_dir,
     val_split_files,
 )
@@ -47,9 +48,13 @@ from pipeline.distill.state import (
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry point; `config` is `train_loop_config(cfg, hooks)`."""
     run = build(DistillConfig(**config["config"]), WorkerHooks.from_dict(config.get("hooks")))
-    for epoch in range(run.start_epoch, run.cfg.epochs):
-        stats = train_one_epoch(run, epoch)
-        end_of_epoch(run, epoch, stats)
+    try:
+        for epoch in range(run.start_epoch, run.cfg.epochs):
+            stats = train_one_epoch(run, epoch)
+            end_of_epoch(run, epoch, stats)
+    finally:
+        if hasattr(run.stream, "close"):  # loader processes
+            run.stream.close()
     if run.logger:
         run.logger.close()
 
@@ -195,6 +200,7 @@ def batch_stream(cfg: DistillConfig, reader, input_size, needed: tuple[str, ...]
         prefetch=loader_prefetch(cfg),
         pin_memory=pin_memory,
         normalize=device.type != "cuda",  # a GPU normalizes the uint8 images (student_batch.on_device)
+        processes=loader_processes(cfg),
     )
 
 
