@@ -19,7 +19,11 @@ when nothing else competes, repeatable on a busy machine (a wall-clock time is n
   planner's figure), vs `PillowStream`, the same stream with the previous code paths (Pillow
   decode and warp, teacher fields decoded per shard, the old normalization);
 - the pieces, thread CPU per call: source image decode, crop warp, stored-crop decode,
-  normalization.
+  normalization;
+- samples/s vs loader processes (`--loader-processes` 0, 1, 2): the GPU worker's loader
+  alone, wall clock (median of the repetitions, so it needs an idle machine to mean much),
+  and the training process's own CPU per sample with processes (shard reads, shuffle,
+  hand-over): more processes add throughput until that ceiling.
 
 Writes runs/bench/loader_cpu.json and pipeline/loader_cost.json, the figures the planner
 (`pipeline.plan`) uses for loader cores per GPU.
@@ -202,6 +206,47 @@ def _as(stream, cls) -> None:
         stream.maker.__class__ = PillowMaker
 
 
+PROCESSES = (0, 1, 2)  # loader processes measured (0: batches built in the training process)
+
+
+def processes_curve(readers: dict, layout, sizes, device, reps: int) -> list[dict]:
+    """A GPU worker's loader alone (images left uint8), one epoch per repetition after a
+    warm-up epoch (process start-up): wall samples/s with 0, 1 and 2 loader processes, and
+    the training process's own CPU per sample (shard reads, shuffle, hand-over: the ceiling
+    that more processes cannot lift)."""
+    rows = []
+    for path, reader in readers.items():
+        for n in PROCESSES:
+            stream = make_stream(reader, layout, sizes, device, prefetch=0)
+            stream.normalize, stream.processes = False, n
+            walls, own = [], []
+            try:
+                for epoch in range(reps + 1):
+                    c, w = time.process_time(), time.perf_counter()
+                    for _ in stream.epoch(epoch):
+                        pass
+                    if epoch:
+                        walls.append(time.perf_counter() - w)
+                        own.append(time.process_time() - c)
+            finally:
+                stream.close()
+            samples = stream.steps * stream.batch_size
+            rows.append(
+                {
+                    "crops": path,
+                    "processes": n,
+                    "samples/s": samples / C.median(walls),
+                    "samples/s, all reps": C.spread([samples / w for w in walls]),
+                    "training process cpu ms/sample": 1e3 * min(own) / samples,
+                }
+            )
+            print(f"{path} {n} loader process(es): {rows[-1]['samples/s']:.0f} samples/s", flush=True)
+    base = {r["crops"]: r["samples/s"] for r in rows if r["processes"] == 0}
+    for r in rows:
+        r["vs in-process"] = r["samples/s"] / base[r["crops"]]
+    return rows
+
+
 def images_per_sample(stream) -> float:
     """Source images decoded per sample in one epoch."""
     for _ in stream.epoch(0):
@@ -260,6 +305,7 @@ def main() -> None:
             stream = make_stream(readers["rebuild"], layout, sizes, device, prefetch=0)  # decodes: either mode
             _as(stream, cls)
             decoded[code] = images_per_sample(stream)
+        curve = processes_curve(readers, layout, sizes, device, args.reps)
         report = {
             "sizes": dataclasses.asdict(sizes),
             "reps": args.reps,
@@ -270,6 +316,7 @@ def main() -> None:
             "cpu_ms_per_sample": {path: by[(path, GPU_WORKER)] for path in readers},
             "cpu_ms_per_sample_cpu_worker": {path: by[(path, CPU_WORKER)] for path in readers},
             "cpu_ms_per_sample_before": {path: by[(path, "before (Pillow)")] for path in readers},
+            "processes": curve,
         }
         text = render(report)
         report["wall_s"] = time.perf_counter() - started
@@ -298,6 +345,17 @@ def write_planner_file(report: dict) -> None:
         "cpu_ms_per_sample_before": {k: round(v, 4) for k, v in report["cpu_ms_per_sample_before"].items()},
         "images_decoded_per_sample": {k: round(v, 3) for k, v in report["images_decoded_per_sample"].items()},
         "pieces_ms": {r["step"]: round(r["after ms"], 4) for r in report["pieces"]},
+        # With --loader-processes: the training process's own CPU per sample (reads, shuffle,
+        # hand-over), the ceiling of one worker however many processes build its batches.
+        "training_process_cpu_ms_per_sample": {
+            r["crops"]: round(r["training process cpu ms/sample"], 4)
+            for r in report["processes"]
+            if r["processes"] == max(PROCESSES)
+        },
+        "samples_per_s_by_processes": {
+            path: {str(r["processes"]): round(r["samples/s"], 1) for r in report["processes"] if r["crops"] == path}
+            for path in report["cpu_ms_per_sample"]
+        },
         "machine": C.context(),
     }
     PLANNER_FILE.write_text(json.dumps(payload, indent=2) + "\n")
@@ -312,6 +370,8 @@ def render(report: dict) -> str:
         + ", ".join(f"{k} {v:.2f}" for k, v in report["images_decoded_per_sample"].items()),
         "\nthe pieces, thread CPU per call, minimum:",
         C.table(report["pieces"]),
+        f"\nsamples/s vs loader processes (GPU worker's loader alone, wall, median; {os.cpu_count()} CPUs here):",
+        C.table(report["processes"]),
     ]
     goals = {"stored": 1.0, "rebuild": 2.5}
     for path, ms in report["cpu_ms_per_sample"].items():

@@ -97,10 +97,41 @@ class LoaderProcesses:
         item = waiting.pop(seq)
         if isinstance(item, BaseException):
             raise item
-        return item
+        return unpack(*item)
 
     def close(self) -> None:
         self._finalizer()
+
+
+ALIGN = 64  # bytes: every array of a packed batch starts at a multiple (any dtype's alignment)
+
+
+def pack(batch: dict) -> tuple[list, object]:
+    """A batch of tensors as one shared-memory uint8 tensor and its layout: one shared-memory
+    hand-over per batch instead of one per tensor (each costs a socket round trip to pass a
+    file descriptor: ~1 ms, measured as the loader's bottleneck)."""
+    import torch
+
+    layout, offset = [], 0
+    for key, tensor in batch.items():
+        layout.append((key, tensor.dtype, tuple(tensor.shape), offset))
+        offset += -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
+    buffer = torch.empty(max(offset, 1), dtype=torch.uint8).share_memory_()
+    for (_, dtype, shape, start), tensor in zip(layout, batch.values()):
+        size = tensor.numel() * tensor.element_size()
+        buffer[start : start + size].view(dtype).view(shape).copy_(tensor)
+    return layout, buffer
+
+
+def unpack(layout: list, buffer) -> dict:
+    """The batch's tensors as views into the shared buffer (no copy)."""
+    import math
+
+    out = {}
+    for key, dtype, shape, start in layout:
+        size = math.prod(shape) * dtype.itemsize
+        out[key] = buffer[start : start + size].view(dtype).view(shape)
+    return out
 
 
 def _share_of_pool(pool, first_batch: int, worker: int, n: int) -> dict[str, np.ndarray]:
@@ -134,7 +165,7 @@ def _serve(maker, tasks, results, parent_pid: int) -> None:
                 maker.set_pool(payload)
             else:
                 rows, epoch = payload
-                results.put((seq, maker.make(rows, epoch)))
+                results.put((seq, pack(maker.make(rows, epoch))))
         except BaseException as exc:  # handed to the training process, raised there
             if kind == BATCH:
                 results.put((seq, _picklable(exc)))

@@ -90,6 +90,14 @@ STUDENT_TEACHER_FIELDS = ("kpt_tokens", "vis_tokens", HEATMAP_FIELD)
 
 
 @cache
+def _training_process_ms(path: Path = LOADER_COST_FILE) -> str:
+    """The training process's own CPU per sample with loader processes, as measured."""
+    measured = json.loads(Path(path).read_text()).get("training_process_cpu_ms_per_sample", {})
+    if not measured:
+        return "not measured"
+    return ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(measured.items()))
+
+
 def loader_cpu_ms(path: Path = LOADER_COST_FILE) -> dict[str, float]:
     """The measured loader CPU ms per sample, {"rebuild": ms, "stored": ms}."""
     try:
@@ -514,10 +522,11 @@ def _assumptions(gpu: GpuType, price: float, utilization: float, spec: CacheSpec
         "loader's small image cache saves some)",
         f"loader CPU per sample ({LOADER_COST_FILE.name}, written by bench/bench_loader_cost.py: one thread, "
         f"process CPU, minimum of several epochs): crops rebuilt {loader_cpu_ms()['rebuild']:.2f} ms, stored "
-        f"{loader_cpu_ms()['stored']:.2f} ms; cores per GPU = its compute-bound samples/s x that; one loader "
-        f"process feeds {1e3 / loader_cpu_ms()['rebuild']:,.0f} (rebuilt) or {1e3 / loader_cpu_ms()['stored']:,.0f} "
-        "(stored) samples/s, and the training loop runs one loader process per GPU worker today: past that rate "
-        "it needs the cores as several loader processes",
+        f"{loader_cpu_ms()['stored']:.2f} ms (a GPU worker's: images normalized on the device); cores per GPU = "
+        f"its compute-bound samples/s x that; one core feeds {1e3 / loader_cpu_ms()['rebuild']:,.0f} (rebuilt) or "
+        f"{1e3 / loader_cpu_ms()['stored']:,.0f} (stored) samples/s, so past that rate a worker needs "
+        "--loader-processes N and --cpus-per-worker N+1 (the training process keeps the shard reads: "
+        f"{_training_process_ms()} of its own CPU per sample)",
     ]
     if store_crops:
         lines.append(f"crop JPEGs: {CROP_JPEG_BYTES_PER_PIXEL:g} B/pixel of the input crop")

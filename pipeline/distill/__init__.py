@@ -19,14 +19,7 @@ record), logs (metrics logs, driver progress), run (trainer, run_distill).
 """
 
 from pipeline.distill.checks import check_cache_for_run, prepare_run
-from pipeline.distill.config import (
-    DistillConfig,
-    loader_prefetch,
-    loader_processes,
-    resolve_paths,
-    run_dir,
-    worker_resources,
-)
+from pipeline.distill.config import DistillConfig, loader_prefetch, resolve_paths, run_dir, worker_resources
 from pipeline.distill.run import DistillResult, build_trainer, run_distill
 from pipeline.distill.state import TrainState, export_checkpoints
 
@@ -38,7 +31,6 @@ __all__ = [
     "check_cache_for_run",
     "export_checkpoints",
     "loader_prefetch",
-    "loader_processes",
     "prepare_run",
     "resolve_paths",
     "run_dir",

@@ -301,9 +301,9 @@ def prepare_run(cfg: DistillConfig) -> tuple[DistillConfig, bool]:
 
 def loader_line(cfg: DistillConfig) -> str:
     """Where each worker's batches are built (--loader-processes, --prefetch)."""
-    from pipeline.distill.config import loader_prefetch, loader_processes
+    from pipeline.distill.config import loader_prefetch
 
-    processes, ahead = loader_processes(cfg), loader_prefetch(cfg)
+    processes, ahead = cfg.loader_processes, loader_prefetch(cfg)
     if cfg.view_source() == "fresh" or processes == 0:
         where = "in each worker's training process"
         return f"loader: batches built {where}" + (f", {ahead} ahead in a thread" if ahead else "")

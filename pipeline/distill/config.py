@@ -118,12 +118,13 @@ class DistillConfig(DataOptions, ValDataOptions):
     prefetch: int | None = option(
         None, help="batches a loader thread builds ahead (default: 2 with --gpu or >= 2 CPUs per worker, else 0)"
     )
-    # None: on a GPU worker with >= 3 CPUs, all but one of them (the training process keeps
-    # one for the step and the shard reads); else 0, the batches built in the training process.
-    loader_processes: int | None = option(
-        None,
-        help="processes per training worker that build its batches (same batches, in order); default: "
-        "cpus-per-worker - 1 with --gpu and >= 3 CPUs per worker, else 0 (in the training process)",
+    # Opt-in: measured only on a 2-core machine, where 1-2 processes were slower than building
+    # the batches in the training process (bench/bench_loader_cost.py, "samples/s vs loader
+    # processes"); they are for workers with cores to spare (cpus-per-worker >= 3).
+    loader_processes: int = option(
+        0,
+        help="processes per training worker that build its batches (the same batches, in order); 0: in the "
+        "training process. For GPU workers with cores to spare: give each worker --cpus-per-worker N+1",
     )
     placement_strategy: str = option(
         "PACK",
@@ -138,7 +139,7 @@ class DistillConfig(DataOptions, ValDataOptions):
 
     def __post_init__(self) -> None:
         check_choices(self)
-        if self.loader_processes is not None and self.loader_processes < 0:
+        if self.loader_processes < 0:
             raise UserError(f"--loader-processes must be >= 0, got {self.loader_processes}")
 
     def alphas(self) -> dict[str, float]:
@@ -220,12 +221,6 @@ def loader_prefetch(cfg: DistillConfig) -> int:
     if cfg.prefetch is not None:
         return cfg.prefetch
     return 2 if cfg.gpu or cfg.cpus_per_worker >= 2 else 0
-
-
-def loader_processes(cfg: DistillConfig) -> int:
-    if cfg.loader_processes is not None:
-        return cfg.loader_processes
-    return int(cfg.cpus_per_worker) - 1 if cfg.gpu and cfg.cpus_per_worker >= 3 else 0
 
 
 def worker_resources(cfg: DistillConfig) -> dict[str, float]:

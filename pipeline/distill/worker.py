@@ -26,7 +26,6 @@ from pipeline.distill.config import (
     cached_split_files,
     export_uri,
     loader_prefetch,
-    loader_processes,
     run_dir,
     val_split_files,
 )
@@ -200,7 +199,7 @@ def batch_stream(cfg: DistillConfig, reader, input_size, needed: tuple[str, ...]
         prefetch=loader_prefetch(cfg),
         pin_memory=pin_memory,
         normalize=device.type != "cuda",  # a GPU normalizes the uint8 images (student_batch.on_device)
-        processes=loader_processes(cfg),
+        processes=cfg.loader_processes,
     )
 
 
