@@ -321,7 +321,18 @@ def loader_vs_synthetic(sizes: Sizes, device, reader, layout) -> tuple[list[dict
         f"{preset} real cache + loader": lambda: [trainer.step(b) for b in stream.epoch(next(epochs))],
         f"{preset} synthetic on device": lambda: [trainer.step(synthetic, True) for _ in range(stream.steps)],
     }
-    med, cpu, peaks = timed_cases(cases, device, sizes.reps, "loader")
+    # At full width where there are cores to spare: the batches built in loader processes
+    # (--loader-processes), all CPUs but the training process's one, at most 8.
+    processes = min((os.cpu_count() or 1) - 1, 8)
+    wide = make_stream(reader, layout, sizes, device, prefetch=2)
+    wide.processes = processes
+    if processes >= 2:
+        name = f"{preset} real cache + {processes} loader processes"
+        cases[name] = lambda: [trainer.step(b) for b in wide.epoch(next(epochs))]
+    try:
+        med, cpu, peaks = timed_cases(cases, device, sizes.reps, "loader")
+    finally:
+        wide.close()
     samples = stream.steps * sizes.train_batch
     rows = [
         {

@@ -25,8 +25,8 @@ when nothing else competes, repeatable on a busy machine (a wall-clock time is n
   and the training process's own CPU per sample with processes (shard reads, shuffle,
   hand-over): more processes add throughput until that ceiling.
 
-Writes runs/bench/loader_cpu.json and pipeline/loader_cost.json, the figures the planner
-(`pipeline.plan`) uses for loader cores per GPU.
+Writes runs/bench/loader_cpu.json, pipeline/loader_cost.json (the figures the planner,
+`pipeline.plan`, uses for loader cores per GPU) and docs/results.md's loader block.
 """
 
 from __future__ import annotations
@@ -67,7 +67,14 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=5, help="epochs per case; the minimum CPU time counts")
     p.add_argument("--keep", action="store_true", help="keep the temporary data and caches")
-    p.add_argument("--no-planner-file", action="store_true", help=f"do not update {PLANNER_FILE.name}")
+    p.add_argument(
+        "--no-planner-file", action="store_true", help=f"do not update {PLANNER_FILE.name} and docs/results.md"
+    )
+    p.add_argument(
+        "--rewrite-docs",
+        action="store_true",
+        help="measure nothing: rewrite docs/results.md's loader block from runs/bench/loader_cpu.json",
+    )
     return p.parse_args()
 
 
@@ -261,6 +268,10 @@ def main() -> None:
     from pipeline.cache.schema import CacheSpec
 
     args = parse_args()
+    if args.rewrite_docs:
+        saved = json.loads((C.RESULTS_DIR / f"{NAME}.json").read_text())
+        write_docs(saved, saved["report"], saved["context"])
+        return
     import torch
 
     C.set_threads(1)
@@ -324,9 +335,20 @@ def main() -> None:
         C.write_results(NAME, {"context": C.context(), **report, "report": text})
         if not args.no_planner_file:
             write_planner_file(report)
+            write_docs(report, text, C.context())
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_docs(report: dict, text: str, ctx: dict) -> None:
+    """docs/results.md's loader block: the run's tables, with the machine they came from."""
+    head = (
+        f"Measured {ctx['time'][:16].replace('T', ' ')} UTC on {ctx['host_cpus']} CPUs (load average "
+        f"{ctx['loadavg_1m']:.1f} at the end), {report['reps']} repetitions:"
+    )
+    C.write_docs_block(C.ROOT / "docs" / "results.md", "bench_loader_cost", f"{head}\n\n```\n{text}\n```")
+    print("docs/results.md: the loader block", flush=True)
 
 
 def write_planner_file(report: dict) -> None:
