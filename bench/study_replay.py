@@ -196,6 +196,18 @@ def finished_trials(out: Path, subset: int, seed: int) -> dict[str, Path]:
     return done
 
 
+def recorded_caches(out: Path) -> dict[int, Path]:
+    """The subsets' caches in the study folder (cache-nN; not the token-views ones)."""
+    found = (re.fullmatch(r"cache-n(\d+)", p.name) for p in out.glob("cache-n*"))
+    return {int(m.group(1)): out / m.group(0) for m in found if m}
+
+
+def recorded_seeds(out: Path, seeds: list[int]) -> list[int]:
+    """`seeds` and every seed a sweep in the study folder ran."""
+    found = (re.match(r"replay-n\d+-seed(\d+)", p.name) for p in out.glob("replay-n*-seed*"))
+    return sorted(set(seeds) | {int(m.group(1)) for m in found if m})
+
+
 def run_sweeps(args, caches: dict[int, Path]) -> None:
     for subset, cache in caches.items():
         _, epochs = subset_epochs(cache)
@@ -515,7 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     caches = build_caches(args)
     if not args.report_only:
         run_sweeps(args, caches)
-    rows = collect(args, caches)
+    # The report covers every subset and seed the study folder holds, not only this run's:
+    # a run of one more subset must not drop the others from the docs and the planner's data.
+    report = argparse.Namespace(**{**vars(args), "seeds": recorded_seeds(Path(args.out), args.seeds)})
+    rows = collect(report, {**recorded_caches(Path(args.out)), **caches})
     if not rows:
         print("[study] no finished trial yet", flush=True)
         return 1

@@ -669,7 +669,8 @@ def _crops_rows(plan: Plan) -> list[tuple[str, str]]:
     choice = plan.crops_choice
     other = "rebuild" if choice == "stored" else "stored"
     saved = plan.crops[other].total - plan.crops[choice].total
-    flag = "--store-crops" if choice == "stored" else "no --store-crops"
+    # The cache job's default (--store-crops auto) stores them for S3 caches or images.
+    flag = "--store-crops jpeg; auto does so on S3" if choice == "stored" else "--store-crops none"
     rows.append(
         (
             "crops: use",
