@@ -1,13 +1,17 @@
 """Loader processes: a training worker's batches built in N processes, in the same order.
 
-One loader thread feeds a few hundred samples/s (decode, warp and normalize hold the GIL for
-part of their time), a GPU wants thousands: the batch building, a pure function of a batch's
-cache rows (`pipeline.cache_loader.BatchMaker`), runs in N worker processes while the
-training process keeps the cheap part (reading the shard units, the seeded shuffle) and
-puts the batches back in order. Batch i of an epoch goes to process i % N, which also gets
-its share of each shuffle pool's rows, so a source image is decoded once per process and
-pool (`PoolCrops`), not once per row. The batches are the ones the in-process loader builds,
-bitwise: same rows, same code, seeds that do not depend on the process.
+One loader thread feeds several hundred samples/s (decode, warp and normalize hold the GIL
+for part of their time), a GPU wants thousands: the batch building, a pure function of a
+batch's cache rows (`pipeline.cache_loader.BatchMaker`), runs in N worker processes while the
+training process keeps reading the shard units (zarr's threads decompress them), the seeded
+shuffle, and puts the batches back in order. That share is not small: measured at 0.56-0.78
+ms of CPU per sample (bench/bench_loader_cost.py), so on a 2-core machine the processes are
+slower than one thread; they are for workers with cores to spare (opt-in).
+
+Batch i of an epoch goes to process i % N, which also gets its share of each shuffle pool's
+rows, so a source image is decoded once per process and pool (`PoolCrops`), not once per row.
+The batches are the ones the in-process loader builds, bitwise: same rows, same code, seeds
+that do not depend on the process.
 
 Why own processes and not torch's DataLoader workers or Ray Data: a DataLoader worker would
 read whole shard units itself (each worker N times the reads, or per-row reads that are
