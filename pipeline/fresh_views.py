@@ -88,6 +88,9 @@ class FreshViewStream:
         """This rank's `steps` batches of `epoch`, in a seeded order."""
         return prefetched(self._batches(epoch), self.prefetch)
 
+    def close(self) -> None:
+        """Nothing to stop (the batches are built in the training process); as CachedViewStream."""
+
     def _batches(self, epoch: int):
         order = np.random.default_rng([self.seed, epoch, 104729]).permutation(len(self.instances))
         for step in range(self.steps):

@@ -305,8 +305,8 @@ def loader_line(cfg: DistillConfig) -> str:
 
     processes, ahead = cfg.loader_processes, loader_prefetch(cfg)
     if cfg.view_source() == "fresh" or processes == 0:
-        where = "in each worker's training process"
-        return f"loader: batches built {where}" + (f", {ahead} ahead in a thread" if ahead else "")
+        ahead_text = f", {ahead} ahead in a thread" if ahead else ""
+        return f"loader: batches built in each worker's training process{ahead_text}"
     return f"loader: batches built in {processes} process(es) per worker (--loader-processes), in order"
 
 

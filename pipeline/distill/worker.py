@@ -52,8 +52,7 @@ def train_loop_per_worker(config: dict) -> None:
             stats = train_one_epoch(run, epoch)
             end_of_epoch(run, epoch, stats)
     finally:
-        if hasattr(run.stream, "close"):  # loader processes
-            run.stream.close()
+        run.stream.close()  # stops the loader processes, if any
     if run.logger:
         run.logger.close()
 
