@@ -22,8 +22,8 @@ when nothing else competes, repeatable on a busy machine (a wall-clock time is n
   normalization;
 - samples/s vs loader processes (`--loader-processes` 0, 1, 2): the GPU worker's loader
   alone, wall clock (median of the repetitions, so it needs an idle machine to mean much),
-  and the training process's own CPU per sample with processes (shard reads, shuffle,
-  hand-over): more processes add throughput until that ceiling.
+  and the training process's own CPU per sample with processes (planning, hand-out, copying
+  each batch out of shared memory): more processes add throughput until that ceiling.
 
 Writes runs/bench/loader_cpu.json, pipeline/loader_cost.json (the figures the planner,
 `pipeline.plan`, uses for loader cores per GPU) and docs/results.md's loader block.
@@ -219,8 +219,8 @@ PROCESSES = (0, 1, 2)  # loader processes measured (0: batches built in the trai
 def processes_curve(readers: dict, layout, sizes, device, reps: int) -> list[dict]:
     """A GPU worker's loader alone (images left uint8), one epoch per repetition after a
     warm-up epoch (process start-up): wall samples/s with 0, 1 and 2 loader processes, and
-    the training process's own CPU per sample (shard reads, shuffle, hand-over: the ceiling
-    that more processes cannot lift)."""
+    the training process's own CPU per sample (planning, hand-out, copy-out: the ceiling that
+    more processes cannot lift)."""
     rows = []
     for path, reader in readers.items():
         for n in PROCESSES:
@@ -367,8 +367,8 @@ def write_planner_file(report: dict) -> None:
         "cpu_ms_per_sample_before": {k: round(v, 4) for k, v in report["cpu_ms_per_sample_before"].items()},
         "images_decoded_per_sample": {k: round(v, 3) for k, v in report["images_decoded_per_sample"].items()},
         "pieces_ms": {r["step"]: round(r["after ms"], 4) for r in report["pieces"]},
-        # With --loader-processes: the training process's own CPU per sample (reads, shuffle,
-        # hand-over), the ceiling of one worker however many processes build its batches.
+        # With --loader-processes: the training process's own CPU per sample (planning, hand-out,
+        # copy-out), the ceiling of one worker however many processes read and build its batches.
         "training_process_cpu_ms_per_sample": {
             r["crops"]: round(r["training process cpu ms/sample"], 4)
             for r in report["processes"]

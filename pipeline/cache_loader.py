@@ -32,6 +32,12 @@ batch is prepared while the current step runs. The order is the same with or wit
 On a worker with one CPU the thread only competes with the step (measured 15% slower on
 the demo), hence off there (see `DistillConfig.prefetch`). With `pin_memory` (GPU workers)
 each batch is page-locked in that thread, so the step's `non_blocking` copy is asynchronous.
+
+The epoch is planned from the manifest alone (`CachedViewStream._pools`: which units each
+shuffle pool reads, the seeded order of its rows), so the work can be split: with
+`processes` > 0 (`--loader-processes`) N processes read the units and build the batches
+(`pipeline.loader_processes`), with the same rows gathered by the same code (`take_rows`,
+`BatchMaker`) as in the training process.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from distilpose.errors import UserError
 from distilpose.label_flip import flip_heatmaps, flip_joints, label_flips
 from pipeline.cache.encodings import decode_crop_jpeg, decode_fields
 from pipeline.cache.schema import HEATMAP_FIELD, TOKEN_FIELDS, CacheSpec, arrays_for_fields
-from pipeline.loader_processes import BATCH, POOL, RESET, LoaderProcesses
+from pipeline.loader_processes import LoaderProcesses
 from pipeline.student_batch import student_batch
 
 # Fields always read: the student's input view and its regression target.
@@ -171,6 +177,8 @@ class CachedViewStream:
             image_root=image_root,
             image_files=image_files or {},
         )
+        self.shard_reads = ShardReads(reader, self.tokenless_views)
+        self.fields = BASE_FIELDS + self.teacher_fields + (("crop_jpeg",) if self.use_crops else ())
         self._pool: LoaderProcesses | None = None  # started on the first epoch that needs it
 
     @property
@@ -186,10 +194,11 @@ class CachedViewStream:
         if self.processes <= 0:
             return prefetched(self._pinned(self._batches_in_process(epoch)), self.prefetch)
         if self._pool is None:
-            self._pool = LoaderProcesses(self.maker, self.processes)
-        # The background thread (at least one batch ahead) reads the shards and hands the rows
-        # to the processes; the processes build the batches, which come back in order.
-        return prefetched(self._pinned(self._pool.batches(self._plan(epoch), epoch)), max(self.prefetch, 1))
+            self._pool = LoaderProcesses(self.maker, self.shard_reads, self.fields, self.processes, pin=self.pin_memory)
+        # The background thread (at least one batch ahead) only plans, hands out the work and
+        # copies each batch out of shared memory (into page-locked memory with pin_memory): the
+        # processes read the units and build the batches, which come back in order.
+        return prefetched(self._pool.batches(self._pools(epoch), epoch), max(self.prefetch, 1))
 
     def close(self) -> None:
         """Stop the loader processes, if any (also done when the stream is garbage collected)."""
@@ -203,58 +212,70 @@ class CachedViewStream:
         return (pin_batch(b) for b in batches) if self.pin_memory else batches
 
     def _batches_in_process(self, epoch: int):
-        for kind, payload in self._plan(epoch):
-            if kind == POOL:
-                self.maker.set_pool(payload.rows)
-            elif kind == RESET:
-                self.maker.reset()
-            else:
-                yield self.maker.make(payload, epoch)
+        self.maker.reset()
+        reads: dict[int, dict[str, np.ndarray]] = {}
+        for pool in self._pools(epoch):
+            reads = {r: rows for r, rows in reads.items() if r in pool.carried}  # rows still in the pool
+            for read_id, (shard, _) in zip(pool.read_ids, pool.reads):
+                reads[read_id] = self._load_shard(shard, self.fields, epoch)
+            self.maker.set_pool(take_rows(reads, pool.source, pool.row, POOL_KEYS))
+            for j in range(pool.batches):
+                yield self.maker.make(take_rows(reads, *pool.batch(j)), epoch)
 
-    def _plan(self, epoch: int):
-        """The epoch as events: (RESET, None) first, then per group of shards (POOL, PoolRows)
-        followed by its (BATCH, rows of one batch) in order; `steps` batches in all.
-        Everything but building the batches: reading the shards and the seeded shuffle."""
+    def _pools(self, epoch: int):
+        """The epoch's shuffle pools (`PoolPlan`), planned from the manifest alone: which units
+        each reads and the seeded shuffle of its rows; `steps` batches in all."""
         rng = np.random.default_rng([self.seed, epoch, 104729])
         # Positions in the manifest -> shard indices (indices need not be 0..n-1).
         shard_ids = [self.reader.manifest.shards[i].index for i in self.assignment.shards]
         order = list(rng.permutation(shard_ids))
-        fields = BASE_FIELDS + self.teacher_fields + (("crop_jpeg",) if self.use_crops else ())
-        emitted = 0
-        buffer: list[dict] = []
-        yield RESET, None
+        emitted = next_read = 0
+        carried = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # rows of the last pool not batched
         for group_start in range(0, len(order), self.shuffle_shards):
+            reads, sources, rows = [], [carried[0]], [carried[1]]
             for shard in order[group_start : group_start + self.shuffle_shards]:
-                buffer.append(self._load_shard(int(shard), fields, epoch))
-            pool = {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
-            buffer = []
-            perm = rng.permutation(len(pool["instance_id"]))
-            pool = {k: v[perm] for k, v in pool.items()}
+                view = shard_view(self.seed, epoch, int(shard), self.views, self.first_view)
+                n = self.reader.shard_info(int(shard)).unit(view).rows
+                reads.append((int(shard), view))
+                sources.append(np.full(n, next_read + len(reads) - 1, np.int64))
+                rows.append(np.arange(n, dtype=np.int64))
+            perm = rng.permutation(sum(len(r) for r in rows))
+            source, row = np.concatenate(sources)[perm], np.concatenate(rows)[perm]
             usable = (len(perm) // self.batch_size) * self.batch_size
             batches = min(usable // self.batch_size, self.steps - emitted)
-            yield POOL, PoolRows({k: pool[k] for k in POOL_KEYS}, batches, self.batch_size)
-            for start in range(0, batches * self.batch_size, self.batch_size):
-                yield BATCH, {k: v[start : start + self.batch_size] for k, v in pool.items()}
-                emitted += 1
+            yield PoolPlan(reads, next_read, set(np.unique(carried[0]).tolist()), source, row, batches, self.batch_size)
+            next_read += len(reads)
+            emitted += batches
             if emitted == self.steps:
                 return
             # Fewer rows than a batch are carried into the next group of shards; this rank's
             # share is at least steps x batch_size rows, so all `steps` batches come out.
-            leftover = {k: v[usable:] for k, v in pool.items()}
-            if len(leftover["instance_id"]):
-                buffer.append(leftover)
+            carried = (source[usable:], row[usable:])
 
     def _load_shard(self, shard: int, fields: tuple[str, ...], epoch: int) -> dict[str, np.ndarray]:
         view = shard_view(self.seed, epoch, shard, self.views, self.first_view)
-        # Raw (encoded) arrays: the shuffle pool moves int8/fp16 bytes, and each batch decodes
-        # only its own rows (`_make_batch`), 2-4x less memory traffic than decoding the shard.
+        return self.shard_reads.read(shard, view, fields)
+
+
+@dataclass
+class ShardReads:
+    """One unit's rows as the loader reads them: raw (encoded) arrays, so the pools hold
+    int8/fp16 bytes and each batch decodes only its own rows (2-4x less memory traffic than
+    decoding the shard). A view without the token fields the loss reads (a cache built with
+    --token-views) gets zero placeholders and a per-row flag (masked in `BatchMaker.make`).
+    Picklable: loader processes read with it too."""
+
+    reader: object  # pipeline.cache.CacheReader
+    tokenless_views: tuple[int, ...] = ()
+
+    def read(self, shard: int, view: int, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
         if not self.tokenless_views:
             return self.reader.read_shard(shard, fields=list(fields), view=view, decode=False)
         has_tokens = view not in self.tokenless_views
         read = fields if has_tokens else tuple(f for f in fields if f not in TOKEN_FIELDS)
         rows = self.reader.read_shard(shard, fields=list(read), view=view, decode=False)
         n = len(rows["instance_id"])
-        if not has_tokens:  # zero placeholders (masked in _make_batch): every shard of the pool has the arrays
+        if not has_tokens:  # zero placeholders: every read of a pool has the same arrays
             for name, array in arrays_for_fields(self.reader.spec, [f for f in fields if f in TOKEN_FIELDS]).items():
                 rows[name] = np.zeros((n, *array.shape), dtype=array.dtype)
         rows[HAS_TOKENS] = np.full(n, has_tokens)
@@ -262,13 +283,41 @@ class CachedViewStream:
 
 
 @dataclass
-class PoolRows:
-    """A shuffle pool as the batch makers see it: its rows (`POOL_KEYS`), of which the first
-    `batches` x `batch_size` are cut into the next batches (the rest carry over)."""
+class PoolPlan:
+    """One shuffle pool: the units it reads, (shard, view) in order, numbered `read_ids` in the
+    epoch, and for each of its rows in the shuffled order the read it comes from (`source`)
+    and its row there. Rows not batched in a pool are `carried` into the next one (the read ids
+    they come from). The first `batches` x `batch_size` rows are cut into the batches."""
 
-    rows: dict[str, np.ndarray]
+    reads: list[tuple[int, int]]
+    first_read: int
+    carried: set[int]
+    source: np.ndarray
+    row: np.ndarray
     batches: int
     batch_size: int
+
+    @property
+    def read_ids(self) -> range:
+        return range(self.first_read, self.first_read + len(self.reads))
+
+    def batch(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, row) of the pool's j-th batch."""
+        cut = slice(j * self.batch_size, (j + 1) * self.batch_size)
+        return self.source[cut], self.row[cut]
+
+
+def take_rows(reads: dict[int, dict[str, np.ndarray]], source: np.ndarray, row: np.ndarray, keys=None):
+    """The rows (`source` read id, `row` in it) gathered from `reads`, field by field."""
+    ids, which = np.unique(source, return_inverse=True)
+    first = reads[int(ids[0])]
+    out = {}
+    for key in keys or first:
+        out[key] = np.empty((len(source), *first[key].shape[1:]), dtype=first[key].dtype)
+        for i, read_id in enumerate(ids.tolist()):
+            mask = which == i
+            out[key][mask] = reads[read_id][key][row[mask]]
+    return out
 
 
 @dataclass

@@ -525,8 +525,8 @@ def _assumptions(gpu: GpuType, price: float, utilization: float, spec: CacheSpec
         f"{loader_cpu_ms()['stored']:.2f} ms (a GPU worker's: images normalized on the device); cores per GPU = "
         f"its compute-bound samples/s x that; one core feeds {1e3 / loader_cpu_ms()['rebuild']:,.0f} (rebuilt) or "
         f"{1e3 / loader_cpu_ms()['stored']:,.0f} (stored) samples/s, so past that rate a worker needs "
-        "--loader-processes N and --cpus-per-worker N+1 (the training process keeps the shard reads: "
-        f"{_training_process_ms()} of its own CPU per sample)",
+        "--loader-processes N and --cpus-per-worker N+1 (the processes read and build; the training process "
+        f"keeps {_training_process_ms()} of CPU per sample: planning, hand-out, copy-out)",
     ]
     if store_crops:
         lines.append(f"crop JPEGs: {CROP_JPEG_BYTES_PER_PIXEL:g} B/pixel of the input crop")

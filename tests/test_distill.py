@@ -150,20 +150,27 @@ def test_device_normalization_gives_the_cpu_batches(tiny_cache) -> None:
 
 @pytest.mark.timeout(240)
 def test_loader_processes_build_the_same_batches_and_stop(tiny_cache, tmp_path) -> None:
-    """Batches built in 2 loader processes are the in-process ones, bitwise and in order
-    (crops rebuilt from the images, teacher fields, label flips), over several epochs; a
-    failure in a process reaches the training process; close() stops the processes."""
+    """Batches read and built in 2 loader processes are the in-process ones, bitwise and in
+    order (crops rebuilt from the images, teacher fields, label flips), over several epochs,
+    after an epoch abandoned early; a failure in a process reaches the training process;
+    close() stops the processes."""
 
     from distilpose.data.coco import ImageError
     from distilpose.losses import DistillLoss
 
     reader = open_reader(tiny_cache)
     fields = DistillLoss().needed_teacher_fields
-    plain, parallel = _stream(reader, fields=fields), _stream(reader, fields=fields)
+    # One shard per shuffle pool and batches of 3 (shards of 16, 16, 15 rows): several pools,
+    # rows carried from pool to pool, read buffers handed back and reused.
+    plain, parallel = (_stream(reader, world=1, batch=3, fields=fields) for _ in range(2))
     for stream in (plain, parallel):
         stream.maker.label_flip = True
+        stream.shuffle_shards = 1
     parallel.processes = 2
     try:
+        abandoned = parallel.epoch(3)  # an epoch left after two batches: nothing of it comes back later
+        next(abandoned), next(abandoned)
+        abandoned.close()
         for epoch in (0, 1):
             a, b = list(plain.epoch(epoch)), list(parallel.epoch(epoch))
             assert len(a) == len(b) == plain.steps

@@ -118,12 +118,13 @@ class DistillConfig(DataOptions, ValDataOptions):
     prefetch: int | None = option(
         None, help="batches a loader thread builds ahead (default: 2 with --gpu or >= 2 CPUs per worker, else 0)"
     )
-    # Opt-in: measured only on a 2-core machine, where 1-2 processes were slower than building
-    # the batches in the training process (bench/bench_loader_cost.py, "samples/s vs loader
-    # processes"); they are for workers with cores to spare (cpus-per-worker >= 3).
+    # Opt-in: measured only on a 2-core machine (bench/bench_loader_cost.py, "samples/s vs
+    # loader processes"), where one process is slower than building the batches in the
+    # training process with stored crops; they are for workers with cores to spare
+    # (cpus-per-worker >= 3), and the embedded default (1-CPU workers) must not change.
     loader_processes: int = option(
         0,
-        help="processes per training worker that build its batches (the same batches, in order); 0: in the "
+        help="processes per training worker that read and build its batches (the same batches, in order); 0: in the "
         "training process. For GPU workers with cores to spare: give each worker --cpus-per-worker N+1",
     )
     placement_strategy: str = option(
