@@ -68,7 +68,36 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
             # "local" always starts a new cluster; a bare ray.init() would join whatever
             # cluster /tmp/ray/ray_current_cluster names (any earlier `ray start` here).
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            without_placement_group_watcher()
     quiet_ray_data(verbose)
+
+
+def without_placement_group_watcher() -> None:
+    """Ray Train fits in this process run without Ray's placement-group watcher; for
+    clusters started without a dashboard (the local Ray a job starts when run directly).
+
+    Ray Train 2.60 starts a detached actor per fit() that asks the State API, every second,
+    whether the controller is alive, to free the placement group if it died. The State API
+    is served by the dashboard: without one each question hangs for its 10 s timeout, and
+    every fit() ends ~12 s late waiting for the watcher to stop (the controller's log says
+    "Failed to stop PlacementGroupCleaner gracefully"; measured: a 1-epoch tiny run
+    spends 12 of its 30 s there). Without the State API it could not see a dead controller
+    anyway, and a local cluster's placement groups go with the cluster. Clusters joined by
+    address (`ray job submit` needs a dashboard) keep it. Does nothing on a Ray without it."""
+    try:
+        from ray.train.v2.api import data_parallel_trainer as trainer
+    except ImportError:
+        return
+    watcher = getattr(trainer, "PlacementGroupCleanerCallback", None)
+    make = getattr(trainer.DataParallelTrainer, "_create_default_callbacks", None)
+    if watcher is None or make is None or getattr(make, "without_watcher", False):
+        return
+
+    def callbacks(self):
+        return [c for c in make(self) if not isinstance(c, watcher)]
+
+    callbacks.without_watcher = True
+    trainer.DataParallelTrainer._create_default_callbacks = callbacks
 
 
 RAY_LOG_LEVEL_LINE = b"Set ray log level from environment variable"

@@ -104,7 +104,7 @@ def ensure_local_ray() -> None:
     next caller starts it again. conftest.py shuts it down at the end of the session."""
     import ray
 
-    from pipeline.ray_env import quiet_ray_data, worker_env
+    from pipeline.ray_env import quiet_ray_data, without_placement_group_watcher, worker_env
 
     if ray.is_initialized():
         return
@@ -118,6 +118,7 @@ def ensure_local_ray() -> None:
         logging_level="ERROR",
         runtime_env={"env_vars": worker_env()},
     )
+    without_placement_group_watcher()  # no dashboard: see its docstring
     quiet_ray_data()
 
 
