@@ -121,3 +121,25 @@ def test_submitted_job_refuses_relative_output_and_missing_relative_input(cluste
     assert len(error) == 1 and "Traceback" not in logs, logs[-3000:]
     assert "--storage runs (output)" in error[0] and "--cache runs/no-such-cache (not in the uploaded" in error[0]
     assert "pass an absolute path" in error[0] and "s3:// URI" in error[0]
+
+
+def test_fits_on_a_dashboard_less_local_ray_skip_the_placement_group_watcher() -> None:
+    """Ray Train's watcher asks the State API (the dashboard) whether the controller lives;
+    without a dashboard each ask hangs 10 s and every fit() ends ~12 s late. The jobs' local
+    Ray (`init_ray` without an address) and the tests' drop it from the trainer's callbacks."""
+    import inspect
+
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline import ray_env
+
+    def callbacks() -> list[str]:
+        trainer = TorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    assert "without_placement_group_watcher()" in inspect.getsource(ray_env.init_ray)
+    ray_env.without_placement_group_watcher()
+    ray_env.without_placement_group_watcher()  # idempotent: wraps once
+    names = callbacks()
+    assert names and "PlacementGroupCleanerCallback" not in names
