@@ -14,8 +14,7 @@ from pipeline_fixtures import ROOT, read_csv, read_starts, run_job
 
 from pipeline.distill import DistillConfig
 from pipeline.distill.hooks import ENV as HOOKS_ENV
-from pipeline.distill.hooks import WorkerHooks
-from pipeline.sweep import SweepConfig, load_space, rank_key, run_sweep
+from pipeline.sweep import SweepConfig, load_space, rank_key
 
 ABLATION = ROOT / "sweeps" / "ablation.yaml"
 ABLATION_TINY = ROOT / "sweeps" / "ablation-tiny.yaml"
@@ -139,33 +138,11 @@ def test_results_rank_by_ap_then_loss_failures_last() -> None:
     assert [r["trial"] for r in sorted(rows, key=rank_key)] == ["high", "low", "tie-worse-loss", "no-val", "failed"]
 
 
-@pytest.mark.heavy  # a sweep job through Tune and Train, then its rerun: ~40 s
-@pytest.mark.timeout(300)
-def test_one_trial_sweep_then_rerun_trains_nothing(local_ray, tiny_cache, tmp_path, capsys) -> None:
-    base = {"student": "distilpose-tiny", "epochs": 1, "batch_size": 8, "warmup_iters": 2, "log_every": 1}
-    space = _write(tmp_path / "space.yaml", {"base": base, "trials": [{"name": "all"}]})
-    pid_dir = tmp_path / "pids"
-    cfg = SweepConfig(cache=tiny_cache, space=space, storage=str(tmp_path / "sweeps"), name="one")
-    hooks = WorkerHooks(pid_dir=str(pid_dir))
-    rows = run_sweep(cfg, hooks=hooks)
-    assert [r["trial"] for r in rows] == ["all"] and rows[0]["error"] == ""
-    assert rows[0]["epoch"] == 1 and rows[0]["train/loss"] > 0
-    results = tmp_path / "sweeps" / "one" / "results.csv"
-    assert [r["trial"] for r in read_csv(results)] == ["all"]
-    assert (tmp_path / "sweeps" / "one" / "runs" / "all" / "export" / "student_latest.pt").exists()
-    assert len(read_starts(pid_dir)) == 1
-
-    csv_before = read_csv(results)
-    capsys.readouterr()
-    assert [r["trial"] for r in run_sweep(cfg, hooks=hooks)] == ["all"]
-    assert "resuming sweep 'one'" in capsys.readouterr().out
-    assert len(read_starts(pid_dir)) == 1, "a finished trial was trained again"
-    assert read_csv(results) == csv_before
-
-
 @pytest.mark.heavy  # two sweep jobs, each with its own Ray start and two trials: minutes
 @pytest.mark.timeout(480)
 def test_two_trial_sweep_ranks_by_ap_and_rerun_trains_nothing(tiny_cache, tiny_data, tmp_path, monkeypatch) -> None:
+    """`jobs/sweep.py` with two trials (each a full run with its exported student), ranked by
+    AP, then the same command again: it resumes the sweep and trains nothing."""
     space = _write(
         tmp_path / "space.yaml",
         {
@@ -254,7 +231,7 @@ def test_every_shipped_sweep_space_loads() -> None:
 
 def test_only_picks_trials_by_name() -> None:
     from distilpose.errors import UserError
-    from pipeline.sweep import SweepConfig, sweep_trials
+    from pipeline.sweep import sweep_trials
 
     space = str(ROOT / "sweeps" / "premise-replay.yaml")
     cfg = SweepConfig(cache="c", space=space, only="cache-k8,online-fresh")
@@ -266,7 +243,7 @@ def test_only_picks_trials_by_name() -> None:
 
 def test_a_trial_can_name_its_own_cache() -> None:
     # The paper's student x teacher table needs one cache per teacher.
-    from pipeline.sweep import SweepConfig, sweep_trials, trial_config
+    from pipeline.sweep import sweep_trials, trial_config
 
     space = str(ROOT / "sweeps" / "student-teacher.yaml")
     trials, shared = sweep_trials(SweepConfig(cache="runs/cache-w48", space=space))
