@@ -243,7 +243,7 @@ class CachedViewStream:
             source, row = np.concatenate(sources)[perm], np.concatenate(rows)[perm]
             usable = (len(perm) // self.batch_size) * self.batch_size
             batches = min(usable // self.batch_size, self.steps - emitted)
-            yield PoolPlan(reads, next_read, set(np.unique(carried[0]).tolist()), source, row, batches, self.batch_size)
+            yield PoolPlan(reads, next_read, source, row, batches, self.batch_size)
             next_read += len(reads)
             emitted += batches
             if emitted == self.steps:
@@ -291,7 +291,6 @@ class PoolPlan:
 
     reads: list[tuple[int, int]]
     first_read: int
-    carried: set[int]
     source: np.ndarray
     row: np.ndarray
     batches: int
@@ -300,6 +299,11 @@ class PoolPlan:
     @property
     def read_ids(self) -> range:
         return range(self.first_read, self.first_read + len(self.reads))
+
+    @property
+    def carried(self) -> set[int]:
+        """Read ids of earlier pools that some of this pool's rows come from."""
+        return set(np.unique(self.source[self.source < self.first_read]).tolist())
 
     def batch(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """(source, row) of the pool's j-th batch."""

@@ -152,8 +152,10 @@ class LoaderProcesses:
         process = seq % self.n
         if buffer is not None:
             self.buffers[(BATCH, process, slot)] = buffer
+        import torch
+
         used = max((start + _nbytes(dtype, shape) for _, dtype, shape, start in layout), default=0)
-        own = torch_empty(used, pin=self.pin)
+        own = torch.empty(used, dtype=torch.uint8, pin_memory=self.pin)
         own.copy_(self.buffers[(BATCH, process, slot)][:used])
         self.returned[process].put((BATCH, slot))
         return unpack(layout, own)
@@ -200,31 +202,18 @@ def layout_of(tensors: dict) -> tuple[list, int]:
     return layout, max(offset, 1)
 
 
-def pack(tensors: dict, buffer=None) -> tuple[list, object]:
-    """Tensors as one shared-memory uint8 tensor and its layout: one shared-memory hand-over
-    instead of one per tensor (each costs a socket round trip to pass a file descriptor).
-    Into `buffer` when given (large enough): a new shared buffer costs ~1 ms per MB in page
-    faults, 25x a copy into one already mapped (measured), so batch buffers are reused."""
-    import torch
-
-    layout, size = layout_of(tensors)
-    if buffer is None:
-        buffer = torch.empty(size, dtype=torch.uint8).share_memory_()
+def pack(tensors: dict, layout: list, buffer) -> None:
+    """Tensors copied into one shared-memory uint8 buffer at `layout` (`layout_of`): one
+    shared-memory hand-over instead of one per tensor (each costs a socket round trip to pass
+    a file descriptor)."""
     for (_, dtype, shape, start), tensor in zip(layout, tensors.values()):
         buffer[start : start + _nbytes(dtype, shape)].view(dtype).view(shape).copy_(tensor)
-    return layout, buffer
 
 
 def _nbytes(dtype, shape) -> int:
     import math
 
     return math.prod(shape) * dtype.itemsize
-
-
-def torch_empty(size: int, pin: bool):
-    import torch
-
-    return torch.empty(size, dtype=torch.uint8, pin_memory=pin)
 
 
 def unpack(layout: list, buffer) -> dict:
@@ -350,11 +339,13 @@ class Slots:
         else:
             slot = len(buffers)
             buffers.append(None)
-        _, size = layout_of(tensors)
+        layout, size = layout_of(tensors)
         new = None
         if buffers[slot] is None or buffers[slot].numel() < size:
+            # A new shared buffer costs ~1 ms per MB in page faults, 25x a copy into one
+            # already mapped (measured): hence the slots.
             buffers[slot] = new = torch.empty(size, dtype=torch.uint8).share_memory_()
-        layout, _ = pack(tensors, buffers[slot])
+        pack(tensors, layout, buffers[slot])
         return layout, slot, new
 
     def _collect(self, block: bool, kind: str | None = None) -> None:
