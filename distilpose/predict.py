@@ -274,8 +274,10 @@ class PredictStats:
     persons: int = 0
     bad_images: list[str] = field(default_factory=list)
     results: int = 0  # after OKS-NMS
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # decoding, cropping, inference, NMS: what persons/s is measured over
     skipped_boxes: str = ""
+    overlays: int = 0
+    overlay_s: float = 0.0
 
     @property
     def persons_per_s(self) -> float:
@@ -289,6 +291,7 @@ class PredictStats:
         return (
             f"{self.images} images{bad}, {self.persons} persons, {self.results} results after OKS-NMS, "
             f"{self.wall_s:.1f} s, {self.persons_per_s:.1f} persons/s"
+            + (f"; {self.overlays} overlays in {self.overlay_s:.1f} s" if self.overlays else "")
         )
 
 
@@ -391,7 +394,13 @@ def run_predict(request: PredictRequest, model: nn.Module | None = None) -> Pred
     stats.skipped_boxes = boxes.report.summary() if boxes.report.total else ""
     write_bytes(request.out, _results_json(results))
     if request.overlays:
-        write_overlays(results, {ref.image_id: ref for ref in refs}, request.overlays, model.config.name)
+        # Drawing is matplotlib's (~0.2 s an image): said up front so a long silence is explained.
+        print(f"[predict] drawing overlays into {request.overlays} ...", flush=True)
+        start = time.perf_counter()
+        stats.overlays = write_overlays(
+            results, {ref.image_id: ref for ref in refs}, request.overlays, model.config.name
+        )
+        stats.overlay_s = time.perf_counter() - start
     return stats
 
 

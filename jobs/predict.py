@@ -14,6 +14,7 @@ jobs/export.py. Writes COCO keypoint results after OKS-NMS, each with its image'
 """
 
 import argparse
+import os
 import sys
 
 import _bootstrap  # noqa: F401
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
         outputs={"--out": request.out, "--overlays": request.overlays},
         inputs={"--images": request.images, "--checkpoint": request.checkpoint, "--boxes": boxes},
     )
+    if os.path.isdir(request.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {request.checkpoint} is a folder: give the checkpoint file in it")
     if not storage.exists(request.checkpoint):
         raise FileNotFoundError(f"--checkpoint {request.checkpoint}: no such file")
     # torch.load and onnxruntime read local files: an s3:// checkpoint is downloaded once.

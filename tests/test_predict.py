@@ -108,7 +108,9 @@ def test_bad_images_are_skipped_and_named_overlays_written(files, tmp_path, caps
     stats = run_predict(_request(files, tmp_path, images=str(folder), overlays=str(tmp_path / "viz")))
     assert stats.images == 2 and stats.bad_images == ["000099000001.jpg", "000099000002.png"]
     assert "2 skipped (not decodable: 000099000001.jpg, 000099000002.png)" in stats.summary()
-    assert "skipped image '" in capsys.readouterr().out
+    assert stats.overlays == 2 and "; 2 overlays in " in stats.summary()
+    out = capsys.readouterr().out
+    assert "skipped image '" in out and "[predict] drawing overlays into" in out
     assert sorted(p.name for p in (tmp_path / "viz").iterdir()) == [f"overlay_{p.stem}.png" for p in good]
 
 
@@ -163,6 +165,7 @@ def test_user_mistakes_are_one_line(files, tmp_path, job, capsys):
         ],
         "not a readable PyTorch checkpoint": ["--checkpoint", str(files["ann"])],
         "no such folder or file": ["--checkpoint", str(files["student"]), "--images", str(tmp_path / "none")],
+        "is a folder: give the checkpoint file in it": ["--checkpoint", str(tmp_path)],
     }
     for message, args in mistakes.items():
         argv = [*base, *args]
