@@ -42,6 +42,8 @@ from pipeline.cache_summary import CacheSummary
 from pipeline.dataset_layout import resolve_layout
 from pipeline.progress import ShardProgress
 
+ENGINES = ("ray", "in-process")
+
 
 @dataclass
 class CacheJobConfig(DataOptions):
@@ -76,6 +78,12 @@ class CacheJobConfig(DataOptions):
         "Gaussians and confidences, and distillation masks the token losses on them (default: all views)",
     )
     limit: int | None = option(None, help="cache only the first N instances (smoke runs)")
+    engine: str = option(
+        "ray",
+        choices=ENGINES,
+        help="ray: Ray Data over the cluster; in-process: the shards one after another in this process, without Ray "
+        "(a small cache, a machine without Ray, a debugger): the same crops, teacher and bytes",
+    )
     strict: bool = option(
         False, help="stop at the first malformed annotation or missing/undecodable image instead of skipping it"
     )
@@ -288,31 +296,35 @@ class CacheSink(_sink_base()):
         if not columns:
             return []
         rows = {k: np.concatenate(v) for k, v in columns.items()}
-        writer = open_writer(self.out, self.spec, self.fmt)
-        valid = rows["valid"].astype(bool)
-        written = []
-        for shard in np.unique(rows["shard"]):
-            sel = rows["shard"] == shard
-            expected = int(rows["shard_rows"][sel][0])
-            if int(sel.sum()) != expected:
-                raise RuntimeError(
-                    f"shard {shard} arrived split across Ray Data blocks ({int(sel.sum())} of {expected} rows); "
-                    "raise DataContext.target_max_block_size"
-                )
-            for view in np.unique(rows["view"][sel]):
-                unit = sel & (rows["view"] == view)
-                skipped = Counter(str(r) for r in rows["skip_reason"][unit & ~valid])
-                skipped_ids: dict[str, list[int]] = {}
-                for reason, iid in zip(rows["skip_reason"][unit & ~valid], rows["instance_id"][unit & ~valid]):
-                    ids = skipped_ids.setdefault(str(reason), [])
-                    if len(ids) < MAX_SKIPPED_IDS:
-                        ids.append(int(iid))
-                record = {k: v[unit & valid] for k, v in rows.items() if k not in _BOOKKEEPING}
-                extra = {"skipped": dict(skipped), "skipped_ids": skipped_ids}
-                info = writer.write_view(int(shard), int(view), record, extra=extra)
-                print(f"[cache] shard {int(shard):05d} view {int(view)} committed: {info.rows} rows", flush=True)
-                written.append({"shard": int(shard), "view": int(view), "rows": int(info.rows)})
-        return written
+        return write_shard_rows(open_writer(self.out, self.spec, self.fmt), rows)
+
+
+def write_shard_rows(writer, rows: dict[str, np.ndarray]) -> list[dict]:
+    """Commit the units of the complete shards in `rows` (encoded teacher rows, view-major)."""
+    valid = rows["valid"].astype(bool)
+    written = []
+    for shard in np.unique(rows["shard"]):
+        sel = rows["shard"] == shard
+        expected = int(rows["shard_rows"][sel][0])
+        if int(sel.sum()) != expected:
+            raise RuntimeError(
+                f"shard {shard} arrived split across Ray Data blocks ({int(sel.sum())} of {expected} rows); "
+                "raise DataContext.target_max_block_size"
+            )
+        for view in np.unique(rows["view"][sel]):
+            unit = sel & (rows["view"] == view)
+            skipped = Counter(str(r) for r in rows["skip_reason"][unit & ~valid])
+            skipped_ids: dict[str, list[int]] = {}
+            for reason, iid in zip(rows["skip_reason"][unit & ~valid], rows["instance_id"][unit & ~valid]):
+                ids = skipped_ids.setdefault(str(reason), [])
+                if len(ids) < MAX_SKIPPED_IDS:
+                    ids.append(int(iid))
+            record = {k: v[unit & valid] for k, v in rows.items() if k not in _BOOKKEEPING}
+            extra = {"skipped": dict(skipped), "skipped_ids": skipped_ids}
+            info = writer.write_view(int(shard), int(view), record, extra=extra)
+            print(f"[cache] shard {int(shard):05d} view {int(view)} committed: {info.rows} rows", flush=True)
+            written.append({"shard": int(shard), "view": int(view), "rows": int(info.rows)})
+    return written
 
 
 _BOOKKEEPING = ("shard", "shard_rows", "valid", "skip_reason")
@@ -406,7 +418,9 @@ def run_cache_job(cfg: CacheJobConfig, start_ray: Callable[[], None] | None = No
             f"[cache] resuming: {units_total - units_todo} of {units_total} shard-views already committed", flush=True
         )
 
-    if todo:
+    if todo and cfg.engine == "in-process":
+        _run_in_process(cfg, layout, teacher_cfg, spec, todo)
+    elif todo:
         if start_ray is not None:
             start_ray()
         _run_pipeline(cfg, layout, teacher_cfg, spec, todo)
@@ -481,6 +495,49 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
 
 
+def shard_item(shard: ShardSpec) -> dict:
+    """The one input row of a shard (JSON strings: Ray Data moves it as a plain table row)."""
+    return {
+        "shard": shard.index,
+        "instances": json.dumps([instance_to_json(i) for i in shard.instances]),
+        "views": json.dumps(shard.views),
+    }
+
+
+def _crop_kwargs(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg) -> dict:
+    return dict(
+        image_root=layout.image_root,
+        input_size=tuple(teacher_cfg.input_size),
+        seed=cfg.seed,
+        store_crops=cfg.store_crops,
+        strict=cfg.strict,
+    )
+
+
+def _teacher_kwargs(cfg: CacheJobConfig, spec: CacheSpec, threads: int) -> dict:
+    return dict(
+        preset=cfg.teacher,
+        checkpoint=cfg.checkpoint,
+        spec=spec,
+        batch_size=cfg.batch_size,
+        threads=threads,
+        precision=cfg.teacher_precision,
+    )
+
+
+def _run_in_process(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: CacheSpec, todo: list[ShardSpec]):
+    """`--engine in-process`: what the Ray Data stages do, one shard after another here: the
+    same crop task, teacher and sink code, so the same units (tests/test_teacher_stage.py)."""
+    print(f"[cache] in-process: {len(todo)} shards one after another, no Ray", flush=True)
+    teacher = TeacherPredictor(**_teacher_kwargs(cfg, spec, threads=max(1, round(cfg.cpus_per_worker))))
+    crop_kwargs = _crop_kwargs(cfg, layout, teacher_cfg)
+    writer = open_writer(cfg.out, spec, cfg.format)
+    with ShardProgress(writer, todo):
+        for shard in todo:
+            row = {k: np.asarray([v]) for k, v in shard_item(shard).items()}
+            write_shard_rows(writer, teacher(crop_shard(row, **crop_kwargs)))
+
+
 def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: CacheSpec, todo: list[ShardSpec]):
     import ray
     import ray.data
@@ -505,26 +562,13 @@ def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: Ca
             f"beside them (at most {cfg.workers} at a time)",
             flush=True,
         )
-    items = [
-        {
-            "shard": s.index,
-            "instances": json.dumps([instance_to_json(i) for i in s.instances]),
-            "views": json.dumps(s.views),
-        }
-        for s in todo
-    ]
+    items = [shard_item(s) for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         crop_shard,
         batch_size=None,
         batch_format="numpy",
-        fn_kwargs=dict(
-            image_root=layout.image_root,
-            input_size=tuple(teacher_cfg.input_size),
-            seed=cfg.seed,
-            store_crops=cfg.store_crops,
-            strict=cfg.strict,
-        ),
+        fn_kwargs=_crop_kwargs(cfg, layout, teacher_cfg),
         num_cpus=side_cpus,
         compute=ray.data.TaskPoolStrategy(size=cfg.workers) if side_cpus == 0 else None,
     )
@@ -532,14 +576,7 @@ def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: Ca
         TeacherPredictor,
         batch_size=None,
         batch_format="numpy",
-        fn_constructor_kwargs=dict(
-            preset=cfg.teacher,
-            checkpoint=cfg.checkpoint,
-            spec=spec,
-            batch_size=cfg.batch_size,
-            threads=max(1, round(cpus_per_actor)),
-            precision=cfg.teacher_precision,
-        ),
+        fn_constructor_kwargs=_teacher_kwargs(cfg, spec, threads=max(1, round(cpus_per_actor))),
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         num_cpus=cpus_per_actor,
         num_gpus=cfg.gpus_per_worker,

@@ -2,8 +2,8 @@
 
 The session fixtures (`tiny_data`, `tiny_cache`) are re-exported at the end of
 tests/conftest.py so that every module shares one instance. The cache is built by the real
-job (`jobs/cache_teacher.py`, random-init seeded teacher) in a subprocess with its own
-local Ray, so no Ray state leaks into the test process.
+job (`jobs/cache_teacher.py`, BatchNorm-calibrated random-init teacher) in a subprocess, with
+its in-process engine (the same units as its Ray Data stage, tested in test_teacher_stage.py).
 
 Ray safety on a shared machine: in-process clusters start with `address="local"` (a plain
 `ray.init()` would join a cluster another user started with `ray start` on this host), and
@@ -82,10 +82,13 @@ def tiny_teacher(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_cache(tiny_data, tiny_teacher, tmp_path_factory) -> str:
     """Teacher cache of the tiny train split, built by jobs/cache_teacher.py (tokenpose-tiny
-    from `tiny_teacher`, 2 views per instance, 3 shards)."""
+    from `tiny_teacher`, 2 views per instance, 3 shards, `--engine in-process`)."""
     out = str(tmp_path_factory.mktemp("tiny-cache") / "cache")
     args = ["--data", tiny_data, "--teacher", TEACHER, "--checkpoint", tiny_teacher, "--out", out]
     args += ["--views", str(CACHE_VIEWS), "--shard-instances", str(CACHE_SHARD_INSTANCES)]
+    # In-process: the distillation tests read this cache; the Ray Data stage that builds caches
+    # has its own tests (test_teacher_stage.py), and Ray's start-up would cost ~25 s here.
+    args += ["--engine", "in-process"]
     result = run_job("cache_teacher.py", args, timeout_s=CACHE_JOB_TIMEOUT_S)
     assert result.returncode == 0, f"cache job failed:\n{result.stdout[-4000:]}"
     return out

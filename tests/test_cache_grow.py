@@ -1,8 +1,9 @@
 """Growing V in place: rerunning the caching job with a larger --views computes only the
 missing (shard, view) units and ends with the manifest a fresh build with the final V has.
 
-Real Ray Data, real teacher (tokenpose-tiny), local files and S3 (moto), both formats; six
-instances in two shards, so each job takes seconds.
+Real teacher (tokenpose-tiny), local files and S3 (moto), both formats; six instances in two
+shards, so each job takes seconds. The heavy test builds and grows through the Ray Data stage;
+the others use the job's in-process engine (the same units: tests/test_teacher_stage.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import ensure_local_ray
 
 from distilpose.data.synthetic import make_synthetic_coco
 from pipeline import storage
@@ -31,7 +31,7 @@ def synth(tmp_path_factory) -> Path:
     return root
 
 
-def _job(synth: Path, out: str, fmt: str, views: int):
+def _job(synth: Path, out: str, fmt: str, views: int, engine: str = "in-process"):
     cfg = CacheJobConfig(
         data=str(synth),
         teacher="tokenpose-tiny",
@@ -42,6 +42,7 @@ def _job(synth: Path, out: str, fmt: str, views: int):
         limit=LIMIT,
         batch_size=4,
         store_crops="none",  # S3 and local caches alike (auto would store crops on S3)
+        engine=engine,
     )
     return run_cache_job(cfg)
 
@@ -57,7 +58,6 @@ def fresh(synth, tmp_path_factory):
 
     def hashes(fmt: str) -> dict:
         if fmt not in built:
-            ensure_local_ray()
             uri = str(tmp_path_factory.mktemp(f"fresh-{fmt}") / "cache")
             _job(synth, uri, fmt, views=4)
             built[fmt] = _unit_hashes(uri)
@@ -71,14 +71,15 @@ def fresh(synth, tmp_path_factory):
 @pytest.mark.heavy
 @pytest.mark.parametrize("fmt", ["zarr", "wds"])
 def test_growing_a_complete_local_cache_equals_a_fresh_build(synth, fresh, local_ray, tmp_path, fmt, capsys):
+    # Built and grown by the Ray Data stage; the fresh reference is in-process: the same units.
     uri = str(tmp_path / "cache")
-    small = _job(synth, uri, fmt, views=2)
+    small = _job(synth, uri, fmt, views=2, engine="ray")
     n = small.instances
     assert SHARD_INSTANCES < n <= LIMIT and small.views_computed == n * 2 and small.units_total == 4
     commits_before = {n: storage.read_bytes(storage.join(uri, "commits", n)) for n in storage.listdir(f"{uri}/commits")}
     capsys.readouterr()
 
-    grown = _job(synth, uri, fmt, views=4)
+    grown = _job(synth, uri, fmt, views=4, engine="ray")
     log = capsys.readouterr().out
     assert "[cache] growing V 2 -> 4: reusing 4 shard-views, computing 4 (views 2-3)" in log
     # Only the new views went through the crop task and the teacher.
@@ -95,7 +96,7 @@ def test_growing_a_complete_local_cache_equals_a_fresh_build(synth, fresh, local
 
 
 @pytest.mark.parametrize("fmt", ["zarr", pytest.param("wds", marks=pytest.mark.heavy)])
-def test_growing_a_partial_s3_cache_equals_a_fresh_build(synth, fresh, local_ray, s3_bucket, fmt, capsys):
+def test_growing_a_partial_s3_cache_equals_a_fresh_build(synth, fresh, s3_bucket, fmt, capsys):
     uri = f"{s3_bucket}/cache-{fmt}"
     _job(synth, uri, fmt, views=2)
     # A partial cache: a unit lost its commit (a crash between data and commit), and the
@@ -113,7 +114,7 @@ def test_growing_a_partial_s3_cache_equals_a_fresh_build(synth, fresh, local_ray
     assert verify_cache(uri).ok
 
 
-def test_a_smaller_views_is_refused_in_one_line(synth, local_ray, tmp_path):
+def test_a_smaller_views_is_refused_in_one_line(synth, tmp_path):
     uri = str(tmp_path / "cache")
     _job(synth, uri, "wds", views=2)
     job = [sys.executable, str(ROOT / "jobs" / "cache_teacher.py"), "--data", str(synth), "--out", uri]

@@ -118,6 +118,18 @@ def test_cache_job_zarr_fields_match_a_direct_teacher_run(synth, zarr_cache):
     assert np.all(cached["view_params"][cached["view"] == 0][:, 4:] == 0)
 
 
+def test_the_in_process_engine_writes_the_ray_data_stages_units(synth, zarr_cache, tmp_path, capsys):
+    """`--engine in-process` runs the same crop task, teacher and sink code without Ray: every
+    unit is byte for byte the one the Ray Data stage wrote (the tests that only need a cache
+    build theirs this way)."""
+    ray_built, ray_summary = zarr_cache
+    out = str(tmp_path / "cache")
+    summary = run_cache_job(_config(synth, out, engine="in-process"))
+    assert "[cache] in-process: 3 shards one after another, no Ray" in capsys.readouterr().out
+    assert summary.complete and summary.skipped == ray_summary.skipped and summary.rows == ray_summary.rows
+    assert _shard_hashes(out) == _shard_hashes(ray_built) and len(_shard_hashes(out)) == 6
+
+
 @pytest.mark.heavy  # four cache jobs (the grow tests build local and S3, Zarr and WebDataset too): ~30 s
 def test_cache_job_same_bytes_local_and_s3_both_formats(synth, local_ray, tmp_path, s3_bucket):
     for fmt in ("zarr", "wds"):
@@ -135,11 +147,11 @@ def test_cache_job_same_bytes_local_and_s3_both_formats(synth, local_ray, tmp_pa
         assert len(rows_a["crop_jpeg"][0]) > 100  # stored JPEG crops
 
 
-def test_stored_jpeg_crops_are_the_pixels_the_teacher_saw(synth, local_ray, tmp_path, tiny_teacher):
+def test_stored_jpeg_crops_are_the_pixels_the_teacher_saw(synth, tmp_path, tiny_teacher):
     """--store-crops jpeg: the teacher runs on the decoded stored crop, so the loader's crop
     and the cached targets agree; rerunning the teacher on the loader's batch gives them back."""
     out = str(tmp_path / "cache")
-    run_cache_job(_config(synth, out, store_crops="jpeg", checkpoint=tiny_teacher))
+    run_cache_job(_config(synth, out, store_crops="jpeg", checkpoint=tiny_teacher, engine="in-process"))
     reader = open_reader(out)
     rows = reader.read_shard(reader.manifest.shards[0].index, fields=["image_id", "view_params", "crop_jpeg"])
     _, images = load_coco(str(synth / "annotations" / "person_keypoints_train.json"))
@@ -403,9 +415,9 @@ def test_ray_job_submit_against_a_local_head(synth, tmp_path):
             head.wait(timeout=30)
 
 
-def test_storage_layout_has_no_pickle(synth, local_ray, tmp_path):
+def test_storage_layout_has_no_pickle(synth, tmp_path):
     out = str(tmp_path / "cache")
-    run_cache_job(_config(synth, out, format="wds"))
+    run_cache_job(_config(synth, out, format="wds", engine="in-process"))
     names = storage.find_files(out)
     assert not any(n.endswith((".pkl", ".pickle", ".pyd", ".pth")) for n in names), names
 

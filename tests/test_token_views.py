@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from cache_rows import SMALL_SPEC, base_manifest, teacher_like_rows
-from pipeline_fixtures import ROOT, ensure_local_ray, load_job
+from pipeline_fixtures import ROOT, load_job
 
 from distilpose.errors import UserError
 from distilpose.label_flip import label_flips
@@ -56,11 +56,11 @@ def test_spec_says_which_units_hold_tokens() -> None:
 
 @pytest.fixture(scope="module")
 def job_caches(tiny_data, tiny_teacher, s3_server, tmp_path_factory) -> dict[str, str]:
-    """The first 16 train instances (2 shards) cached by the job: a plain 2-view zarr cache,
-    and 3-view caches with --token-views 2 in both formats."""
-    ensure_local_ray()
+    """The first 16 train instances (2 shards) cached by the job (in-process engine): a plain
+    2-view zarr cache, and 3-view caches with --token-views 2 in both formats."""
     root = tmp_path_factory.mktemp("token-views")
     base = dict(data=tiny_data, teacher=TEACHER, checkpoint=tiny_teacher, shard_instances=8, batch_size=8, limit=16)
+    base["engine"] = "in-process"
     caches = {}
     for name, fmt, views, token_views in (("full", "zarr", 2, None), ("zarr", "zarr", 3, 2), ("wds", "wds", 3, 2)):
         out = str(root / name)

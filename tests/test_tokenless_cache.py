@@ -32,14 +32,21 @@ TEACHER_OUTPUTS = ["heatmaps", "gauss", "confidence"]
 @pytest.fixture(scope="module")
 def sb_caches(tiny_data, s3_server, tmp_path_factory) -> dict[str, str]:
     """Caches of a seeded random simplebaseline-tiny over the first 16 train instances
-    (2 shards x 2 views), one per store format, built by the cache stage on the local Ray."""
-    ensure_local_ray()
+    (2 shards x 2 views), one per store format, built by the cache job's in-process engine."""
     root = tmp_path_factory.mktemp("sb-cache")
     caches = {}
     for fmt in ("zarr", "wds"):
         out = str(root / fmt)
         cfg = CacheJobConfig(
-            data=tiny_data, teacher=TEACHER, out=out, format=fmt, views=2, shard_instances=8, batch_size=8, limit=16
+            data=tiny_data,
+            teacher=TEACHER,
+            out=out,
+            format=fmt,
+            views=2,
+            shard_instances=8,
+            batch_size=8,
+            limit=16,
+            engine="in-process",
         )
         assert run_cache_job(cfg).complete
         caches[fmt] = out
