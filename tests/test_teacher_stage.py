@@ -291,7 +291,10 @@ def _env() -> dict:
 @pytest.mark.heavy
 def test_sigkill_mid_run_then_rerun_gives_identical_cache(synth, tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    subprocess.run(_job_cmd(synth, clean), check=True, capture_output=True, timeout=300, env=_env())
+    # The reference in-process (the same units, and no Ray start); the killed run is Ray's.
+    subprocess.run(
+        _job_cmd(synth, clean, "--engine", "in-process"), check=True, capture_output=True, timeout=300, env=_env()
+    )
     # Own session: the kill takes the driver and the local Ray it started, like a lost machine.
     proc = subprocess.Popen(
         _job_cmd(synth, killed),
