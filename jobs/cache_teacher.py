@@ -58,8 +58,6 @@ def check_paths(args: argparse.Namespace) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline.ray_env import init_ray
-
     check_paths(args)
     if args.verify:
         from pipeline.cache.verify import spot_check, verify_cache
@@ -67,13 +65,13 @@ def main(argv=None) -> int:
         report = verify_cache(args.verify)
         print(report.summary())
         ok = report.ok
-        if args.spot_check:
-            init_ray(args.address, verbose=args.verbose)
+        if args.spot_check:  # runs the teacher here, on N views: no Ray to start
             check = spot_check(args.verify, args.spot_check, getattr(args, "checkpoint", None))
             print(check.summary())
             ok = ok and check.ok
         return 0 if ok else 1
 
+    from pipeline.ray_env import init_ray
     from pipeline.teacher_stage import run_cache_job
 
     summary = run_cache_job(args.config, start_ray=lambda: init_ray(args.address, verbose=args.verbose))
