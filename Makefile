@@ -26,8 +26,11 @@ demo: venv
 summary: venv
 	$(BIN)/python -m distilpose.models.summary
 
+# The default suite in TEST_WORKERS pytest processes, a test file per process at a time (its
+# module fixtures built once); about half its wall time waits on Ray and subprocess start-ups.
+TEST_WORKERS ?= 2
 test: venv
-	$(BIN)/python -m pytest -m "not heavy" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not heavy" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-heavy: venv
 	$(BIN)/python -m pytest -m heavy $(PYTEST_ARGS)
