@@ -190,24 +190,23 @@ def test_results_md_tables_are_their_csv_files() -> None:
 
 
 def _check_replay_figures(text: str, where: str, at_least: int) -> None:
-    """Every "K = 8: -1.1 ± 1.2" (also "K = 4 + flip", "K = 16 + tokens on 8"), "none-k8: ..."
-    and "all costs ..." in `text` is docs/premise-replay.csv's paired difference (GT boxes, AP
-    points, mean ± std over seeds)."""
+    """Every "K = 8: -1.1 ± 1.2" (also "K = 4 + flip", "K = 16 + tokens on 8", and "K = 8 (256
+    instances): ..." for another subset than 128), "none-k8: ..." and "all costs ..." in `text`
+    is docs/premise-replay.csv's paired difference (GT boxes, AP points, mean ± std over seeds)."""
     import csv
 
     text = " ".join(text.split())
-    # The figures quoted are the 128-instance subset's (the 250-epoch regime).
-    table = csv.DictReader((ROOT / "docs" / "premise-replay.csv").open())
-    rows = {r["trial"]: r for r in table if r["instances"] == "128"}
+    # A figure without a subset is the 128-instance subset's (the 250-epoch regime).
+    rows = {(r["instances"], r["trial"]): r for r in csv.DictReader((ROOT / "docs" / "premise-replay.csv").open())}
     suffix = {"": "", " + flip": "-flip", " + tokens on 8": "-t8"}
     quoted = [
-        (f"cache-k{k}{suffix[remedy]}", mean, std)
-        for k, remedy, mean, std in re.findall(
-            r"K = (\d+)( \+ flip| \+ tokens on 8)?: ([-+]?\d+\.\d) ± (\d+\.\d)", text
+        ((n or "128", f"cache-k{k}{suffix[remedy]}"), mean, std)
+        for k, remedy, n, mean, std in re.findall(
+            r"K = (\d+)( \+ flip| \+ tokens on 8)?(?: \((\d+) instances\))?: ([-+]?\d+\.\d) ± (\d+\.\d)", text
         )
     ]
-    quoted += re.findall(r"(none-k8): ([-+]?\d+\.\d) ± (\d+\.\d)", text)
-    quoted += [("none-fresh", m, sd) for m, sd in re.findall(r"all costs ([-+]?\d+\.\d) ± (\d+\.\d)", text)]
+    quoted += [(("128", t), m, sd) for t, m, sd in re.findall(r"(none-k8): ([-+]?\d+\.\d) ± (\d+\.\d)", text)]
+    quoted += [(("128", "none-fresh"), m, sd) for m, sd in re.findall(r"all costs ([-+]?\d+\.\d) ± (\d+\.\d)", text)]
     assert len(quoted) >= at_least, (where, quoted)
     for trial, mean, std in quoted:
         row = rows[trial]
