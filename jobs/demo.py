@@ -24,8 +24,7 @@ def main(argv=None) -> int:
 
     from pipeline.ray_env import init_ray
 
-    init_ray(num_cpus=2, verbose=args.verbose)
-    print(run_demo(cfg))
+    print(run_demo(cfg, start_ray=lambda: init_ray(num_cpus=2, verbose=args.verbose)))
     return 0
 
 

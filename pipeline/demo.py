@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class DemoConfig:
     val_images: int = 150
     seed: int = 0
     teacher: str = "tokenpose-tiny"
-    # 30 epochs x 81 iterations of batch 32 = 2430 iterations, ~5 min on an idle 2-core machine.
+    # 30 epochs x 81 iterations of batch 32 = 2430 iterations.
     teacher_epochs: int = option(30, help="teacher training epochs (a fixed amount of work)")
     # Below this val AP the teacher has not learnt the data, and the students' comparison
     # says little about distillation (a measured usable teacher reaches 0.19-0.28).
@@ -208,7 +209,10 @@ def visualize_stage(cfg: DemoConfig, data: Path, teacher_ckpt: str, results: dic
     return written
 
 
-def run_demo(cfg: DemoConfig) -> str:
+def run_demo(cfg: DemoConfig, start_ray: Callable[[], None] | None = None) -> str:
+    """Every stage in order (each reused when its output exists); the table as text.
+    `start_ray` starts Ray once the teacher is trained: its background processes would
+    otherwise take CPU from the teacher's steps, which need no Ray."""
     from distilpose.models import build_model
     from distilpose.models.summary import count_params
 
@@ -234,6 +238,8 @@ def run_demo(cfg: DemoConfig) -> str:
 
     data = timed("data", make_data, cfg)
     teacher_ckpt, teacher_metrics = timed("teacher", train_teacher_stage, cfg, data)
+    if start_ray is not None:
+        start_ray()
     cache, reader = timed("cache", cache_stage, cfg, data, teacher_ckpt)
     results = {
         "distilled": timed("distill", distill_stage, cfg, cache, data, teacher_ckpt, "distilled", False),
