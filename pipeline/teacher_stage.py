@@ -91,6 +91,11 @@ class CacheJobConfig(DataOptions):
     def __post_init__(self) -> None:
         check_choices(self)
         self.check_data_source()
+        if self.engine == "in-process" and (self.workers != 1 or self.gpus_per_worker):
+            raise ValueError(
+                "--engine in-process runs one teacher in this process: --workers and --gpus-per-worker are for "
+                "--engine ray (a GPU, when there is one, is used without them)"
+            )
         if self.token_views is not None and not 1 <= self.token_views <= self.views:
             raise ValueError(
                 f"--token-views {self.token_views}: choose 1..{self.views} (tokens for views 0..N-1 of the "
@@ -299,8 +304,9 @@ class CacheSink(_sink_base()):
         return write_shard_rows(open_writer(self.out, self.spec, self.fmt), rows)
 
 
-def write_shard_rows(writer, rows: dict[str, np.ndarray]) -> list[dict]:
-    """Commit the units of the complete shards in `rows` (encoded teacher rows, view-major)."""
+def write_shard_rows(writer, rows: dict[str, np.ndarray], announce: bool = True) -> list[dict]:
+    """Commit the units of the complete shards in `rows` (encoded teacher rows, view-major).
+    `announce`: a line per unit (a Ray worker's log; the driver shows the progress poll's)."""
     valid = rows["valid"].astype(bool)
     written = []
     for shard in np.unique(rows["shard"]):
@@ -322,7 +328,8 @@ def write_shard_rows(writer, rows: dict[str, np.ndarray]) -> list[dict]:
             record = {k: v[unit & valid] for k, v in rows.items() if k not in _BOOKKEEPING}
             extra = {"skipped": dict(skipped), "skipped_ids": skipped_ids}
             info = writer.write_view(int(shard), int(view), record, extra=extra)
-            print(f"[cache] shard {int(shard):05d} view {int(view)} committed: {info.rows} rows", flush=True)
+            if announce:
+                print(f"[cache] shard {int(shard):05d} view {int(view)} committed: {info.rows} rows", flush=True)
             written.append({"shard": int(shard), "view": int(view), "rows": int(info.rows)})
     return written
 
@@ -535,7 +542,7 @@ def _run_in_process(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: 
     with ShardProgress(writer, todo):
         for shard in todo:
             row = {k: np.asarray([v]) for k, v in shard_item(shard).items()}
-            write_shard_rows(writer, teacher(crop_shard(row, **crop_kwargs)))
+            write_shard_rows(writer, teacher(crop_shard(row, **crop_kwargs)), announce=False)
 
 
 def _run_pipeline(cfg: CacheJobConfig, layout: SplitFiles, teacher_cfg, spec: CacheSpec, todo: list[ShardSpec]):

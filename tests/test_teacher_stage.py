@@ -128,6 +128,9 @@ def test_the_in_process_engine_writes_the_ray_data_stages_units(synth, zarr_cach
     assert "[cache] in-process: 3 shards one after another, no Ray" in capsys.readouterr().out
     assert summary.complete and summary.skipped == ray_summary.skipped and summary.rows == ray_summary.rows
     assert _shard_hashes(out) == _shard_hashes(ray_built) and len(_shard_hashes(out)) == 6
+    for ray_only in ({"workers": 2}, {"gpus_per_worker": 1.0}):
+        with pytest.raises(ValueError, match="--engine in-process runs one teacher"):
+            _config(synth, out, engine="in-process", **ray_only)
 
 
 @pytest.mark.heavy  # four cache jobs (the grow tests build local and S3, Zarr and WebDataset too): ~30 s
