@@ -32,8 +32,9 @@ TEST_WORKERS ?= 2
 test: venv
 	$(BIN)/python -m pytest -m "not heavy" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
+# Two heavy test files at a time: they mostly wait on Ray, cluster and job start-ups.
 test-heavy: venv
-	$(BIN)/python -m pytest -m heavy $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m heavy -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # bench_gpu needs a CUDA GPU (BENCH_SMOKE=1: CPU smoke); bench_scale runs ~50 min on 2 cores: own targets.
 bench: venv
