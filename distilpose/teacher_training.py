@@ -157,6 +157,10 @@ class TeacherTrainConfig(DataOptions, ValDataOptions):
         self.lr_decay_at = tuple(self.lr_decay_at)
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if self.threads < 1 or self.workers < 0:
+            raise ValueError(
+                f"--threads must be >= 1 and --workers-dataloader >= 0 (got {self.threads} and {self.workers})"
+            )
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError("time_budget_s must be positive")
 

@@ -20,7 +20,10 @@ def main(argv=None) -> int:
     add_dataclass_args(p, DemoConfig)
     p.add_argument("--quick", action="store_true", help="a much smaller run (smoke test; AP is not meaningful)")
     args = p.parse_args(argv)
-    cfg = DemoConfig(**{**(QUICK if args.quick else {}), **option_values(DemoConfig, args)})
+    try:
+        cfg = DemoConfig(**{**(QUICK if args.quick else {}), **option_values(DemoConfig, args)})
+    except ValueError as e:
+        p.error(str(e))
 
     from pipeline.ray_env import init_ray
 

@@ -63,6 +63,13 @@ class DemoConfig:
     visualize: int = 4
     stage_times: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.teacher_threads < 1 or self.teacher_loader_workers < 0:
+            raise ValueError(
+                f"--teacher-threads must be >= 1 and --teacher-loader-workers >= 0 "
+                f"(got {self.teacher_threads} and {self.teacher_loader_workers})"
+            )
+
 
 # `--quick`: a much smaller run (a smoke test; its AP is not meaningful).
 QUICK = dict(

@@ -96,6 +96,16 @@ def test_student_that_does_not_fit_the_cache_is_one_line(tiny_cache, tmp_path) -
     _assert_user_error(typo, "--sh-weighting")
 
 
+def test_thread_and_loader_counts_out_of_range_are_one_line(tiny_data, tmp_path) -> None:
+    demo, teacher = _jobs(
+        ("demo.py", "--quick", "--out", str(tmp_path / "demo"), "--teacher-threads", "0"),
+        ("train_teacher.py", "--data", tiny_data, "--out", str(tmp_path / "teacher"), "--workers-dataloader", "-1"),
+    )
+    _assert_user_error(demo, "--teacher-threads must be >= 1")
+    _assert_user_error(teacher, "--workers-dataloader >= 0", "got 1 and -1")
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "teacher").exists()
+
+
 def test_real_bugs_keep_their_traceback() -> None:
     def buggy() -> int:
         raise KeyError("a bug")
