@@ -64,6 +64,9 @@ class DemoConfig:
     stage_times: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for flag, value in (("--teacher-epochs", self.teacher_epochs), ("--student-epochs", self.student_epochs)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
         if self.teacher_threads < 1 or self.teacher_loader_workers < 0:
             raise ValueError(
                 f"--teacher-threads must be >= 1 and --teacher-loader-workers >= 0 "

@@ -96,14 +96,18 @@ def test_student_that_does_not_fit_the_cache_is_one_line(tiny_cache, tmp_path) -
     _assert_user_error(typo, "--sh-weighting")
 
 
-def test_thread_and_loader_counts_out_of_range_are_one_line(tiny_data, tmp_path) -> None:
-    demo, teacher = _jobs(
+def test_counts_out_of_range_are_one_line(tiny_data, tiny_cache, tmp_path) -> None:
+    demo, epochs, teacher, workers = _jobs(
         ("demo.py", "--quick", "--out", str(tmp_path / "demo"), "--teacher-threads", "0"),
+        ("demo.py", "--quick", "--out", str(tmp_path / "demo"), "--student-epochs", "0"),
         ("train_teacher.py", "--data", tiny_data, "--out", str(tmp_path / "teacher"), "--workers-dataloader", "-1"),
+        ("distill.py", "--cache", tiny_cache, "--storage", str(tmp_path / "runs"), "--workers", "0"),
     )
     _assert_user_error(demo, "--teacher-threads must be >= 1")
+    _assert_user_error(epochs, "--student-epochs must be >= 1, got 0")
     _assert_user_error(teacher, "--workers-dataloader >= 0", "got 1 and -1")
-    assert not (tmp_path / "demo").exists() and not (tmp_path / "teacher").exists()
+    _assert_user_error(workers, "--workers must be >= 1, got 0")
+    assert not any((tmp_path / name).exists() for name in ("demo", "teacher", "runs"))
 
 
 def test_real_bugs_keep_their_traceback() -> None:

@@ -140,6 +140,9 @@ class DistillConfig(DataOptions, ValDataOptions):
 
     def __post_init__(self) -> None:
         check_choices(self)
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--workers", self.workers)):
+            if value < 1:
+                raise UserError(f"{flag} must be >= 1, got {value}")
         if self.loader_processes < 0:
             raise UserError(f"--loader-processes must be >= 0, got {self.loader_processes}")
 
