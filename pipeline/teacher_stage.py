@@ -91,6 +91,16 @@ class CacheJobConfig(DataOptions):
     def __post_init__(self) -> None:
         check_choices(self)
         self.check_data_source()
+        for flag, value in (
+            ("--views", self.views),
+            ("--shard-instances", self.shard_instances),
+            ("--batch-size", self.batch_size),
+            ("--workers", self.workers),
+        ):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1 (the first N instances), got {self.limit}")
         if self.engine == "in-process" and (self.workers != 1 or self.gpus_per_worker):
             raise ValueError(
                 "--engine in-process runs one teacher in this process: --workers and --gpus-per-worker are for "

@@ -97,17 +97,22 @@ def test_student_that_does_not_fit_the_cache_is_one_line(tiny_cache, tmp_path) -
 
 
 def test_counts_out_of_range_are_one_line(tiny_data, tiny_cache, tmp_path) -> None:
-    demo, epochs, teacher, workers = _jobs(
+    cache = ["--data", tiny_data, "--teacher", TEACHER, "--out", str(tmp_path / "cache")]
+    demo, epochs, teacher, workers, views, limit = _jobs(
         ("demo.py", "--quick", "--out", str(tmp_path / "demo"), "--teacher-threads", "0"),
         ("demo.py", "--quick", "--out", str(tmp_path / "demo"), "--student-epochs", "0"),
         ("train_teacher.py", "--data", tiny_data, "--out", str(tmp_path / "teacher"), "--workers-dataloader", "-1"),
         ("distill.py", "--cache", tiny_cache, "--storage", str(tmp_path / "runs"), "--workers", "0"),
+        ("cache_teacher.py", *cache, "--views", "0"),
+        ("cache_teacher.py", *cache, "--limit", "0"),
     )
     _assert_user_error(demo, "--teacher-threads must be >= 1")
     _assert_user_error(epochs, "--student-epochs must be >= 1, got 0")
     _assert_user_error(teacher, "--workers-dataloader >= 0", "got 1 and -1")
     _assert_user_error(workers, "--workers must be >= 1, got 0")
-    assert not any((tmp_path / name).exists() for name in ("demo", "teacher", "runs"))
+    _assert_user_error(views, "--views must be >= 1, got 0")
+    _assert_user_error(limit, "--limit must be >= 1")
+    assert not any((tmp_path / name).exists() for name in ("demo", "teacher", "runs", "cache"))
 
 
 def test_real_bugs_keep_their_traceback() -> None:
