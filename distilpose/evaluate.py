@@ -45,7 +45,7 @@ from distilpose.data.layout import DataOptions, uri_exists
 from distilpose.data.transforms import affine_matrix, identity_view, transform_joints
 from distilpose.inference import predict
 from distilpose.models import checkpoints
-from distilpose.options import check_choices, option
+from distilpose.options import check_options, option
 from distilpose.profiles import DEFAULT_PROFILE, PROFILES, get_profile
 
 OKS_NMS_THR = 0.9  # the official test setting
@@ -251,7 +251,7 @@ class EvalRequest(DataOptions):
     out: str | None = option(None, help="write the metrics (and what was evaluated) as JSON here")
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_options(self)
         self.check_data_source()
 
 

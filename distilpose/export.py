@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from distilpose.models import get_config
 from distilpose.models.checkpoints import CheckpointError, load_model
-from distilpose.options import check_choices, option
+from distilpose.options import check_options, option
 
 FORMATS = ("onnx", "torchscript")
 MIN_OPSET = 17  # LayerNormalization is a native op from opset 17 on
@@ -317,7 +317,7 @@ class ExportRequest:
     tolerance: float = option(TOLERANCE, help="max abs diff accepted in the verification")
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_options(self)
         if self.opset < MIN_OPSET:
             raise ValueError(f"--opset must be >= {MIN_OPSET}")
 

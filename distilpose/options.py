@@ -1,14 +1,15 @@
 """Config options written once: a dataclass field holds an option's default, help text and
-allowed values; a job's argparse and the config's validation are generated from it.
+allowed values or least value; a job's argparse and the config's validation are generated
+from it.
 
     @dataclass
     class Config:
         data: str = option(help="data set root")                   # required: --data
-        epochs: int = option(20, help="training epochs")            # --epochs 20
+        epochs: int = option(20, minimum=1, help="training epochs")  # --epochs 20, >= 1
         format: str = option("zarr", help="store", choices=FORMATS)  # --format {zarr,wds}
 
         def __post_init__(self) -> None:
-            check_choices(self)                                      # a typo is an error
+            check_options(self)                            # a typo or --epochs 0 is an error
 
     add_dataclass_args(parser, Config)
     cfg = config_from_args(Config, parser.parse_args())
@@ -34,6 +35,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+from distilpose.errors import UserError
+
 MISSING = dataclasses.MISSING
 
 
@@ -42,6 +45,7 @@ def option(
     *,
     help: str,
     choices: Sequence[str] | None = None,
+    minimum: int | None = None,
     flag: str | None = None,
     metavar: str | None = None,
     default_factory: Any = MISSING,
@@ -49,7 +53,8 @@ def option(
     negatable: bool = False,
     group: str | None = None,
 ) -> Any:
-    """A dataclass field that is also a command-line option (`hidden`: left out of --help;
+    """A dataclass field that is also a command-line option (`minimum`: the least value a
+    count may take, None allowed where the default is None; `hidden`: left out of --help;
     `negatable`: a bool option given as --x or --no-x; `group`: the --help section it is
     listed in, e.g. the data-source options every data-reading job shares)."""
     metadata = {
@@ -57,6 +62,7 @@ def option(
         "help": help,
         "negatable": negatable,
         "choices": tuple(choices) if choices is not None else None,
+        "minimum": minimum,
         "flag": flag,
         "metavar": metavar,
         "hidden": hidden,
@@ -66,13 +72,17 @@ def option(
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def check_choices(cfg: Any) -> None:
-    """Raise ValueError for a string option outside its choices (call from __post_init__)."""
+def check_options(cfg: Any) -> None:
+    """Raise ValueError for a string option outside its choices, UserError (one line, named
+    by its flag) for a number below its minimum (call from __post_init__)."""
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
+        minimum = f.metadata.get("minimum")
         value = getattr(cfg, f.name)
         if choices and isinstance(value, str) and value not in choices:
             raise ValueError(f"{type(cfg).__name__}.{f.name}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        if minimum is not None and value is not None and value < minimum:
+            raise UserError(f"{_flag(f)} must be >= {minimum}, got {value}")
 
 
 def parse_key_values(items: Sequence[str], flag: str = "KEY=VALUE") -> dict[str, Any]:

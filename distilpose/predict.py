@@ -49,7 +49,7 @@ from distilpose.export import exported_format, load_exported
 from distilpose.inference import predict
 from distilpose.keypoints import NUM_JOINTS
 from distilpose.models import checkpoints
-from distilpose.options import check_choices, option
+from distilpose.options import check_options, option
 from distilpose.profiles import DEFAULT_PROFILE, PROFILES, get_profile
 from distilpose.visualize import joint_confidence, render_pose_overlay
 
@@ -86,18 +86,14 @@ class PredictRequest:
         choices=tuple(sorted(PROFILES)),
         help="'official': the official code's student flip test; 'intended': the exact one",
     )
-    batch_size: int = option(32, help="persons per forward pass")
+    batch_size: int = option(32, minimum=1, help="persons per forward pass")
     device: str = option("cpu", help="torch device (exported models run on the CPU)")
-    threads: int = option(2, help="torch / onnxruntime threads")
+    threads: int = option(2, minimum=1, help="torch / onnxruntime threads")
     overlays: str | None = option(None, help="also write overlay_<image>.png (poses on the image) into this folder")
     progress_s: float = option(10.0, help="seconds between progress lines")
 
     def __post_init__(self) -> None:
-        check_choices(self)
-        if self.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
-        if self.threads < 1:
-            raise ValueError("--threads must be >= 1")
+        check_options(self)
 
 
 # --------------------------------------------------------------------------- images

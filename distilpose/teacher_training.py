@@ -48,7 +48,7 @@ from distilpose.evaluate import METRIC_COLUMNS, detections_file, evaluate_model,
 from distilpose.models import build_model, get_config
 from distilpose.models.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from distilpose.models.conv_init import CONV_INITS, apply_conv_init
-from distilpose.options import check_choices, option
+from distilpose.options import check_options, option
 from distilpose.rng import rng_state, set_rng_state
 from distilpose.schedule import warmup_step_factor
 
@@ -100,8 +100,8 @@ class TeacherTrainConfig(DataOptions, ValDataOptions):
         help="change a ModelConfig field of the preset, e.g. dim=96 or hrnet_modules=[1,1] (repeatable)",
     )
     out: str = option("runs/teacher", help="run directory (checkpoint, logs, eval.json)")
-    epochs: int = option(20, help="epochs (an upper bound when --time-budget-s is set)")
-    batch_size: int = option(32, help="batch size")
+    epochs: int = option(20, minimum=1, help="epochs (an upper bound when --time-budget-s is set)")
+    batch_size: int = option(32, minimum=1, help="batch size")
     lr: float = option(1e-3, help="learning rate (default: from the recipe)")
     # Warm-up: the official 500 of ~176k iterations (300 epochs x 585), but never more than
     # warmup_frac of the run (by iterations or by the time budget).
@@ -135,8 +135,8 @@ class TeacherTrainConfig(DataOptions, ValDataOptions):
     # One DataLoader worker + one torch thread keeps 2 cores busy without oversubscribing
     # them: with 2 threads plus a worker (or any other load) OpenMP's spinning threads
     # stalled training to ~5 samples/s on a shared 2-core machine, vs ~110 with this setting.
-    workers: int = option(1, flag="--workers-dataloader", help="DataLoader worker processes")
-    threads: int = option(1, help="torch threads (1 + one worker suits 2 cores)")
+    workers: int = option(1, minimum=0, flag="--workers-dataloader", help="DataLoader worker processes")
+    threads: int = option(1, minimum=1, help="torch threads (1 + one worker suits 2 cores)")
     seed: int = option(0, help="random seed")
     device: str = option("cpu", help="torch device")
     resume: bool = option(True, flag="--no-resume", help="start over even if OUT/teacher.pt exists")
@@ -146,7 +146,7 @@ class TeacherTrainConfig(DataOptions, ValDataOptions):
     eval_batch_size: int = 64
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_options(self)
         self.check_data_source()
         if self.evaluate and not (self.has_val_source() or self.data):
             raise ValueError("no val split to evaluate on: give --val (or --val-ann-file, --val-images) or --no-eval")
@@ -155,12 +155,6 @@ class TeacherTrainConfig(DataOptions, ValDataOptions):
         if isinstance(self.aug, dict):
             self.aug = AugmentConfig(**self.aug)
         self.lr_decay_at = tuple(self.lr_decay_at)
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
-        if self.threads < 1 or self.workers < 0:
-            raise ValueError(
-                f"--threads must be >= 1 and --workers-dataloader >= 0 (got {self.threads} and {self.workers})"
-            )
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError("time_budget_s must be positive")
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distilpose.coco_metrics import format_table
-from distilpose.options import option
+from distilpose.options import check_options, option
 from distilpose.profiles import PROFILES
 
 
@@ -34,12 +34,12 @@ class DemoConfig:
     seed: int = 0
     teacher: str = "tokenpose-tiny"
     # 30 epochs x 81 iterations of batch 32 = 2430 iterations.
-    teacher_epochs: int = option(30, help="teacher training epochs (a fixed amount of work)")
+    teacher_epochs: int = option(30, minimum=1, help="teacher training epochs (a fixed amount of work)")
     # Nothing else runs while the teacher trains (Ray starts after it), so both cores go to
     # its steps: two torch threads with the batches built in the main process (they cost ~10 %
     # of a core) ran 180 samples/s against 144 for one thread plus one loader worker.
-    teacher_threads: int = option(2, help="torch threads of the teacher's training")
-    teacher_loader_workers: int = option(0, help="DataLoader workers of the teacher's training")
+    teacher_threads: int = option(2, minimum=1, help="torch threads of the teacher's training")
+    teacher_loader_workers: int = option(0, minimum=0, help="DataLoader workers of the teacher's training")
     # Below this val AP the teacher has not learnt the data, and the students' comparison
     # says little about distillation (a measured usable teacher reaches 0.19-0.28).
     teacher_ap_floor: float = option(
@@ -53,7 +53,7 @@ class DemoConfig:
     # thousand steps to leave the mean-pose plateau; this one learns within the demo budget.
     student: str = "distilpose-l-tiny"
     init_backbone_from_teacher: bool = True
-    student_epochs: int = option(12, help="distillation epochs")
+    student_epochs: int = option(12, minimum=1, help="distillation epochs")
     # The demo's gain was measured with the intended L_SH weighting and flip test (the
     # library default is the official profile; both are one switch apart).
     profile: str = option("intended", choices=tuple(PROFILES), help="distillation profile")
@@ -64,14 +64,7 @@ class DemoConfig:
     stage_times: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for flag, value in (("--teacher-epochs", self.teacher_epochs), ("--student-epochs", self.student_epochs)):
-            if value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
-        if self.teacher_threads < 1 or self.teacher_loader_workers < 0:
-            raise ValueError(
-                f"--teacher-threads must be >= 1 and --teacher-loader-workers >= 0 "
-                f"(got {self.teacher_threads} and {self.teacher_loader_workers})"
-            )
+        check_options(self)
 
 
 # `--quick`: a much smaller run (a smoke test; its AP is not meaningful).

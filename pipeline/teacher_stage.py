@@ -31,7 +31,7 @@ import numpy as np
 from distilpose.data.coco import Instance, load_instances
 from distilpose.data.layout import DataOptions, SplitFiles
 from distilpose.errors import UserError
-from distilpose.options import check_choices, option
+from distilpose.options import check_options, option
 from pipeline import storage
 from pipeline.cache import open_writer
 from pipeline.cache.encodings import decode_crop_jpeg, encode_crop_jpeg, encode_views
@@ -53,10 +53,12 @@ class CacheJobConfig(DataOptions):
     out: str = option(help="cache root URI (local path or s3://bucket/prefix)")
     checkpoint: str | None = option(None, help="teacher checkpoint: ours or the official .pth (local or s3://)")
     format: str = option("zarr", choices=FORMATS, help="cache store")
-    views: int = option(1, help="cached views per instance (view 0 = un-augmented); a larger value grows a cache")
+    views: int = option(
+        1, minimum=1, help="cached views per instance (view 0 = un-augmented); a larger value grows a cache"
+    )
     split: str = option("train", help="data split")
-    batch_size: int = option(32, help="teacher forward batch size")
-    workers: int = option(1, help="teacher actors")
+    batch_size: int = option(32, minimum=1, help="teacher forward batch size")
+    workers: int = option(1, minimum=1, help="teacher actors")
     gpus_per_worker: float = option(0.0, help="GPUs per teacher actor")
     cpus_per_worker: float = option(1.0, help="CPUs per teacher actor")
     store_crops: str = option(
@@ -65,7 +67,7 @@ class CacheJobConfig(DataOptions):
         help="also store each view's crop as JPEG; auto: jpeg when the cache or the images are on S3 (students "
         "then read no source image per epoch), none for local ones, or what an existing cache at --out has",
     )
-    shard_instances: int = option(256, help="instances per shard (stored as one object per view)")
+    shard_instances: int = option(256, minimum=1, help="instances per shard (stored as one object per view)")
     seed: int = option(0, help="seed of the views' augmentation")
     heatmap_encoding: str = option("i8-thresh", choices=tuple(HEATMAP_ENCODINGS), help="heatmap encoding")
     teacher_precision: str = option(
@@ -77,7 +79,7 @@ class CacheJobConfig(DataOptions):
         help="store the teacher's tokens (L_KT/L_VT targets) for views 0..N-1 only; later views keep heatmaps, "
         "Gaussians and confidences, and distillation masks the token losses on them (default: all views)",
     )
-    limit: int | None = option(None, help="cache only the first N instances (smoke runs)")
+    limit: int | None = option(None, minimum=1, help="cache only the first N instances (smoke runs)")
     engine: str = option(
         "ray",
         choices=ENGINES,
@@ -89,18 +91,8 @@ class CacheJobConfig(DataOptions):
     )
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_options(self)
         self.check_data_source()
-        for flag, value in (
-            ("--views", self.views),
-            ("--shard-instances", self.shard_instances),
-            ("--batch-size", self.batch_size),
-            ("--workers", self.workers),
-        ):
-            if value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be >= 1 (the first N instances), got {self.limit}")
         if self.engine == "in-process" and (self.workers != 1 or self.gpus_per_worker):
             raise ValueError(
                 "--engine in-process runs one teacher in this process: --workers and --gpus-per-worker are for "

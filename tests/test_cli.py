@@ -108,10 +108,10 @@ def test_counts_out_of_range_are_one_line(tiny_data, tiny_cache, tmp_path) -> No
     )
     _assert_user_error(demo, "--teacher-threads must be >= 1")
     _assert_user_error(epochs, "--student-epochs must be >= 1, got 0")
-    _assert_user_error(teacher, "--workers-dataloader >= 0", "got 1 and -1")
+    _assert_user_error(teacher, "--workers-dataloader must be >= 0, got -1")
     _assert_user_error(workers, "--workers must be >= 1, got 0")
     _assert_user_error(views, "--views must be >= 1, got 0")
-    _assert_user_error(limit, "--limit must be >= 1")
+    _assert_user_error(limit, "--limit must be >= 1, got 0")
     assert not any((tmp_path / name).exists() for name in ("demo", "teacher", "runs", "cache"))
 
 

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from distilpose.options import add_dataclass_args, check_choices, config_from_args, option, parse_key_values
+from distilpose.options import add_dataclass_args, check_options, config_from_args, option, parse_key_values
 
 
 @dataclass
 class Example:
     data: str = option(help="data root")
-    epochs: int = option(20, help="epochs")
+    epochs: int = option(20, minimum=1, help="epochs")
+    limit: int | None = option(None, minimum=1, help="first N")
     fmt: str = option("zarr", choices=("zarr", "wds"), help="store")
     steps: tuple[int, ...] | None = option(None, help="milestones")
     flip: bool = option(True, flag="--no-flip", help="no flip")
@@ -23,7 +24,7 @@ class Example:
     internal: int = 3  # not an option
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_options(self)
 
 
 def _parse(*argv: str) -> Example:
@@ -71,3 +72,13 @@ def test_job_configs_refuse_typos() -> None:
         TeacherTrainConfig(data="d", aug="heavy")
     with pytest.raises(ValueError, match="CacheJobConfig.heatmap_encoding"):
         CacheJobConfig(data="d", teacher="t", out="o", heatmap_encoding="u8")
+
+
+def test_a_count_below_its_minimum_is_a_user_error_named_by_its_flag() -> None:
+    from distilpose.errors import UserError
+
+    assert _parse("--data", "d", "--epochs", "1").epochs == 1 and _parse("--data", "d").limit is None
+    with pytest.raises(UserError, match=r"^--epochs must be >= 1, got 0$"):
+        _parse("--data", "d", "--epochs", "0")
+    with pytest.raises(UserError, match=r"^--limit must be >= 1, got -2$"):
+        _parse("--data", "d", "--limit", "-2")

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from distilpose.data.layout import DataOptions, SplitFiles, ValDataOptions
-from distilpose.errors import UserError
 from distilpose.models.conv_init import CONV_INITS
-from distilpose.options import check_choices, option
+from distilpose.options import check_options, option
 from distilpose.profiles import DEFAULT_PROFILE, PROFILES, get_profile
 from pipeline import storage
 from pipeline.backbone_start import FROM_SCRATCH
@@ -51,9 +50,9 @@ class DistillConfig(DataOptions, ValDataOptions):
     student: str = option("distilpose-s", help="student preset")
     storage: str = option("runs", help="checkpoint/log root (local or s3://)")
     name: str = option("distill", help="run name; the same name resumes")
-    epochs: int = option(300, help="training epochs")
-    batch_size: int = option(32, help="per worker")
-    workers: int = option(1, help="Ray Train workers (one per GPU with --gpu)")
+    epochs: int = option(300, minimum=1, help="training epochs")
+    batch_size: int = option(32, minimum=1, help="per worker")
+    workers: int = option(1, minimum=1, help="Ray Train workers (one per GPU with --gpu)")
     gpu: bool = option(False, help="one GPU per worker, NCCL")
     cpus_per_worker: float = option(1.0, help="CPUs each worker asks Ray for")
     lr: float = option(1e-3, help="base learning rate (Adam)")
@@ -124,6 +123,7 @@ class DistillConfig(DataOptions, ValDataOptions):
     # (cpus-per-worker >= 3), and the embedded default (1-CPU workers) must not change.
     loader_processes: int = option(
         0,
+        minimum=0,
         help="processes per training worker that read and build its batches (the same batches, in order); 0: in the "
         "training process. For GPU workers with cores to spare: give each worker --cpus-per-worker N+1",
     )
@@ -139,12 +139,7 @@ class DistillConfig(DataOptions, ValDataOptions):
     )
 
     def __post_init__(self) -> None:
-        check_choices(self)
-        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--workers", self.workers)):
-            if value < 1:
-                raise UserError(f"{flag} must be >= 1, got {value}")
-        if self.loader_processes < 0:
-            raise UserError(f"--loader-processes must be >= 0, got {self.loader_processes}")
+        check_options(self)
 
     def alphas(self) -> dict[str, float]:
         if self.no_distill:
